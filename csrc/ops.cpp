@@ -1,0 +1,42 @@
+// Operator schemas of the adapmtl namespace and the Python module adapmtl._C.
+//
+// Kernels register implementations per dispatch key in their own files (cpu/*.cpp into this
+// extension, cuda/*.cu into adapmtl._C_cuda). Fake (meta) kernels and autograd formulas are
+// registered from Python in adapmtl/ops/, next to the dispatching op layer.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+TORCH_LIBRARY(adapmtl, m) {
+  // Soft threshold w_hat = sign(w) * relu(|w| - sigmoid(s)) and the count of non-zeros of w_hat.
+  // `ste` only selects the gradient of the autograd formula registered on this op.
+  m.def("soft_threshold_forward(Tensor w, Tensor s, bool ste) -> (Tensor, Tensor)");
+  // (dL/dw, dL/ds) from grad_out = dL/dw_hat; dL/dw = grad_out * mask (exact) or grad_out (ste).
+  m.def("soft_threshold_backward(Tensor grad_out, Tensor w, Tensor s, bool ste) -> (Tensor, Tensor)");
+
+  // Sparse inference kernels over a pruned weight packed as CSR rows per output channel
+  // (layout documented in adapmtl/sparse/format.py): row_ptr int32 [C_out + 1], col_idx int32 [nnz]
+  // indexing the flattened (c_in, kh, kw) of a row, values [nnz] in the weight's dtype.
+  m.def(
+      "sparse_conv2d(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int[] weight_shape, "
+      "int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "sparse_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int in_features) "
+      "-> Tensor");
+}
+
+static bool openmp_enabled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adapmtl C++ CPU kernels (operators are registered under torch.ops.adapmtl)";
+  m.def("openmp_enabled", &openmp_enabled, "whether the CPU kernels were built with OpenMP");
+}

@@ -1,0 +1,80 @@
+"""Build adapmtl: the C++ CPU extension always, the CUDA extension where torch has CUDA and nvcc exists.
+
+Environment overrides:
+  ADAPMTL_FORCE_CUDA=1   build the CUDA extension (fails loudly if it cannot)
+  ADAPMTL_NO_CUDA=1      never build it
+  TORCH_CUDA_ARCH_LIST   architectures (default "8.0;9.0+PTX": A100 and H100, PTX for newer GPUs)
+
+Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - only hit on a misconfigured build
+    sys.exit("adapmtl: torch must be installed before building; use `pip install --no-build-isolation -e .`")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _build_cuda():
+    if _flag("ADAPMTL_NO_CUDA"):
+        return False
+    if _flag("ADAPMTL_FORCE_CUDA"):
+        if torch.version.cuda is None:
+            sys.exit("adapmtl: ADAPMTL_FORCE_CUDA=1 but the installed torch has no CUDA (torch.version.cuda is None)")
+        if CUDA_HOME is None:
+            sys.exit("adapmtl: ADAPMTL_FORCE_CUDA=1 but nvcc was not found; set CUDA_HOME")
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _sources(pattern):
+    return sorted(glob.glob(os.path.join(CSRC, pattern)))
+
+
+# The C++ standard is left to torch.utils.cpp_extension (torch >= 2.10 headers need C++20).
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
+ext_modules = [
+    CppExtension(
+        "adapmtl._C",
+        sources=[os.path.join(CSRC, "ops.cpp")] + _sources("cpu/*.cpp"),
+        include_dirs=[os.path.join(ROOT, CSRC)],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+cuda_sources = _sources("cuda/*.cu") + _sources("cuda/*.cpp")
+if cuda_sources and _build_cuda():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    ext_modules.append(
+        CUDAExtension(
+            "adapmtl._C_cuda",
+            sources=cuda_sources,
+            include_dirs=[os.path.join(ROOT, CSRC)],
+            extra_compile_args={
+                "cxx": ["-O3"],
+                "nvcc": ["-O3", "-lineinfo"],
+            },
+        )
+    )
+
+setup(
+    packages=find_packages(include=["adapmtl", "adapmtl.*"]) + ["adapmtl.triton_kernels"],
+    # The Triton kernels live in the top-level triton_kernels/ folder but ship as adapmtl.triton_kernels,
+    # so we never install a top-level package of that (commonly used) name.
+    package_dir={"adapmtl": "adapmtl", "adapmtl.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,1 @@
+"""Triton kernels of adapmtl, one kernel family per file; shipped as `adapmtl.triton_kernels`."""
