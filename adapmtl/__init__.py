@@ -6,6 +6,9 @@ backend) -> `adapmtl.nn` (STR layers) -> model-level API below -> trainer, data,
 __version__ = "0.1.0"
 
 from adapmtl import nn, ops  # noqa: E402  (importing ops loads the compiled extensions)
+from adapmtl import data, losses, metrics, models, tasks  # noqa: E402
+from adapmtl.export import export_sparse, load_exported, save_exported  # noqa: E402
+from adapmtl.ops import SparseWeight  # noqa: E402
 from adapmtl.sparsify import (  # noqa: E402
     LiveSparsity,
     SparsityReport,
@@ -20,7 +23,16 @@ from adapmtl.sparsify import (  # noqa: E402
 
 __all__ = [
     "LiveSparsity",
+    "SparseWeight",
     "SparsityReport",
+    "data",
+    "export_sparse",
+    "load_exported",
+    "losses",
+    "metrics",
+    "models",
+    "save_exported",
+    "tasks",
     "finalize",
     "live_sparsity",
     "nn",

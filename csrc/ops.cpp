@@ -18,7 +18,7 @@ TORCH_LIBRARY(adapmtl, m) {
   m.def("soft_threshold_backward(Tensor grad_out, Tensor w, Tensor s, bool ste) -> (Tensor, Tensor)");
 
   // Sparse inference kernels over a pruned weight packed as CSR rows per output channel
-  // (layout documented in adapmtl/sparse/format.py): row_ptr int32 [C_out + 1], col_idx int32 [nnz]
+  // (layout documented in adapmtl/ops/sparse_weight.py): row_ptr int32 [C_out + 1], col_idx int32 [nnz]
   // indexing the flattened (c_in, kh, kw) of a row, values [nnz] in the weight's dtype.
   m.def(
       "sparse_conv2d(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int[] weight_shape, "

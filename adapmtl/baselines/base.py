@@ -1,0 +1,45 @@
+"""The "method" interface shared by AdapMTL, its ablations and the pruning baselines.
+
+The trainer calls the hooks in this order: `setup` (may convert the model; before the optimizer
+exists), `on_train_start` (fresh runs only, never on resume), then per iteration
+`before_iteration`, forward/backward, `after_backward`, optimizer step, `after_step`.
+`state_dict` / `load_state_dict` carry whatever the method needs for exact resume.
+"""
+from __future__ import annotations
+
+
+class Method:
+    name = "dense"
+    prunes = False  # whether the run must reach the target sparsity (best-checkpoint eligibility)
+    adaptive_weights = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the full run Config
+
+    def setup(self, trainer) -> None:
+        pass
+
+    def on_train_start(self, trainer) -> None:
+        pass
+
+    def before_iteration(self, trainer, it: int, batch: dict) -> None:
+        pass
+
+    def after_backward(self, trainer, it: int) -> dict:
+        """Returns scalars to log (e.g. whether the sparsity cap fired)."""
+        return {}
+
+    def after_step(self, trainer, it: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DenseMethod(Method):
+    """No pruning: the dense reference every ΔT is measured against."""
+
+    name = "dense"

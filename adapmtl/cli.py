@@ -1,0 +1,244 @@
+"""`adapmtl` command line: train | eval | export | bench | compare (also `python -m adapmtl`).
+
+Every config value can be overridden: `--set optim.lr=1e-4` or just `optim.lr=1e-4` after the
+command (values are parsed as YAML; unknown keys and wrong types are rejected, naming the key).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+COMPARE_METHODS = ("dense", "snip", "lth", "imp", "disparse", "single_threshold", "adapmtl")
+
+
+def _config(args):
+    from adapmtl.train import load_config
+
+    return load_config(args.config, list(args.set or []) + list(args.overrides or []))
+
+
+def cmd_train(args) -> int:
+    from adapmtl.train import Trainer
+
+    cfg = _config(args)
+    results = Trainer(cfg).fit()
+    if results is not None:
+        _print_results(results)
+        print(f"run written to {cfg.out_dir}")
+    return 0
+
+
+def _print_results(results: dict) -> None:
+    print(f"method {results['method']} ({results['selected']}), overall sparsity {100 * results['sparsity']['overall']:.2f}%")
+    for comp, sp in results["sparsity"]["components"].items():
+        print(f"  sparsity {comp:<20} {100 * sp:6.2f}%")
+    for task, ms in results["test"].items():
+        print(f"  test {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in ms.items()))
+    if "delta_t_test" in results:
+        print(f"  ΔT = {results['delta_t_test']['mean']:+.2f}")
+
+
+def _model_from_checkpoint(path: str):
+    """Rebuild the model of a trainer checkpoint (converted the way its method did) and load it."""
+    import torch
+
+    from adapmtl.baselines import build_method
+    from adapmtl.train.build import build_model_from_config
+    from adapmtl.train.checkpoint import load_checkpoint_file
+    from adapmtl.train.config import config_from_dict
+
+    state = load_checkpoint_file(path)
+    if "config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not an adapmtl trainer checkpoint (no 'config'/'model' entries)")
+    cfg = config_from_dict(state["config"])
+
+    class _Holder:  # the small part of the trainer interface that Method.setup uses
+        pass
+
+    holder = _Holder()
+    holder.model = build_model_from_config(cfg)
+    build_method(cfg).setup(holder)
+    holder.model.load_state_dict(state["model"])
+    return cfg, holder.model.to(torch.device("cpu"))
+
+
+def cmd_eval(args) -> int:
+    import adapmtl
+    from adapmtl.train import Trainer
+    from adapmtl.train.config import apply_override
+
+    cfg, model = _model_from_checkpoint(args.checkpoint)
+    for item in list(args.set or []) + list(args.overrides or []):
+        apply_override(cfg, item)
+    cfg.method, cfg.train.resume, cfg.model.init_from = "dense", None, None  # model already converted/loaded
+    cfg.train.progress = False
+    trainer = Trainer(cfg.validate(), model=model)
+    split = {"val": trainer.val_set, "test": trainer.test_set, "train": trainer.train_set}[args.split]
+    result = trainer.evaluate(split)
+    rep = adapmtl.sparsity_report(trainer.model)
+    out = {"split": args.split, "metrics": result["metrics"], "loss": result["loss"], "sparsity": rep.overall,
+           "components": {k: c.sparsity for k, c in rep.components.items()}}
+    print(rep.table(per_layer=False))
+    print(json.dumps(out, indent=1))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import adapmtl
+
+    _, model = _model_from_checkpoint(args.checkpoint)
+    exported = adapmtl.export_sparse(model.eval(), min_sparsity=args.min_sparsity, backend=args.backend)
+    adapmtl.save_exported(exported, args.out)
+    sparse = sum(1 for d in exported.sparse_export_report if d.get("sparse"))
+    print(f"exported to {args.out} ({sparse} of {len(exported.sparse_export_report)} layers sparse); "
+          f"load it with adapmtl.load_exported({args.out!r})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scripts = sorted(glob.glob(os.path.join(here, "benchmarks", "bench_*.py")))
+    names = {os.path.basename(s)[len("bench_"):-3]: s for s in scripts}
+    if not names:
+        print("no benchmarks/ scripts found next to the package (a source checkout has them)", file=sys.stderr)
+        return 2
+    if args.name not in names:
+        print(f"unknown benchmark {args.name!r}; available: {sorted(names)}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, names[args.name], *args.bench_args])
+
+
+def _fmt(v, digits=2):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def compare_table(rows: list[dict], directions: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paper-style table: test metrics, per-component sparsity, ΔT_i, ΔT."""
+    tasks = list(directions)
+    metric_cols = [(t, m) for t in tasks for m in directions[t]]
+    comps = list(dict.fromkeys(c for r in rows for c in r["sparsity"]["components"]))
+    header = (["method"] + [f"{t}/{m}" for t, m in metric_cols] + [f"sparsity {c} %" for c in comps]
+              + ["sparsity overall %"] + [f"ΔT_{t}" for t in tasks] + ["ΔT"])
+    body = []
+    for r in rows:
+        dt = r.get("delta_t_test") or {"per_task": {t: 0.0 for t in tasks}, "mean": 0.0}
+        line = [r["method"]]
+        for t, m in metric_cols:
+            v = r["test"][t][m]
+            line.append(_fmt(v, 3 if abs(v) < 1 else 2))
+        line += [_fmt(100 * r["sparsity"]["components"].get(c, float("nan"))) for c in comps]
+        line.append(_fmt(100 * r["sparsity"]["overall"]))
+        line += [f"{dt['per_task'][t]:+.2f}" if t in dt["per_task"] else "–" for t in tasks] + [f"{dt['mean']:+.2f}"]
+        body.append(line)
+    return header, body
+
+
+def cmd_compare(args) -> int:
+    from adapmtl.train import Trainer
+    from adapmtl.train.config import apply_override
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "dense" not in methods:
+        methods = ["dense"] + methods
+    base_out = args.out
+    os.makedirs(base_out, exist_ok=True)
+    rows, dense_path, trainer = [], os.path.join(base_out, "dense", "results.json"), None
+    for method in ["dense"] + [m for m in methods if m != "dense"]:
+        cfg = _config(args)
+        apply_override(cfg, f"method={method}")
+        apply_override(cfg, f"out_dir={os.path.join(base_out, method)}")
+        apply_override(cfg, f"prune.target_sparsity={args.sparsity}")
+        if method != "dense":
+            apply_override(cfg, f"train.dense_results={dense_path}")
+        cfg.validate()
+        results_path = os.path.join(cfg.out_dir, "results.json")
+        if args.reuse and os.path.isfile(results_path):
+            with open(results_path) as fh:
+                results = json.load(fh)
+        else:
+            print(f"=== {method} ===", flush=True)
+            trainer = Trainer(cfg)
+            results = trainer.fit()
+        rows.append(results)
+    from adapmtl.metrics import directions as _dirs
+
+    tasks = list(rows[0]["test"])
+    dirs = _dirs(tasks if args.directions is None else args.directions)
+    header, body = compare_table(rows, dirs)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
+    note = (f"\nTest split; models selected on the held-out validation split. Target overall sparsity "
+            f"{100 * args.sparsity:.0f}% (dense: none). ΔT_i sums the signed relative changes of task i's "
+            f"metrics vs dense (SPEC §6); ΔT is their mean. mIoU: mean over classes with TP > 0.\n")
+    skipped = sorted({m for r in rows for m in (r.get("delta_t_test") or {}).get("skipped_metrics", [])})
+    if skipped:
+        note += (f"ΔT leaves out {', '.join(skipped)}: the dense value is 0, so the relative change is "
+                 f"undefined.\n")
+    with open(os.path.join(base_out, "table.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n" + note)
+    with open(os.path.join(base_out, "table.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(body)
+    print("\n".join(md))
+    print(f"written {os.path.join(base_out, 'table.md')} and table.csv")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adapmtl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp, required=True):
+        sp.add_argument("--config", "-c", required=required, help="YAML config (configs/*.yaml)")
+        sp.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config value")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides")
+
+    t = sub.add_parser("train", help="train one method (AdapMTL, an ablation or a baseline)")
+    with_config(t)
+    e = sub.add_parser("eval", help="evaluate a trainer checkpoint on a split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", choices=("val", "test", "train"), default="test")
+    e.add_argument("--out", help="write the results JSON here")
+    e.add_argument("--set", "-s", action="append", metavar="KEY=VALUE")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    x = sub.add_parser("export", help="export a trained model with sparse layers to one .safetensors file")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--min-sparsity", type=float, default=0.5, help="layers below this sparsity stay dense")
+    x.add_argument("--backend", default="auto", help="sparse kernel backend (auto, cpp, cuda, triton, torch)")
+    b = sub.add_parser("bench", help="run a benchmarks/bench_<name>.py script")
+    b.add_argument("name", help="e.g. soft_threshold")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    c = sub.add_parser("compare", help="dense, every baseline and AdapMTL at one sparsity -> Markdown + CSV table")
+    with_config(c)
+    c.add_argument("--sparsity", type=float, default=0.9)
+    c.add_argument("--methods", default=",".join(COMPARE_METHODS))
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--reuse", action="store_true", help="reuse finished runs' results.json")
+    c.add_argument("--directions", default=None, help="'nyuv2' or 'taskonomy' metric set (default: per task kind)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+               "compare": cmd_compare}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if os.environ.get("ADAPMTL_DEBUG"):
+            raise
+        print(f"adapmtl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

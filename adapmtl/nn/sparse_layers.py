@@ -1,0 +1,122 @@
+"""Inference modules holding a packed sparse weight: `SparseConv2d` and `SparseLinear`.
+
+Made from a trained layer with `from_dense(layer)`: a plain `nn.Conv2d` / `nn.Linear`, or an STR layer
+(its soft-thresholded `effective_weight()` is packed). The packed arrays (layout:
+adapmtl/ops/sparse_weight.py) are buffers, so `.to(device)`, `state_dict()` and the exporter's
+save/load handle them like any other module state. Inference only (see adapmtl.ops.sparse_conv).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from adapmtl.ops.sparse_conv import sparse_conv2d, sparse_linear
+from adapmtl.ops.sparse_weight import SparseWeight
+
+
+def _dense_weight(layer: nn.Module) -> Tensor:
+    # STR layers expose the soft-thresholded weight; plain layers are packed as they are.
+    effective = getattr(layer, "effective_weight", None)
+    weight = effective() if callable(effective) else layer.weight
+    return weight.detach()
+
+
+class _SparseBase(nn.Module):
+    row_ptr: Tensor
+    col_idx: Tensor
+    values: Tensor
+    bias: Optional[Tensor]
+
+    def _set_weight(self, sw: SparseWeight, bias: Optional[Tensor]) -> None:
+        self.register_buffer("row_ptr", sw.row_ptr)
+        self.register_buffer("col_idx", sw.col_idx)
+        self.register_buffer("values", sw.values)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.weight_shape = tuple(sw.shape)
+
+    @property
+    def sparse_weight(self) -> SparseWeight:
+        """The packed weight (a view of the buffers: follows `.to()` and `load_state_dict`)."""
+        return SparseWeight(self.row_ptr, self.col_idx, self.values, self.weight_shape)
+
+    @property
+    def sparsity(self) -> float:
+        return self.sparse_weight.sparsity
+
+    def dense_weight(self) -> Tensor:
+        return self.sparse_weight.to_dense()
+
+
+class SparseConv2d(_SparseBase):
+    """`nn.Conv2d` (zero padding) inference with a CSR-packed weight; `backend` as in `sparse_conv2d`."""
+
+    def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(sw, SparseWeight):
+            raise TypeError(f"SparseConv2d: argument 'sw' must be a SparseWeight, got {type(sw).__name__}")
+        if len(sw.shape) != 4:
+            raise ValueError(f"SparseConv2d: argument 'sw' must pack a 4-D conv weight, got shape {sw.shape}")
+        self._set_weight(sw, bias)
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(int(i) for i in v)  # noqa: E731
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
+        self.groups = int(groups)
+        self.out_channels = sw.shape[0]
+        self.in_channels = sw.shape[1] * self.groups
+        self.kernel_size = tuple(sw.shape[2:])
+        self.backend = backend
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, backend: str = "auto") -> "SparseConv2d":
+        """From an `nn.Conv2d` or STR conv layer (zero padding with integer padding only)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense: argument 'conv' must be an nn.Conv2d (or STRConv2d), got "
+                            f"{type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d.from_dense: only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
+        if isinstance(conv.padding, str):
+            raise ValueError(f"SparseConv2d.from_dense: string padding {conv.padding!r} is not supported; use ints")
+        return cls(SparseWeight.from_dense(_dense_weight(conv)), conv.bias, conv.stride, conv.padding,
+                   conv.dilation, conv.groups, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_conv2d(x, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
+                             self.groups, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, sparsity={self.sparsity:.4f}, backend={self.backend!r}")
+
+
+class SparseLinear(_SparseBase):
+    """`nn.Linear` inference with a CSR-packed weight; `backend` as in `sparse_linear`."""
+
+    def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(sw, SparseWeight):
+            raise TypeError(f"SparseLinear: argument 'sw' must be a SparseWeight, got {type(sw).__name__}")
+        if len(sw.shape) != 2:
+            raise ValueError(f"SparseLinear: argument 'sw' must pack a 2-D linear weight, got shape {sw.shape}")
+        self._set_weight(sw, bias)
+        self.out_features, self.in_features = sw.shape
+        self.backend = backend
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, backend: str = "auto") -> "SparseLinear":
+        """From an `nn.Linear` or STR linear layer."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: argument 'linear' must be an nn.Linear (or STRLinear), got "
+                            f"{type(linear).__name__}")
+        return cls(SparseWeight.from_dense(_dense_weight(linear)), linear.bias, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.sparse_weight, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"sparsity={self.sparsity:.4f}, backend={self.backend!r}")
+
+
+SPARSE_LAYER_TYPES = (SparseConv2d, SparseLinear)

@@ -1,0 +1,333 @@
+"""Sparse inference ops over a `SparseWeight`: `sparse_conv2d` and `sparse_linear`.
+
+Backends (all compute `F.conv2d(x, sw.to_dense(), ...)` / `F.linear(x, sw.to_dense(), ...)`):
+  torch      reference: dense F.conv2d / F.linear on the unpacked weight
+  torch_csr  torch.sparse CSR x unfold (conv) / CSR x x^T (linear): the torch.sparse peer
+  cpp        C++ direct sparse kernel   -> torch.ops.adapmtl.sparse_conv2d on CPU tensors (float32/64)
+  cuda       CUDA kernel                -> torch.ops.adapmtl.sparse_conv2d on CUDA tensors
+  triton     Triton kernel              -> torch.ops.adapmtl.sparse_conv2d_triton (Python custom op)
+  auto       cpp on CPU / cuda (else triton) on GPU when built and the dtype is supported, else torch
+
+Grouped and depthwise convolutions (groups > 1) always run dense (F.conv2d on the unpacked
+weight), whatever the backend: their per-group rows are too short for sparsity to pay off.
+
+Inference only: no backward is implemented, so calling with an input, weight or bias that
+requires grad while grad mode is on raises ValueError (wrap the call in `torch.no_grad()` or
+`torch.inference_mode()`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adapmtl.ops.sparse_weight import SparseWeight
+
+SPARSE_BACKENDS = ("auto", "torch", "torch_csr", "cpp", "cuda", "triton")
+
+# dtypes each compiled backend implements; the torch/torch_csr backends take what torch takes.
+SPARSE_BACKEND_DTYPES = {
+    "cpp": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+IntPair = Union[int, Sequence[int]]
+
+_registered = set()
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    """Whether torch.ops.adapmtl.<op> has a kernel for dispatch key `key` (CPU/CUDA) in this process."""
+    hit = (op, key)
+    if hit in _registered:
+        return True
+    try:
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"adapmtl::{op}", key)
+    except RuntimeError:  # the schema itself is not registered (extension not built)
+        found = False
+    if found:
+        _registered.add(hit)
+    return found
+
+
+def _triton_module_present() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        return importlib.util.find_spec("adapmtl.triton_kernels.sparse_conv") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _triton_can_run(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def available_sparse_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
+    """Backends of sparse_conv2d / sparse_linear that can run on `device` here (torch ones always can)."""
+    device = torch.device(device)
+    found = ["torch", "torch_csr"]
+    if device.type == "cpu" and _has_kernel("sparse_conv2d", "CPU"):
+        found.append("cpp")
+    if device.type == "cuda" and _has_kernel("sparse_conv2d", "CUDA"):
+        found.append("cuda")
+    if _triton_can_run(device) and _triton_module_present():
+        found.append("triton")
+    return found
+
+
+def resolve_sparse_backend(backend: str, x: Tensor, op: str = "sparse_conv2d") -> str:
+    """The concrete backend `backend` means for input `x`; raises if it cannot run there."""
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"{op}: argument 'backend' must be one of {SPARSE_BACKENDS}, got {backend!r}")
+    kind = x.device.type
+    if backend == "auto":
+        if kind == "cpu" and x.dtype in SPARSE_BACKEND_DTYPES["cpp"] and _has_kernel(op, "CPU"):
+            return "cpp"
+        if kind == "cuda":
+            if x.dtype in SPARSE_BACKEND_DTYPES["cuda"] and _has_kernel(op, "CUDA"):
+                return "cuda"
+            if x.dtype in SPARSE_BACKEND_DTYPES["triton"] and _triton_module_present():
+                return "triton"
+        return "torch"
+    if backend in ("torch", "torch_csr"):
+        return backend
+    if backend == "cpp":
+        if kind != "cpu":
+            raise ValueError(f"{op}: backend 'cpp' needs CPU tensors, got argument 'x' on {x.device}")
+        if not _has_kernel(op, "CPU"):
+            raise RuntimeError(
+                f"{op}: backend 'cpp' is not available: adapmtl._C was built without the sparse CPU kernel "
+                "(rebuild with `pip install --no-build-isolation -e .`)"
+            )
+    elif backend == "cuda":
+        if kind != "cuda":
+            raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got argument 'x' on {x.device}")
+        if not _has_kernel(op, "CUDA"):
+            raise RuntimeError(f"{op}: backend 'cuda' is not available: adapmtl._C_cuda has no {op} kernel")
+    elif backend == "triton":
+        if not _triton_can_run(x.device):
+            raise ValueError(
+                f"{op}: backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                f"got argument 'x' on {x.device}"
+            )
+        if not _triton_module_present():
+            raise RuntimeError(f"{op}: backend 'triton' is not available (needs triton and adapmtl.triton_kernels.sparse_conv)")
+    if x.dtype not in SPARSE_BACKEND_DTYPES[backend]:
+        names = ", ".join(str(d).replace("torch.", "") for d in SPARSE_BACKEND_DTYPES[backend])
+        raise TypeError(
+            f"{op}: backend {backend!r} supports argument 'x' of dtype {names}; got {x.dtype} "
+            f"(backend='torch' takes any floating dtype)"
+        )
+    return backend
+
+
+def _pair(op: str, name: str, value: IntPair, minimum: int) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: argument {name!r} must be an int or a pair of ints, got bool")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{op}: argument {name!r} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{op}: argument {name!r} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _check_common(op: str, x, sw, bias, weight_dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(sw, SparseWeight):
+        raise TypeError(
+            f"{op}: argument 'sw' must be an adapmtl SparseWeight (SparseWeight.from_dense(w)), got {type(sw).__name__}"
+        )
+    if len(sw.shape) != weight_dim:
+        raise ValueError(f"{op}: argument 'sw' must pack a {weight_dim}-D weight, got shape {sw.shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: argument 'x' must be a floating-point tensor, got {x.dtype}")
+    if sw.dtype != x.dtype:
+        raise TypeError(f"{op}: argument 'sw' must have the dtype of 'x' ({x.dtype}), got {sw.dtype}")
+    if sw.device != x.device:
+        raise ValueError(f"{op}: argument 'sw' must be on the device of 'x' ({x.device}), got {sw.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{op}: argument 'bias' must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (sw.shape[0],):
+            raise ValueError(f"{op}: argument 'bias' must have shape ({sw.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: argument 'bias' must have the dtype of 'x' ({x.dtype}), got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: argument 'bias' must be on the device of 'x' ({x.device}), got {bias.device}")
+    if torch.is_grad_enabled() and (
+        x.requires_grad or sw.values.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        raise ValueError(
+            f"{op}: inference only (no backward is implemented), but an input requires grad; "
+            "call it under torch.no_grad() / torch.inference_mode() or detach the inputs"
+        )
+
+
+def sparse_conv2d(
+    x: Tensor,
+    sw: SparseWeight,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    backend: str = "auto",
+) -> Tensor:
+    """`F.conv2d(x, sw.to_dense(), bias, stride, padding, dilation, groups)` from the packed weight.
+
+    Args:
+        x: input [N, C_in, H, W], NCHW or channels-last (the output keeps channels-last).
+        sw: `SparseWeight` of a [C_out, C_in/groups, KH, KW] weight, x's dtype and device.
+        bias: optional [C_out].
+        stride, padding, dilation: int or (h, w) pair; padding is zero padding (>= 0).
+        groups: > 1 runs dense F.conv2d on the unpacked weight (stated fallback, module docstring).
+        backend: one of SPARSE_BACKENDS (module docstring).
+    """
+    op = "sparse_conv2d"
+    _check_common(op, x, sw, bias, 4)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: argument 'x' must be 4-D [N, C_in, H, W], got shape {tuple(x.shape)}")
+    stride = _pair(op, "stride", stride, 1)
+    padding = _pair(op, "padding", padding, 0)
+    dilation = _pair(op, "dilation", dilation, 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: argument 'groups' must be a positive int, got {groups!r}")
+    c_out, c_in_g, kh, kw = sw.shape
+    if x.shape[1] != c_in_g * groups:
+        raise ValueError(
+            f"{op}: argument 'x' must have {c_in_g * groups} channels (weight C_in {c_in_g} x groups {groups}), "
+            f"got {x.shape[1]}"
+        )
+    if c_out % groups:
+        raise ValueError(f"{op}: the weight's C_out ({c_out}) must be divisible by 'groups' ({groups})")
+    for i, side in enumerate("HW"):
+        span = dilation[i] * ((kh, kw)[i] - 1) + 1
+        if x.shape[2 + i] + 2 * padding[i] < span:
+            raise ValueError(
+                f"{op}: input {side} ({x.shape[2 + i]}) plus padding is smaller than the dilated kernel ({span})"
+            )
+    which = resolve_sparse_backend(backend, x, op)
+    if groups > 1 or which == "torch":
+        return F.conv2d(x, sw.to_dense(), bias, stride, padding, dilation, groups)
+    if which == "torch_csr":
+        return _conv2d_torch_csr(x, sw, bias, stride, padding, dilation)
+    args = (x, sw.row_ptr, sw.col_idx, sw.values, bias, list(sw.shape), list(stride), list(padding), list(dilation))
+    if which == "triton":
+        return torch.ops.adapmtl.sparse_conv2d_triton(*args)
+    return torch.ops.adapmtl.sparse_conv2d(*args)
+
+
+def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """`F.linear(x, sw.to_dense(), bias)` from the packed [out_features, in_features] weight; x: [..., in]."""
+    op = "sparse_linear"
+    _check_common(op, x, sw, bias, 2)
+    if x.dim() < 1 or x.shape[-1] != sw.shape[1]:
+        raise ValueError(f"{op}: argument 'x' must have last dimension {sw.shape[1]}, got shape {tuple(x.shape)}")
+    which = resolve_sparse_backend(backend, x, op)
+    if which == "torch":
+        return F.linear(x, sw.to_dense(), bias)
+    if which == "torch_csr":
+        flat = x.reshape(-1, sw.shape[1])
+        out = torch.sparse.mm(sw.to_torch_csr(), flat.t()).t()
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], sw.shape[0])
+    args = (x, sw.row_ptr, sw.col_idx, sw.values, bias, sw.shape[1])
+    if which == "triton":
+        return torch.ops.adapmtl.sparse_linear_triton(*args)
+    return torch.ops.adapmtl.sparse_linear(*args)
+
+
+def _conv2d_torch_csr(x, sw, bias, stride, padding, dilation):
+    """torch.sparse peer: CSR [C_out, C_in*KH*KW] times the unfolded input, one image at a time."""
+    c_out, _, kh, kw = sw.shape
+    n, _, h, w = x.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, C_in*KH*KW, OH*OW]
+    csr = sw.to_torch_csr()
+    out = torch.stack([torch.sparse.mm(csr, cols[i]) for i in range(n)]) if n else cols.new_zeros(0, c_out, oh * ow)
+    if bias is not None:
+        out = out + bias[:, None]
+    return out.reshape(n, c_out, oh, ow)
+
+
+def conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    n, _, h, w = x_shape
+    c_out, _, kh, kw = weight_shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (n, c_out, oh, ow)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton custom ops (kernels imported on first use, so TRITON_INTERPRET set before then applies).
+
+
+@torch.library.custom_op("adapmtl::sparse_conv2d_triton", mutates_args=())
+def _sparse_conv2d_triton(
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    bias: Optional[Tensor],
+    weight_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    from adapmtl.triton_kernels import sparse_conv as kernels
+
+    return kernels.sparse_conv2d(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation)
+
+
+@torch.library.custom_op("adapmtl::sparse_linear_triton", mutates_args=())
+def _sparse_linear_triton(
+    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int
+) -> Tensor:
+    from adapmtl.triton_kernels import sparse_conv as kernels
+
+    return kernels.sparse_linear(x, row_ptr, col_idx, values, bias, in_features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels (shapes only) for the C++/CUDA ops and the Triton ops, for torch.compile / export.
+
+
+def _conv_fake(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation):
+    shape = conv2d_output_shape(x.shape, weight_shape, stride, padding, dilation)
+    fmt = torch.channels_last if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                                  and not x.is_contiguous()) else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _linear_fake(x, row_ptr, col_idx, values, bias, in_features):
+    return torch.empty((*x.shape[:-1], row_ptr.shape[0] - 1), dtype=x.dtype, device=x.device)
+
+
+torch.library.register_fake("adapmtl::sparse_conv2d_triton")(_conv_fake)
+torch.library.register_fake("adapmtl::sparse_linear_triton")(_linear_fake)
+try:
+    torch.library.register_fake("adapmtl::sparse_conv2d")(_conv_fake)
+    torch.library.register_fake("adapmtl::sparse_linear")(_linear_fake)
+except RuntimeError:  # schemas absent: adapmtl._C not built (the cpp/cuda backends then report that)
+    pass
+
+
+def dense_flops(weight_shape, out_shape) -> int:
+    """Multiply-adds x 2 of the dense conv/linear (for benchmarks)."""
+    return 2 * math.prod(weight_shape[1:]) * math.prod(out_shape)

@@ -1,0 +1,166 @@
+"""`SparseWeight`: a pruned weight packed once for the sparse inference kernels.
+
+Layout (the one place it is documented; every backend reads these three arrays):
+
+    dense weight   w: [C_out, C_in_per_group, KH, KW] (conv) or [out_features, in_features] (linear)
+    row_ptr  int32 [C_out + 1]   CSR row pointers, one row per output channel; row_ptr[0] = 0,
+                                 row_ptr[C_out] = nnz, non-decreasing.
+    col_idx  int32 [nnz]         column of each non-zero in the flattened row of w:
+                                 c * KH * KW + kh * KW + kw (conv), or the input feature (linear);
+                                 strictly increasing within a row (row-major scan order).
+    values   [nnz] (w's dtype)   the non-zero values, in the same order.
+    shape    tuple               the dense weight's shape (restores w exactly, zeros included).
+
+Exactly-zero entries are dropped; NaN/inf are kept (they are not zero), so `to_dense()` is `w` bit
+for bit. Empty rows (fully pruned output channels) have row_ptr[i] == row_ptr[i + 1].
+
+Kernel-private re-orderings are derived from these arrays inside each kernel and never stored:
+the C++ CPU kernel turns each (c, kh, kw) into one element offset into a zero-padded,
+column-phase-split copy of the input (csrc/cpu/sparse_conv_cpu.cpp explains it).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class SparseWeight:
+    """A CSR-packed pruned weight. Build with `SparseWeight.from_dense(w)`."""
+
+    __slots__ = ("row_ptr", "col_idx", "values", "shape")
+
+    def __init__(self, row_ptr: Tensor, col_idx: Tensor, values: Tensor, shape: Sequence[int]):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 4) or any(s < 0 for s in shape):
+            raise ValueError(f"SparseWeight: argument 'shape' must be 2-D or 4-D and non-negative, got {shape}")
+        for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
+            if not isinstance(t, Tensor) or t.dim() != 1:
+                raise TypeError(f"SparseWeight: argument {name!r} must be a 1-D torch.Tensor, got {_describe(t)}")
+        if row_ptr.dtype != torch.int32 or col_idx.dtype != torch.int32:
+            raise TypeError(
+                f"SparseWeight: arguments 'row_ptr' and 'col_idx' must be int32, got {row_ptr.dtype} and {col_idx.dtype}"
+            )
+        if not values.is_floating_point():
+            raise TypeError(f"SparseWeight: argument 'values' must be floating point, got {values.dtype}")
+        if row_ptr.numel() != shape[0] + 1:
+            raise ValueError(f"SparseWeight: argument 'row_ptr' must have {shape[0] + 1} entries, got {row_ptr.numel()}")
+        if col_idx.numel() != values.numel():
+            raise ValueError(
+                f"SparseWeight: arguments 'col_idx' and 'values' must have equal length, got "
+                f"{col_idx.numel()} and {values.numel()}"
+            )
+        if not (row_ptr.device == col_idx.device == values.device):
+            raise ValueError("SparseWeight: 'row_ptr', 'col_idx' and 'values' must be on one device")
+        self.row_ptr = row_ptr.contiguous()
+        self.col_idx = col_idx.contiguous()
+        self.values = values.contiguous()
+        self.shape = shape
+
+    @classmethod
+    def from_dense(cls, w: Tensor) -> "SparseWeight":
+        """Pack a dense (pruned) weight of shape [C_out, C_in/groups, KH, KW] or [out, in]."""
+        if not isinstance(w, Tensor):
+            raise TypeError(f"SparseWeight.from_dense: argument 'w' must be a torch.Tensor, got {_describe(w)}")
+        if w.dim() not in (2, 4):
+            raise ValueError(f"SparseWeight.from_dense: argument 'w' must be 2-D or 4-D, got shape {tuple(w.shape)}")
+        if not w.is_floating_point():
+            raise TypeError(f"SparseWeight.from_dense: argument 'w' must be floating point, got {w.dtype}")
+        cols = math.prod(w.shape[1:])
+        if cols >= 2**31 or w.numel() >= 2**31:
+            raise ValueError(f"SparseWeight.from_dense: argument 'w' is too large for int32 indices: {tuple(w.shape)}")
+        w = w.detach()
+        flat = w.reshape(w.shape[0], cols)
+        mask = flat != 0
+        counts = mask.sum(dim=1, dtype=torch.int64)
+        row_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int32, device=w.device)
+        row_ptr[1:] = counts.cumsum(0).to(torch.int32)
+        # nonzero() scans row-major, so the columns come out sorted within each row.
+        col_idx = mask.nonzero()[:, 1].to(torch.int32)
+        values = flat[mask].clone()
+        return cls(row_ptr, col_idx, values, w.shape)
+
+    def to_dense(self) -> Tensor:
+        """The dense weight (zeros where nothing is stored)."""
+        rows, cols = self.shape[0], math.prod(self.shape[1:])
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        row_of = torch.repeat_interleave(torch.arange(rows, device=self.values.device), counts)
+        dense = torch.zeros(rows * cols, dtype=self.values.dtype, device=self.values.device)
+        dense[row_of * cols + self.col_idx.to(torch.int64)] = self.values
+        return dense.reshape(self.shape)
+
+    def to_torch_csr(self) -> Tensor:
+        """The same matrix [C_out, C_in*KH*KW] as a `torch.sparse_csr_tensor` (the torch.sparse peer)."""
+        rows, cols = self.shape[0], math.prod(self.shape[1:])
+        with warnings.catch_warnings():  # torch warns that sparse CSR is "beta" on every construction
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                self.row_ptr.to(torch.int64), self.col_idx.to(torch.int64), self.values, size=(rows, cols),
+                check_invariants=False,
+            )
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of exactly-zero entries of the dense weight (1.0 for an empty weight)."""
+        return 1.0 - self.nnz / self.numel if self.numel else 1.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device=None, dtype=None) -> "SparseWeight":
+        """Move to `device` and/or cast the values to `dtype` (indices stay int32)."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"SparseWeight.to: argument 'dtype' must be floating point, got {dtype}")
+        return SparseWeight(
+            self.row_ptr.to(device), self.col_idx.to(device), self.values.to(device=device, dtype=dtype), self.shape
+        )
+
+    def cpu(self) -> "SparseWeight":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "SparseWeight":
+        return self.to(torch.device("cuda") if device is None else device)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The packed arrays plus the dense shape (as an int64 tensor), for saving."""
+        return {
+            "row_ptr": self.row_ptr,
+            "col_idx": self.col_idx,
+            "values": self.values,
+            "shape": torch.tensor(self.shape, dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_state_tensors(cls, state: dict[str, Tensor]) -> "SparseWeight":
+        missing = {"row_ptr", "col_idx", "values", "shape"} - set(state)
+        if missing:
+            raise ValueError(f"SparseWeight.from_state_tensors: missing entries {sorted(missing)}")
+        return cls(state["row_ptr"], state["col_idx"], state["values"], state["shape"].tolist())
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.4f}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, Tensor):
+        return f"a {obj.dim()}-D tensor of dtype {obj.dtype}"
+    return type(obj).__name__

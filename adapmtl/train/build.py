@@ -1,0 +1,55 @@
+"""Datasets and models from a Config (the synthetic demo data is generated on first use)."""
+from __future__ import annotations
+
+import os
+
+from adapmtl.train import distributed as D
+
+
+def _synthetic_root(cfg) -> str:
+    d = cfg.data
+    root = os.path.expanduser(d.root)
+    if not os.path.isfile(os.path.join(root, "nyu_v2_3task.json")):
+        if D.is_main():
+            from adapmtl.data import make_synthetic_scenes
+            tmp = root.rstrip("/") + f".tmp{os.getpid()}"
+            make_synthetic_scenes(tmp, n_train=d.n_train, n_test=d.n_test, size=d.image_size, seed=0)
+            try:  # publish the whole folder at once so a concurrent reader never sees half of it
+                os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+                os.replace(tmp, root)
+            except OSError:
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+        D.barrier()
+    return root
+
+
+def build_datasets(cfg) -> dict:
+    d = cfg.data
+    if d.dataset in ("synthetic", "nyuv2"):
+        from adapmtl.data import NYUv2
+        root = _synthetic_root(cfg) if d.dataset == "synthetic" else os.path.expanduser(d.root)
+        kw = dict(crop_size=d.crop_size, val_fraction=d.val_fraction, seed=cfg.seed)
+        return {"train": NYUv2(root, "train", **kw), "val": NYUv2(root, "val", **kw), "test": NYUv2(root, "test", **kw)}
+    from adapmtl.data import Taskonomy
+    root = os.path.expanduser(d.root)
+    kw = dict(crop_size=d.crop_size, val_fraction=d.val_fraction, seed=cfg.seed)
+    train = Taskonomy(root, "train", **kw)
+    out = {"train": train, "val": Taskonomy(root, "val", **kw), "test": Taskonomy(root, "test", **kw)}
+    tasks = cfg.data.tasks or [t.name for t in train.tasks]
+    if "segment_semantic" in tasks:
+        out["class_weights"] = {"segment_semantic": train.class_weights}
+    return out
+
+
+def build_model_from_config(cfg):
+    from adapmtl.models import build_model
+
+    m = cfg.model
+    dataset = "taskonomy" if cfg.data.dataset == "taskonomy" else "nyuv2"
+    tasks = cfg.data.tasks
+    if tasks is None:
+        from adapmtl.tasks import NYUV2_TASKS, TASKONOMY_TASKS
+        tasks = [t.name for t in (TASKONOMY_TASKS if dataset == "taskonomy" else NYUV2_TASKS)]
+    return build_model(backbone=m.backbone, tasks=list(tasks), head_channels=m.head_channels,
+                       dilations=m.dilations, dropout=m.dropout, dataset=dataset)

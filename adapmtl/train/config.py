@@ -1,0 +1,255 @@
+"""Run configuration: nested dataclasses, loaded from YAML, overridable with `key.sub=value` strings.
+
+Unknown keys and values of the wrong type are rejected with a message naming them, so a typo in a
+config or on the command line never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+METHODS = ("adapmtl", "single_threshold", "str", "dense", "imp", "lth", "snip", "disparse")
+DATASETS = ("synthetic", "nyuv2", "taskonomy")
+AMP = ("none", "bf16", "fp16")
+SELECT = ("auto", "delta_t", "val_loss", "last")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    root: str = "~/.cache/adapmtl/synthetic"  # synthetic: generated here on first use
+    tasks: list | None = None  # None: every task of the dataset
+    crop_size: int = 64
+    val_fraction: float = 0.1  # held-out part of the train list used for model selection
+    batch_size: int = 16
+    eval_batch_size: int = 16
+    num_workers: int = 0
+    n_train: int = 200  # synthetic only
+    n_test: int = 50
+    image_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny"
+    head_channels: int | None = None
+    dilations: list | None = None
+    dropout: float = 0.5
+    init_from: str | None = None  # dense checkpoint: AdapMTL starts from it with thresholds reset to s0
+
+
+@dataclass
+class PruneConfig:
+    target_sparsity: float = 0.9  # overall, over every prunable weight
+    s0: float = -15.0
+    grad: str = "exact"
+    backend: str = "auto"
+    # mask baselines (SPEC §7)
+    prune_start: float = 0.3  # fraction of the iterations trained before the first pruning (IMP, LTH)
+    prune_end: float = 0.7  # IMP: last pruning round at this fraction; DiSparse: last regrow update
+    rounds: int = 4  # IMP rounds
+    rewind_iter: int = 0  # LTH: iteration whose weights survivors are rewound to
+    score_batches: int = 4  # SNIP / DiSparse: batches for the importance scores at init
+    update_every: int = 50  # DiSparse prune-and-regrow period
+    regrow_fraction: float = 0.2  # DiSparse: fraction of survivors swapped at the first update (cosine decay)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 5e-5  # coupled L2 on every parameter, thresholds included (SPEC §3)
+    step_size: int = 4000  # StepLR, stepped every iteration
+    gamma: float = 0.5
+
+
+@dataclass
+class LossWeightConfig:
+    adaptive: bool = True
+    start: int = 5000
+    window: int = 500
+    normalize: bool = True  # Σ w_t = T
+    priorities: dict | None = None  # static p_t per task (default 1)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 20000
+    amp: str = "none"
+    log_every: int = 20
+    val_every: int = 1000
+    ckpt_every: int = 500
+    resume: str | None = None  # a checkpoint path, or "auto" (out_dir/latest.pt if it exists)
+    select: str = "auto"  # auto: ΔT vs dense_results when given, else val loss
+    dense_results: str | None = None  # JSON of the dense model's val/test metrics
+    select_sparsity_tol: float = 0.01  # pruning runs: only checkpoints within this of the target are "best"
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+    max_val_batches: int | None = None
+
+
+@dataclass
+class Config:
+    method: str = "adapmtl"
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    out_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss_weights: LossWeightConfig = field(default_factory=LossWeightConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        def bad(key, expected, value):
+            raise ValueError(f"config: {key} must be {expected}, got {value!r}")
+
+        if self.method not in METHODS:
+            bad("method", f"one of {METHODS}", self.method)
+        if self.data.dataset not in DATASETS:
+            bad("data.dataset", f"one of {DATASETS}", self.data.dataset)
+        if self.train.amp not in AMP:
+            bad("train.amp", f"one of {AMP}", self.train.amp)
+        if self.train.select not in SELECT:
+            bad("train.select", f"one of {SELECT}", self.train.select)
+        if self.prune.grad not in ("exact", "ste"):
+            bad("prune.grad", "'exact' or 'ste'", self.prune.grad)
+        if not 0.0 < self.prune.target_sparsity < 1.0:
+            bad("prune.target_sparsity", "in (0, 1)", self.prune.target_sparsity)
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            bad("data.val_fraction", "in [0, 1)", self.data.val_fraction)
+        for key in ("data.batch_size", "data.eval_batch_size", "data.crop_size", "train.iterations", "train.log_every",
+                    "train.val_every", "train.ckpt_every", "optim.step_size", "loss_weights.window", "prune.rounds",
+                    "prune.score_batches", "prune.update_every"):
+            section, name = key.split(".")
+            v = getattr(getattr(self, section), name)
+            if v < 1:
+                bad(key, "an int >= 1", v)
+        for key in ("data.num_workers", "loss_weights.start", "prune.rewind_iter", "seed"):
+            v = getattr(getattr(self, key.split(".")[0]), key.split(".")[1]) if "." in key else getattr(self, key)
+            if v < 0:
+                bad(key, "an int >= 0", v)
+        if self.optim.lr <= 0:
+            bad("optim.lr", "> 0", self.optim.lr)
+        if self.optim.weight_decay < 0:
+            bad("optim.weight_decay", ">= 0", self.optim.weight_decay)
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            bad("optim.betas", "two numbers in [0, 1)", self.optim.betas)
+        if not 0 <= self.prune.prune_start <= self.prune.prune_end <= 1:
+            bad("prune.prune_start/prune_end", "0 <= prune_start <= prune_end <= 1",
+                (self.prune.prune_start, self.prune.prune_end))
+        if not 0 <= self.prune.regrow_fraction < 1:
+            bad("prune.regrow_fraction", "in [0, 1)", self.prune.regrow_fraction)
+        if self.loss_weights.priorities is not None:
+            for k, v in self.loss_weights.priorities.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                    bad(f"loss_weights.priorities.{k}", "a number >= 0", v)
+        return self
+
+
+def _check_type(key: str, tp, value):
+    """Coerce int -> float where a float is expected; reject everything else that does not match."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(key, a, value)
+            except TypeError as e:
+                errors.append(e)
+        raise TypeError(f"config: {key} must be {' or '.join(getattr(a, '__name__', str(a)) for a in args)}, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise TypeError(f"config: {key} must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise TypeError(f"config: {prefix.rstrip('.') or 'the config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(f"config: unknown key '{prefix}{key}'; valid keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _check_type(prefix + key, hints[key], value))
+
+
+def config_from_dict(data: dict | None) -> Config:
+    cfg = Config()
+    _apply(cfg, data or {})
+    return cfg.validate()
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (or the defaults) with `key.sub=value` overrides (values parsed as YAML)."""
+    data = {}
+    if path is not None:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config: {path} must hold a mapping at the top level")
+    cfg = Config()
+    _apply(cfg, data)
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg.validate()
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    if not isinstance(item, str) or "=" not in item:
+        raise ValueError(f"config override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    parts = key.strip().split(".")
+    nested: dict = {}
+    cur = nested
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    _apply(cfg, nested)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)

@@ -1,0 +1,64 @@
+"""PNG plots written at the end of a run from its log.jsonl."""
+from __future__ import annotations
+
+import os
+
+from adapmtl.train.logging import read_log
+
+
+def _series(records, prefix):
+    out: dict[str, tuple[list, list]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith(prefix):
+                xs, ys = out.setdefault(k[len(prefix):], ([], []))
+                xs.append(r["step"])
+                ys.append(v)
+    return out
+
+
+def make_plots(out_dir: str, final_layers: dict[str, float] | None = None) -> list[str]:
+    """sparsity per component over time, task weights over time, per-layer final sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if r.get("kind") == "train"]
+    written = []
+    for name, prefix, ylabel in (("sparsity_components.png", "sparsity/component/", "sparsity"),
+                                 ("task_weights.png", "loss_weight/", "adaptive weight w_t"),
+                                 ("losses.png", "loss/", "training loss")):
+        series = _series(records, prefix)
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=label)
+        if prefix == "sparsity/component/":
+            overall = _series(records, "sparsity/")
+            if "overall" in overall:
+                ax.plot(*overall["overall"], "k--", label="overall")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if final_layers:
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(final_layers))))
+        names = list(final_layers)
+        ax.barh(range(len(names)), [final_layers[n] for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel("final sparsity")
+        ax.set_xlim(0, 1)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "layer_sparsity.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,452 @@
+"""The training loop shared by AdapMTL, its ablations and the pruning baselines (SPEC §3, §7).
+
+One iteration: method.before_iteration -> forward (optional autocast) -> per-task losses ->
+Σ_t p_t w_t L_t -> backward -> method.after_backward (AdapMTL: target-sparsity cap; masks: grad
+masks) -> Adam step -> StepLR step -> method.after_step -> adaptive weights update.
+
+Data order is a pure function of (seed, iteration) and every RNG is checkpointed, so a run resumed
+from `latest.pt` continues bit for bit as if it had never stopped (with `data.num_workers: 0`; with
+workers, the order of samples is still exact but augmentation draws restart per resume).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import adapmtl
+from adapmtl.train import distributed as D
+from adapmtl.train.checkpoint import atomic_save, load_checkpoint_file, rng_state, set_rng_state
+from adapmtl.train.config import Config, save_config
+from adapmtl.train.logging import RunLogger
+from adapmtl.train.loss_weights import AdaptiveLossWeights
+
+_DATA_EPOCH_SCORES = 1 << 30  # data-order "epoch" reserved for SNIP/DiSparse scoring batches
+
+
+def safe_delta_t(results: dict, dense: dict, directions: dict) -> tuple[dict, float, list[str]]:
+    """adapmtl.metrics.delta_t over the metrics whose dense value is a non-zero number (a relative change
+    against 0 is undefined: tiny demo runs can have e.g. 0% of normals within 11.25°). Returns
+    ({task: ΔT_i}, ΔT, ["task/metric" skipped])."""
+    from adapmtl.metrics import delta_t
+
+    kept, skipped = {}, []
+    for task, metrics in directions.items():
+        for metric, lower in metrics.items():
+            d = dense.get(task, {}).get(metric)
+            if d is None or d == 0 or d != d:
+                skipped.append(f"{task}/{metric}")
+            else:
+                kept.setdefault(task, {})[metric] = lower
+    if not kept:
+        raise ValueError("delta_t: no metric has a usable (non-zero) dense value")
+    per_task, dt = delta_t(results, dense, kept)
+    return per_task, dt, skipped
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The batches of one epoch for one rank: a seeded permutation, split across ranks, full batches."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
+    perm = torch.randperm(n, generator=g).tolist()
+    per_rank = n // world
+    mine = perm[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(per_rank // batch_size)]
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Train one method on one dataset.
+
+    Args:
+        cfg: the run Config.
+        model: a multitask model (`forward(x) -> {task: out}`, ideally `.components()`); default: built
+            from cfg.model.
+        train_set, val_set, test_set: datasets of sample dicts; default: built from cfg.data.
+        criterion: `(preds, batch) -> {task: loss}`; default `adapmtl.losses.MultiTaskLoss`.
+        metrics_factory: `() -> accumulator` with update(preds, batch) / compute() / reset();
+            default `adapmtl.metrics.MultiTaskMetrics`.
+        directions: {task: {metric: lower_is_better}} for ΔT; default `adapmtl.metrics.directions`.
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module | None = None, train_set=None, val_set=None, test_set=None,
+                 criterion=None, metrics_factory=None, directions=None, collate_fn=None):
+        if not isinstance(cfg, Config):
+            raise TypeError(f"Trainer: argument 'cfg' must be an adapmtl.train.Config, got {type(cfg).__name__}")
+        self.cfg = cfg.validate()
+        self.distributed = D.init_from_env(cfg.device if cfg.device != "auto" else
+                                           ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world = D.rank(), D.world_size()
+        self.device = _resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.out_dir = cfg.out_dir
+        seed_everything(cfg.seed, cfg.deterministic)
+
+        if train_set is None or val_set is None or test_set is None:
+            from adapmtl.train.build import build_datasets
+            built = build_datasets(cfg)
+            train_set = train_set or built["train"]
+            val_set = val_set or built["val"]
+            test_set = test_set or built["test"]
+            class_weights = built.get("class_weights")
+        else:
+            class_weights = None
+        self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
+        if collate_fn is None:
+            from adapmtl.data import collate_multitask as collate_fn
+        self.collate_fn = collate_fn
+        if model is None:
+            from adapmtl.train.build import build_model_from_config
+            model = build_model_from_config(cfg)
+        self.model = model
+        self.tasks = list(getattr(model, "tasks", None) or cfg.data.tasks or [])
+        if not self.tasks:
+            raise ValueError("Trainer: cannot tell the model's tasks (give the model a .tasks list)")
+        specs = getattr(model, "task_specs", None)
+        task_list = list(specs.values()) if specs else self.tasks
+        if criterion is None:
+            from adapmtl.losses import MultiTaskLoss
+            criterion = MultiTaskLoss(task_list, class_weights=class_weights)
+        self.criterion = criterion
+        if metrics_factory is None:
+            from adapmtl.metrics import MultiTaskMetrics
+            metrics_factory = lambda: MultiTaskMetrics(task_list, class_weights=class_weights)  # noqa: E731
+        self.metrics_factory = metrics_factory
+        if directions is None:
+            from adapmtl.metrics import directions as _dirs
+            directions = _dirs(task_list)
+        self.directions = directions
+
+        if cfg.model.init_from:  # from-dense start: the thresholds then start at s0 (sparsify's init)
+            from adapmtl.models import load_checkpoint
+            load_checkpoint(self.model, os.path.expanduser(cfg.model.init_from))
+
+        from adapmtl.baselines import build_method  # lazy: baselines import adapmtl.train too
+
+        self.method = build_method(cfg)
+        self.method.setup(self)
+        self.model.to(self.device)
+        self.forward_model = self.model
+        if self.distributed:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        o = cfg.optim
+        # coupled L2 decay on every parameter, thresholds included (Adam's weight_decay, not AdamW)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                          weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        lw = cfg.loss_weights
+        self.loss_weights = AdaptiveLossWeights(
+            self.tasks, lw.start, lw.window, lw.normalize, enabled=lw.adaptive and self.method.adaptive_weights,
+            priorities=lw.priorities).to(self.device)
+        self.iteration = 0
+        self.best_score = -math.inf
+        self.best_iteration = None
+        self.dense_results = None
+        if cfg.train.dense_results:
+            with open(os.path.expanduser(cfg.train.dense_results)) as fh:
+                self.dense_results = json.load(fh)
+        self.bpe = len(batch_indices(len(self.train_set), cfg.data.batch_size, cfg.seed, 0, self.rank, self.world))
+        if self.bpe == 0:
+            raise ValueError(f"Trainer: the train split ({len(self.train_set)} samples over {self.world} ranks) is "
+                             f"smaller than data.batch_size={cfg.data.batch_size}")
+        self.resumed = False
+        if cfg.train.resume:
+            path = cfg.train.resume
+            if path == "auto":
+                path = os.path.join(self.out_dir, "latest.pt")
+                path = path if os.path.isfile(path) else None
+            if path:
+                self.load(path)
+
+    # ---------------------------------------------------------------- data
+    def _loader(self, dataset, batches, generator_seed: int) -> DataLoader:
+        # A dedicated generator: creating a loader never draws from the global RNG (exact resume).
+        g = torch.Generator().manual_seed(generator_seed % (1 << 63))
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate_fn,
+                          num_workers=self.cfg.data.num_workers, generator=g)
+
+    def _train_batches(self, start_it: int):
+        it = start_it
+        while True:
+            epoch, pos = divmod(it, self.bpe)
+            batches = batch_indices(len(self.train_set), self.cfg.data.batch_size, self.cfg.seed, epoch,
+                                    self.rank, self.world)[pos:]
+            for batch in self._loader(self.train_set, batches, self.cfg.seed * 7919 + it):
+                yield batch
+                it += 1
+
+    def sample_batches(self, n: int) -> list[dict]:
+        """n training batches (for importance scores at init), on the device."""
+        batches = batch_indices(len(self.train_set), self.cfg.data.batch_size, self.cfg.seed, _DATA_EPOCH_SCORES,
+                                self.rank, self.world)
+        batches = (batches * (n // max(len(batches), 1) + 1))[:n]
+        return [_to_device(b, self.device) for b in self._loader(self.train_set, batches, self.cfg.seed)]
+
+    def _eval_loader(self, dataset):
+        n, bs = len(dataset), self.cfg.data.eval_batch_size
+        batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        if self.cfg.train.max_val_batches:
+            batches = batches[:self.cfg.train.max_val_batches]
+        return self._loader(dataset, batches, 0)
+
+    # ---------------------------------------------------------------- steps
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def compute_losses(self, batch: dict, model: nn.Module | None = None) -> dict:
+        batch = _to_device(batch, self.device)
+        with self.autocast():
+            preds = (model or self.forward_model)(batch["image"])
+        preds = {t: p.float() for t, p in preds.items()}
+        return self.criterion(preds, batch)
+
+    def train_step(self, batch: dict) -> dict:
+        it = self.iteration
+        batch = _to_device(batch, self.device)
+        self.method.before_iteration(self, it, batch)
+        self.model.train()
+        losses = self.compute_losses(batch)
+        factors = self.loss_weights.combined()
+        total = sum(factors[i].to(losses[t].dtype) * losses[t] for i, t in enumerate(self.tasks))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        extra = self.method.after_backward(self, it)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.after_step(self, it)
+        loss_vec = D.all_reduce_mean(torch.stack([losses[t].detach().double() for t in self.tasks]))
+        self.loss_weights.update(it, loss_vec)
+        self.iteration += 1
+        return {"losses": loss_vec, "total": total.detach(), "factors": factors, **extra}
+
+    # ---------------------------------------------------------------- sparsity
+    def sparsity(self) -> dict:
+        """{"overall", "components": {...}, "layers": {...}} as floats (host sync: for logging)."""
+        if adapmtl.str_layers(self.model):
+            live = adapmtl.live_sparsity(self.model)
+            return {"overall": float(live.overall), "components": {k: float(v) for k, v in live.components.items()},
+                    "layers": {k: float(v) for k, v in live.layers.items()}}
+        rep = adapmtl.sparsity_report(self.model)
+        return {"overall": rep.overall, "components": {k: c.sparsity for k, c in rep.components.items()},
+                "layers": {r.name: r.sparsity for r in rep.layers}}
+
+    def thresholds(self) -> dict:
+        groups = getattr(self.model, "adapmtl_thresholds", None)
+        if groups is not None:
+            return {name: float(torch.sigmoid(g.s.detach().double())) for name, g in groups.items()}
+        return {name: float(torch.sigmoid(layer.s.detach().double())) for name, layer in adapmtl.str_layers(self.model)}
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset) -> dict:
+        """{"metrics": {task: {metric: v}}, "loss": {task: mean loss}} of the current model on a split."""
+        model = self.model
+        was = model.training
+        model.eval()
+        acc = self.metrics_factory()
+        totals, count = {t: 0.0 for t in self.tasks}, 0
+        for batch in self._eval_loader(dataset):
+            batch = _to_device(batch, self.device)
+            with self.autocast():
+                preds = model(batch["image"])
+            preds = {t: p.float() for t, p in preds.items()}
+            for t, v in self.criterion(preds, batch).items():
+                totals[t] += float(v)
+            count += 1
+            acc.update(preds, batch)
+        model.train(was)
+        return {"metrics": acc.compute(), "loss": {t: v / max(count, 1) for t, v in totals.items()}}
+
+    def score(self, result: dict) -> tuple[float, dict]:
+        mode = self.cfg.train.select
+        if mode == "auto":
+            mode = "delta_t" if self.dense_results else "val_loss"
+        if mode == "delta_t":
+            if not self.dense_results:
+                raise ValueError("train.select=delta_t needs train.dense_results (a dense run's results.json)")
+            per_task, dt, _ = safe_delta_t(result["metrics"], self.dense_results["val"], self.directions)
+            return dt, {f"val/delta_t/{t}": v for t, v in per_task.items()} | {"val/delta_t": dt}
+        if mode == "val_loss":
+            return -sum(result["loss"].values()), {}
+        return float(self.iteration), {}  # "last": the latest checkpoint is the selected one
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "loss_weights": self.loss_weights.state_dict(), "method": self.method.state_dict(),
+            "method_name": self.cfg.method, "iteration": self.iteration, "rng": rng_state(),
+            "best_score": self.best_score, "best_iteration": self.best_iteration,
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, name: str = "latest.pt") -> str | None:
+        state = self.state()  # every rank builds it (collectives-free); rank 0 writes
+        if not D.is_main():
+            return None
+        path = os.path.join(self.out_dir, name)
+        atomic_save(state, path)
+        return path
+
+    def load(self, path: str) -> None:
+        state = load_checkpoint_file(path, map_location=self.device)
+        if state.get("method_name") != self.cfg.method:
+            raise ValueError(f"resume: {path} was written by method {state.get('method_name')!r}, "
+                             f"this run is {self.cfg.method!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss_weights.load_state_dict(state["loss_weights"])
+        self.method.load_state_dict(state["method"])
+        if hasattr(self.method, "move_masks"):
+            self.method.move_masks(self.device)
+        self.iteration = int(state["iteration"])
+        self.best_score, self.best_iteration = state["best_score"], state["best_iteration"]
+        set_rng_state(state["rng"])
+        self.resumed = True
+
+    # ---------------------------------------------------------------- main loop
+    def _log_scalars(self, out: dict) -> dict:
+        s = {f"loss/{t}": float(v) for t, v in zip(self.tasks, out["losses"])}
+        s["loss/total"] = float(out["total"])
+        s.update({f"loss_weight/{t}": float(v) for t, v in zip(self.tasks, self.loss_weights.weights())})
+        s["lr"] = self.optimizer.param_groups[0]["lr"]
+        sp = self.sparsity()
+        s["sparsity/overall"] = sp["overall"]
+        s.update({f"sparsity/component/{k}": v for k, v in sp["components"].items()})
+        s.update({f"sparsity/layer/{k}": v for k, v in sp["layers"].items()})
+        if adapmtl.str_layers(self.model):
+            s.update({f"threshold/{k}": v for k, v in self.thresholds().items()})
+        if "cap" in out:
+            s["cap"] = out["cap"]
+        return s
+
+    def _validate(self, logger: RunLogger) -> None:
+        result = self.evaluate(self.val_set)
+        score, extra = self.score(result)
+        sp = adapmtl.sparsity_report(self.model).overall
+        eligible = (not self.method.prunes) or sp >= self.cfg.prune.target_sparsity - self.cfg.train.select_sparsity_tol
+        scalars = {f"val/{t}/{m}": v for t, ms in result["metrics"].items() for m, v in ms.items()}
+        scalars |= {f"val/loss/{t}": v for t, v in result["loss"].items()} | extra
+        scalars |= {"val/score": score, "val/sparsity": sp, "val/eligible": float(eligible)}
+        logger.log(self.iteration, scalars, kind="val")
+        # rank 0 decides: other ranks' BN running stats can differ by their last local batch
+        if D.broadcast_object(bool(eligible and score > self.best_score)):
+            self.best_score, self.best_iteration = score, self.iteration
+            self.save("best.pt")
+
+    def fit(self, stop_at: int | None = None) -> dict | None:
+        """Train to cfg.train.iterations (or stop after `stop_at` iterations, saving latest.pt, for
+        tests of resume), then evaluate the selected checkpoint on the test split. Returns the results
+        dict (also written to out_dir/results.json) when the run finished."""
+        cfg, main = self.cfg, D.is_main()
+        os.makedirs(self.out_dir, exist_ok=True)
+        if main:
+            save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
+        if not self.resumed:
+            self.method.on_train_start(self)
+        logger = RunLogger(self.out_dir, tensorboard=cfg.train.tensorboard, enabled=main, resume=self.resumed)
+        end = cfg.train.iterations if stop_at is None else min(stop_at, cfg.train.iterations)
+        bar = None
+        if main and cfg.train.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc=cfg.method, dynamic_ncols=True)
+        data = self._train_batches(self.iteration)
+        t0 = time.time()
+        try:
+            while self.iteration < end:
+                out = self.train_step(next(data))
+                it = self.iteration
+                if it % cfg.train.log_every == 0 or it == cfg.train.iterations:
+                    scalars = self._log_scalars(out)
+                    scalars["time/s_per_iter"] = (time.time() - t0) / cfg.train.log_every
+                    t0 = time.time()
+                    logger.log(it, scalars)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", sparsity=f"{scalars['sparsity/overall']:.3f}",
+                                        lr=f"{scalars['lr']:.2e}")
+                if bar is not None:
+                    bar.update(1)
+                if it % cfg.train.val_every == 0 or it == cfg.train.iterations:
+                    self._validate(logger)
+                if it % cfg.train.ckpt_every == 0 or it == end:
+                    self.save("latest.pt")
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+        if self.iteration < cfg.train.iterations:
+            return None
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Test the selected checkpoint (best on val, else the final weights); write results, plots."""
+        best_path = os.path.join(self.out_dir, "best.pt")
+        D.barrier()
+        selected = "final"
+        if self.best_iteration is not None and os.path.isfile(best_path):
+            self.model.load_state_dict(load_checkpoint_file(best_path, self.device)["model"])
+            selected = f"best@{self.best_iteration}"
+        val = self.evaluate(self.val_set)
+        test = self.evaluate(self.test_set)
+        rep = adapmtl.sparsity_report(self.model)
+        results = {
+            "method": self.cfg.method, "selected": selected, "iterations": self.iteration,
+            "target_sparsity": self.cfg.prune.target_sparsity if self.method.prunes else 0.0,
+            "val": val["metrics"], "val_loss": val["loss"], "test": test["metrics"], "test_loss": test["loss"],
+            "sparsity": {"overall": rep.overall, "components": {k: c.sparsity for k, c in rep.components.items()},
+                         "layers": {r.name: r.sparsity for r in rep.layers}},
+        }
+        if self.dense_results:
+            per_task, dt, skipped = safe_delta_t(test["metrics"], self.dense_results["test"], self.directions)
+            results["delta_t_test"] = {"per_task": per_task, "mean": dt, "skipped_metrics": skipped}
+        if D.is_main():
+            path = os.path.join(self.out_dir, "results.json")
+            with open(path + ".tmp", "w") as fh:  # atomic: `compare --reuse` may read it concurrently
+                json.dump(results, fh, indent=1)
+            os.replace(path + ".tmp", path)
+            with open(os.path.join(self.out_dir, "sparsity.txt"), "w") as fh:
+                fh.write(rep.table() + "\n")
+            if self.cfg.train.plots:
+                from adapmtl.train.plots import make_plots
+                make_plots(self.out_dir, results["sparsity"]["layers"])
+        return results

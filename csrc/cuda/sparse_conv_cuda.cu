@@ -1,0 +1,353 @@
+// Sparse (CSR) convolution and linear layers on CUDA, for inference with a pruned weight.
+//
+// Weight layout (shared with the CPU kernel; adapmtl/ops/sparse_weight.py): one CSR row per output channel,
+// row_ptr int32 [C_out + 1], col_idx int32 [nnz] = c * KH * KW + kh * KW + kw (for linear: the input
+// feature), values [nnz] in the activation's dtype. The index contents are not re-validated on the host (that
+// would need a device-to-host sync per call); a bad row_ptr or col_idx trips a device assert instead of
+// reading out of bounds.
+//
+// sparse_conv2d: one thread block per (output channel, tile of output pixels), pixels flattened over
+// (n, oh, ow); the output is NCHW-contiguous, or channels_last when x is (written through its strides, as
+// the CPU kernel and the fake kernel lay it out). The block stages its row's non-zeros in shared memory, decoded once into (offset into the
+// image, kh * dil_h, kw * dil_w, value), then every thread accumulates kPix output pixels (kPix strided by
+// the block size, so each gather of x is coalesced along ow). Implicit im2col: x is read in place, padding
+// is a bounds check; x is const __restrict__, so the gathers use the read-only cache path. Accumulation in
+// float (double for double).
+//
+// sparse_linear: one warp per output feature and per tile of kRowsM input rows; the lanes split the row's
+// non-zeros and the partial sums are combined with a fixed-order warp reduction (deterministic).
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace adapmtl {
+namespace {
+
+constexpr int kConvThreads = 128;
+constexpr int kChunk = 1024;  // non-zeros staged in shared memory at a time (16 KiB for float)
+constexpr int kMaxGridY = 65535;
+constexpr int kLinearWarps = 4;
+constexpr int kRowsM = 8;
+
+template <typename A>
+struct NzEntry {
+  int off;  // c * H * W + kh * dil_h * W + kw * dil_w: where the tap reads x relative to the pixel's origin
+  int dy;   // kh * dil_h
+  int dx;   // kw * dil_w
+  A val;
+};
+
+int sm_count() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return std::max(count, 1);
+}
+
+// Decodes non-zeros [first, first + count) of the CSR arrays into shared memory (whole block).
+template <typename T, typename A>
+__device__ __forceinline__ void stage_row(NzEntry<A>* nz, const int* __restrict__ col_idx,
+                                          const T* __restrict__ values, int first, int count, int KH, int KW,
+                                          int C_in, int H, int W, int dh, int dw) {
+  const int taps = KH * KW;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const int col = col_idx[first + i];
+    CUDA_KERNEL_ASSERT(col >= 0 && col < C_in * taps);
+    const int c = col / taps;
+    const int rem = col - c * taps;
+    const int kh = rem / KW;
+    const int kw = rem - kh * KW;
+    const int dy = kh * dh;
+    const int dx = kw * dw;
+    nz[i] = NzEntry<A>{c * H * W + dy * W + dx, dy, dx, static_cast<A>(values[first + i])};
+  }
+}
+
+template <typename T, int kPix>
+__global__ void __launch_bounds__(kConvThreads)
+    sparse_conv2d_kernel(const T* __restrict__ x, const int* __restrict__ row_ptr, const int* __restrict__ col_idx,
+                         const T* __restrict__ values, const T* __restrict__ bias, T* __restrict__ out, int C_in,
+                         int H, int W, int C_out, int KH, int KW, int H_out, int W_out, int sh, int sw, int ph,
+                         int pw, int dh, int dw, int64_t total_pixels, int64_t out_sn, int64_t out_sc,
+                         int64_t out_sp) {
+  using A = at::opmath_type<T>;
+  __shared__ NzEntry<A> nz[kChunk];
+  constexpr int kTile = kConvThreads * kPix;
+  const int row = blockIdx.x;
+  const int begin = row_ptr[row];
+  const int end = row_ptr[row + 1];
+  CUDA_KERNEL_ASSERT(begin <= end);
+  const A b = bias != nullptr ? static_cast<A>(bias[row]) : A(0);
+  const int64_t P = static_cast<int64_t>(H_out) * W_out;
+  const int64_t image = static_cast<int64_t>(C_in) * H * W;
+  // A row that fits in one chunk is staged once for all the tiles this block visits.
+  const bool resident = end - begin <= kChunk;
+  if (resident) {
+    stage_row<T, A>(nz, col_idx, values, begin, end - begin, KH, KW, C_in, H, W, dh, dw);
+    __syncthreads();
+  }
+  for (int64_t tile = blockIdx.y; tile * kTile < total_pixels; tile += gridDim.y) {
+    int64_t base[kPix];
+    int ih0[kPix];
+    int iw0[kPix];
+    A acc[kPix];
+#pragma unroll
+    for (int k = 0; k < kPix; ++k) {
+      const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
+      acc[k] = A(0);
+      if (q < total_pixels) {
+        const int64_t n = q / P;
+        const int p = static_cast<int>(q - n * P);
+        const int oh = p / W_out;
+        const int ow = p - oh * W_out;
+        ih0[k] = oh * sh - ph;
+        iw0[k] = ow * sw - pw;
+        base[k] = n * image + static_cast<int64_t>(ih0[k]) * W + iw0[k];
+      } else {
+        ih0[k] = INT_MIN / 2;  // every tap fails the bounds check; nothing is read or written
+        iw0[k] = 0;
+        base[k] = 0;
+      }
+    }
+    for (int first = begin; first < end; first += kChunk) {
+      const int count = min(kChunk, end - first);
+      if (!resident) {
+        __syncthreads();  // the previous chunk has been consumed by every thread
+        stage_row<T, A>(nz, col_idx, values, first, count, KH, KW, C_in, H, W, dh, dw);
+        __syncthreads();
+      }
+      for (int i = 0; i < count; ++i) {
+        const NzEntry<A> e = nz[i];
+#pragma unroll
+        for (int k = 0; k < kPix; ++k) {
+          const int ih = ih0[k] + e.dy;
+          const int iw = iw0[k] + e.dx;
+          // unsigned compare: also rejects negative coordinates (zero padding)
+          if (static_cast<unsigned>(ih) < static_cast<unsigned>(H) && static_cast<unsigned>(iw) < static_cast<unsigned>(W)) {
+            acc[k] += e.val * static_cast<A>(x[base[k] + e.off]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPix; ++k) {
+      const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
+      if (q < total_pixels) {
+        const int64_t n = q / P;
+        const int64_t p = q - n * P;
+        out[n * out_sn + row * out_sc + p * out_sp] = static_cast<T>(acc[k] + b);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kLinearWarps * 32)
+    sparse_linear_kernel(const T* __restrict__ x, const int* __restrict__ row_ptr, const int* __restrict__ col_idx,
+                         const T* __restrict__ values, const T* __restrict__ bias, T* __restrict__ out, int64_t M,
+                         int K, int O) {
+  using A = at::opmath_type<T>;
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kLinearWarps + (threadIdx.x >> 5);
+  if (row >= O) return;  // whole warps only; no block-level synchronisation below
+  const int begin = row_ptr[row];
+  const int end = row_ptr[row + 1];
+  CUDA_KERNEL_ASSERT(begin <= end);
+  const A b = bias != nullptr ? static_cast<A>(bias[row]) : A(0);
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRowsM; m0 < M; m0 += static_cast<int64_t>(gridDim.y) * kRowsM) {
+    const int rows = M - m0 < kRowsM ? static_cast<int>(M - m0) : kRowsM;
+    A acc[kRowsM];
+#pragma unroll
+    for (int r = 0; r < kRowsM; ++r) acc[r] = A(0);
+    for (int j = begin + lane; j < end; j += 32) {
+      const int col = col_idx[j];
+      CUDA_KERNEL_ASSERT(col >= 0 && col < K);
+      const A v = static_cast<A>(values[j]);
+      const T* xc = x + m0 * K + col;
+#pragma unroll
+      for (int r = 0; r < kRowsM; ++r) {
+        if (r < rows) acc[r] += v * static_cast<A>(xc[static_cast<int64_t>(r) * K]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsM; ++r) {
+      A s = acc[r];
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+      if (lane == 0 && r < rows) out[(m0 + r) * O + row] = static_cast<T>(s + b);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks (TypeError / ValueError naming the argument).
+
+void check_csr(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": argument 'x' must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+                       x.scalar_type() == at::kBFloat16,
+                   op, ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt, op, ": argument 'row_ptr' must be int32, got ",
+                   row_ptr.scalar_type());
+  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt, op, ": argument 'col_idx' must be int32, got ",
+                   col_idx.scalar_type());
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), op, ": argument 'values' must have the dtype of 'x' (",
+                   x.scalar_type(), "), got ", values.scalar_type());
+  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() == rows + 1, op, ": argument 'row_ptr' must have shape [",
+                    rows + 1, "] (output channels + 1), got ", row_ptr.sizes());
+  TORCH_CHECK_VALUE(col_idx.dim() == 1, op, ": argument 'col_idx' must be 1-D, got shape ", col_idx.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == col_idx.numel(), op,
+                    ": argument 'values' must be 1-D with the length of 'col_idx' (", col_idx.numel(), "), got shape ",
+                    values.sizes());
+  TORCH_CHECK_VALUE(cols <= INT_MAX && col_idx.numel() <= INT_MAX, op,
+                    ": the weight is too large for int32 CSR indices (", cols, " columns, ", col_idx.numel(),
+                    " non-zeros)");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"row_ptr", &row_ptr},
+                                {"col_idx", &col_idx}, {"values", &values}}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": argument '", name, "' must be on the device of 'x' (",
+                      x.device(), "), got ", t->device());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": argument 'bias' must have the dtype of 'x' (",
+                     x.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == rows, op, ": argument 'bias' must have shape [", rows,
+                      "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": argument 'bias' must be on the device of 'x' (",
+                      x.device(), "), got ", bias->device());
+  }
+}
+
+void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
+  TORCH_CHECK_VALUE(v.size() == 2, op, ": argument '", name, "' must have 2 values, got ", v.size());
+  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value && v[0] <= INT_MAX / 4 && v[1] <= INT_MAX / 4, op,
+                    ": argument '", name, "' must hold values >= ", min_value, ", got ", v);
+}
+
+at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_in, const at::Tensor& col_idx_in,
+                              const at::Tensor& values_in, const c10::optional<at::Tensor>& bias_in,
+                              at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  const char* op = "sparse_conv2d";
+  TORCH_CHECK_VALUE(weight_shape.size() == 4, op, ": argument 'weight_shape' must be [C_out, C_in, KH, KW], got ",
+                    weight_shape);
+  const int64_t C_out = weight_shape[0], C_in = weight_shape[1], KH = weight_shape[2], KW = weight_shape[3];
+  TORCH_CHECK_VALUE(C_out >= 0 && C_in >= 1 && KH >= 1 && KW >= 1 && C_out <= INT_MAX, op,
+                    ": argument 'weight_shape' must hold positive sizes (C_out may be 0), got ", weight_shape);
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  check_csr(op, x_in, row_ptr_in, col_idx_in, values_in, bias_in, C_out, C_in * KH * KW);
+  TORCH_CHECK_VALUE(x_in.dim() == 4 && x_in.size(1) == C_in, op, ": argument 'x' must have shape [N, ", C_in,
+                    ", H, W] (NCHW, C_in of 'weight_shape'), got ", x_in.sizes());
+  const int64_t N = x_in.size(0), H = x_in.size(2), W = x_in.size(3);
+  const int64_t H_out = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
+  const int64_t W_out = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(H + 2 * padding[0] - dilation[0] * (KH - 1) - 1 >= 0 &&
+                        W + 2 * padding[1] - dilation[1] * (KW - 1) - 1 >= 0,
+                    op, ": argument 'x' of spatial size ", H, "x", W, " is smaller than the dilated kernel (",
+                    dilation[0] * (KH - 1) + 1, "x", dilation[1] * (KW - 1) + 1, ") plus padding");
+  // 32-bit offsets inside one image (the decoded tap offset included) and 32-bit pixel coordinates.
+  TORCH_CHECK_VALUE(C_in * H * W + dilation[0] * (KH - 1) * W + dilation[1] * (KW - 1) <= INT_MAX &&
+                        H_out * W_out <= INT_MAX &&
+                        H + padding[0] + dilation[0] * KH <= INT_MAX / 2 && W + padding[1] + dilation[1] * KW <= INT_MAX / 2,
+                    op, ": argument 'x' is too large (one image must hold < 2^31 elements), got ", x_in.sizes());
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  // Output memory format as the CPU kernel and the registered fake kernel: channels_last in, channels_last out.
+  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  at::Tensor out = at::empty({N, C_out, H_out, W_out},
+                             x_in.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                        : at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor row_ptr = row_ptr_in.contiguous();
+  const at::Tensor col_idx = col_idx_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const int64_t total = N * H_out * W_out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Four pixels per thread amortise each staged non-zero over more gathers; with few blocks (small layers)
+  // one pixel per thread keeps every SM busy instead.
+  const int64_t tiles4 = (total + kConvThreads * 4 - 1) / (kConvThreads * 4);
+  const bool wide = C_out * tiles4 >= 2 * static_cast<int64_t>(sm_count());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_cuda", [&] {
+    const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto kernel, int pix) {
+      const int64_t tiles = (total + kConvThreads * pix - 1) / (kConvThreads * pix);
+      const dim3 grid(static_cast<unsigned>(C_out), static_cast<unsigned>(std::min<int64_t>(tiles, kMaxGridY)));
+      kernel<<<grid, kConvThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), row_ptr.const_data_ptr<int>(), col_idx.const_data_ptr<int>(),
+          values.const_data_ptr<scalar_t>(), bp, out.mutable_data_ptr<scalar_t>(), static_cast<int>(C_in),
+          static_cast<int>(H), static_cast<int>(W), static_cast<int>(C_out), static_cast<int>(KH),
+          static_cast<int>(KW), static_cast<int>(H_out), static_cast<int>(W_out), static_cast<int>(stride[0]),
+          static_cast<int>(stride[1]), static_cast<int>(padding[0]), static_cast<int>(padding[1]),
+          static_cast<int>(dilation[0]), static_cast<int>(dilation[1]), total, out.stride(0), out.stride(1),
+          out.stride(3));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (wide) {
+      launch(sparse_conv2d_kernel<scalar_t, 4>, 4);
+    } else {
+      launch(sparse_conv2d_kernel<scalar_t, 1>, 1);
+    }
+  });
+  return out;
+}
+
+at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_in, const at::Tensor& col_idx_in,
+                              const at::Tensor& values_in, const c10::optional<at::Tensor>& bias_in,
+                              int64_t in_features) {
+  const char* op = "sparse_linear";
+  TORCH_CHECK_VALUE(in_features >= 1, op, ": argument 'in_features' must be positive, got ", in_features);
+  TORCH_CHECK_VALUE(row_ptr_in.dim() == 1 && row_ptr_in.numel() >= 1, op,
+                    ": argument 'row_ptr' must be 1-D of length out_features + 1, got shape ", row_ptr_in.sizes());
+  const int64_t O = row_ptr_in.numel() - 1;
+  TORCH_CHECK_VALUE(O <= INT_MAX, op, ": too many output features (", O, ")");
+  check_csr(op, x_in, row_ptr_in, col_idx_in, values_in, bias_in, O, in_features);
+  TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) == in_features, op, ": argument 'x' must have shape [..., ",
+                    in_features, "], got ", x_in.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = O;
+  at::Tensor out = at::empty(out_shape, x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.numel() / in_features;
+  const at::Tensor row_ptr = row_ptr_in.contiguous();
+  const at::Tensor col_idx = col_idx_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>((O + kLinearWarps - 1) / kLinearWarps),
+                  static_cast<unsigned>(std::min<int64_t>((M + kRowsM - 1) / kRowsM, kMaxGridY)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_linear_cuda", [&] {
+    sparse_linear_kernel<scalar_t><<<grid, kLinearWarps * 32, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), row_ptr.const_data_ptr<int>(), col_idx.const_data_ptr<int>(),
+        values.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(), M, static_cast<int>(in_features), static_cast<int>(O));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adapmtl, CUDA, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_cuda);
+  m.impl("sparse_linear", &sparse_linear_cuda);
+}
+
+}  // namespace adapmtl

@@ -1,0 +1,124 @@
+"""CLI: train / eval / export / compare / bench on a tiny synthetic setup, and error reporting."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adapmtl
+from adapmtl.cli import _model_from_checkpoint, build_parser, compare_table, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cfg_file(tmp_path_factory):
+    from adapmtl.data import make_synthetic_scenes
+
+    d = tmp_path_factory.mktemp("cli")
+    root = d / "scenes"
+    make_synthetic_scenes(str(root), n_train=12, n_test=4, size=32, seed=3)
+    path = d / "tiny.yaml"
+    path.write_text(f"""
+method: adapmtl
+seed: 0
+out_dir: {d / 'run'}
+data: {{dataset: synthetic, root: {root}, crop_size: 32, batch_size: 4, eval_batch_size: 4, val_fraction: 0.25}}
+model: {{backbone: tiny, head_channels: 4}}
+prune: {{s0: -4.0, target_sparsity: 0.5, prune_start: 0.25, prune_end: 0.75, rounds: 2, score_batches: 1,
+        update_every: 2}}
+optim: {{lr: 0.002, weight_decay: 0.001}}
+loss_weights: {{start: 1, window: 2}}
+train: {{iterations: 4, log_every: 2, val_every: 2, ckpt_every: 2, progress: false, tensorboard: false,
+        plots: false}}
+""")
+    return str(path), d
+
+
+def test_parser_has_all_commands():
+    p = build_parser()
+    for cmd in (["train", "-c", "x.yaml"], ["eval", "--checkpoint", "c.pt"], ["export", "--checkpoint", "c", "--out", "o"],
+                ["bench", "soft_threshold"], ["compare", "-c", "x.yaml"]):
+        assert p.parse_args(cmd).command == cmd[0]
+
+
+def test_train_eval_export(cfg_file, capsys):
+    path, d = cfg_file
+    out = d / "run"
+    assert main(["train", "-c", path, "--set", "train.iterations=4", f"out_dir={out}"]) == 0
+    assert (out / "latest.pt").exists() and (out / "results.json").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "adapmtl" and res["iterations"] == 4
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "latest.pt"), "--split", "test", "--out", str(d / "ev.json")]) == 0
+    ev = json.loads((d / "ev.json").read_text())
+    assert set(ev["metrics"]) == {"segment_semantic", "normal", "depth"} and 0 <= ev["sparsity"] <= 1
+    assert main(["export", "--checkpoint", str(out / "latest.pt"), "--out", str(d / "model.safetensors"),
+                 "--min-sparsity", "0"]) == 0
+    exported = adapmtl.load_exported(d / "model.safetensors")  # no training code or model classes needed
+    # the exported model computes what the finalized (soft-thresholded, dense) checkpoint computes
+    _, model = _model_from_checkpoint(str(out / "latest.pt"))
+    adapmtl.finalize(model.eval())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want, got = model(x), exported(x)
+    assert set(got) == set(want)
+    for task in want:
+        torch.testing.assert_close(got[task], want[task], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_config_key_is_reported(cfg_file, capsys):
+    path, _ = cfg_file
+    assert main(["train", "-c", path, "optim.learning_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.learning_rate" in err
+    assert main(["train", "-c", path, "train.iterations=lots"]) == 2
+    assert "train.iterations" in capsys.readouterr().err
+
+
+def test_compare_writes_table(cfg_file):
+    path, d = cfg_file
+    out = d / "cmp"
+    assert main(["compare", "-c", path, "--sparsity", "0.5", "--methods", "snip,adapmtl", "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    rows = list(csv.reader(open(out / "table.csv")))
+    header = rows[0]
+    assert [r[0] for r in rows[1:]] == ["dense", "snip", "adapmtl"]
+    for col in ("segment_semantic/mIoU", "normal/angle_mean", "depth/abs_err", "sparsity backbone %",
+                "sparsity overall %", "ΔT_segment_semantic", "ΔT"):
+        assert col in header, col
+    assert rows[1][header.index("ΔT")] == "+0.00"
+    snip_sp = float(rows[2][header.index("sparsity overall %")])
+    assert snip_sp == pytest.approx(50.0, abs=0.01)
+    assert "| method |" in md
+    # the ΔT column is the mean of the ΔT_i columns
+    dts = [rows[2][header.index(f"ΔT_{t}")] for t in ("segment_semantic", "normal", "depth")]
+    dts = [float(v) for v in dts if v != "–"]  # a task is left out only when every dense metric is 0
+    assert dts and float(rows[2][header.index("ΔT")]) == pytest.approx(sum(dts) / len(dts), abs=0.011)
+    # --reuse does not retrain
+    mtime = os.path.getmtime(out / "snip" / "results.json")
+    assert main(["compare", "-c", path, "--sparsity", "0.5", "--methods", "snip", "--out", str(out), "--reuse"]) == 0
+    assert os.path.getmtime(out / "snip" / "results.json") == mtime
+
+
+def test_compare_table_formatting():
+    dirs = {"a": {"mIoU": False}, "b": {"abs_err": True}}
+    rows = [{"method": "dense", "test": {"a": {"mIoU": 20.0}, "b": {"abs_err": 0.5}},
+             "sparsity": {"overall": 0.0, "components": {"backbone": 0.0}}},
+            {"method": "x", "test": {"a": {"mIoU": 22.0}, "b": {"abs_err": 0.55}},
+             "sparsity": {"overall": 0.9, "components": {"backbone": 0.8}},
+             "delta_t_test": {"per_task": {"a": 10.0, "b": -10.0}, "mean": 0.0}}]
+    header, body = compare_table(rows, dirs)
+    assert header == ["method", "a/mIoU", "b/abs_err", "sparsity backbone %", "sparsity overall %", "ΔT_a", "ΔT_b", "ΔT"]
+    assert body[1] == ["x", "22.00", "0.550", "80.00", "90.00", "+10.00", "-10.00", "+0.00"]
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "adapmtl", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "compare" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "adapmtl", "bench", "no_such_bench"], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 2 and "soft_threshold" in r.stderr

@@ -1,0 +1,312 @@
+"""Sparse inference: SparseWeight packing, sparse_conv2d / sparse_linear on every backend, modules."""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapmtl.nn.sparse_layers import SparseConv2d, SparseLinear
+from adapmtl.ops.sparse_conv import available_sparse_backends, sparse_conv2d, sparse_linear
+from adapmtl.ops.sparse_weight import SparseWeight
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _pairs():
+    pairs = [(b, "cpu") for b in available_sparse_backends("cpu") if b != "torch"]
+    if HAS_CUDA:
+        pairs += [(b, "cuda") for b in available_sparse_backends("cuda") if b != "torch"]
+    return pairs
+
+
+PAIRS = _pairs()
+BACKEND_IDS = [f"{b}-{d}" for b, d in PAIRS]
+
+
+def _dtypes(backend):
+    if backend in ("cpp", "torch_csr"):
+        return (torch.float32, torch.float64)
+    return (torch.float32,)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def pruned(shape, density, dtype=torch.float32, gen=None, empty_rows=0):
+    w = torch.randn(shape, generator=gen, dtype=dtype)
+    w = w * (torch.rand(shape, generator=gen) < density)
+    if empty_rows:
+        w[:empty_rows] = 0
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# SparseWeight
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (4, 1, 1, 1), (3, 2, 7, 7), (9, 13), (0, 4, 1, 1), (5, 0)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_sparse_weight_round_trip(shape, density):
+    g = torch.Generator().manual_seed(1)
+    w = pruned(shape, density, gen=g)
+    sw = SparseWeight.from_dense(w)
+    assert torch.equal(sw.to_dense(), w)
+    assert sw.nnz == int(torch.count_nonzero(w))
+    assert sw.row_ptr.dtype == torch.int32 and sw.col_idx.dtype == torch.int32
+    assert sw.row_ptr[0] == 0 and sw.row_ptr[-1] == sw.nnz
+    expected = 1.0 - sw.nnz / w.numel() if w.numel() else 1.0
+    assert math.isclose(sw.sparsity, expected)
+    if w.numel():
+        flat = w.reshape(w.shape[0], -1)
+        for row in range(w.shape[0]):  # columns sorted within each row and pointing at the non-zeros
+            cols = sw.col_idx[sw.row_ptr[row]: sw.row_ptr[row + 1]].long()
+            assert torch.all(cols[1:] > cols[:-1])
+            assert torch.equal(flat[row, cols], sw.values[sw.row_ptr[row]: sw.row_ptr[row + 1]])
+    # torch.sparse view and state round trip
+    assert torch.equal(sw.to_torch_csr().to_dense().reshape(shape), w)
+    back = SparseWeight.from_state_tensors(sw.state_tensors())
+    assert torch.equal(back.to_dense(), w) and back.shape == sw.shape
+
+
+def test_sparse_weight_keeps_nan_and_moves():
+    w = torch.tensor([[0.0, float("nan"), 2.0], [0.0, 0.0, 0.0]])
+    sw = SparseWeight.from_dense(w)
+    assert sw.nnz == 2 and torch.equal(sw.row_ptr, torch.tensor([0, 2, 2], dtype=torch.int32))
+    assert torch.equal(sw.to_dense(), w, ) is False and torch.allclose(sw.to_dense(), w, equal_nan=True)
+    d = sw.to(dtype=torch.float64)
+    assert d.dtype == torch.float64 and d.col_idx.dtype == torch.int32
+    with pytest.raises(TypeError, match="dtype"):
+        sw.to(dtype=torch.int32)
+
+
+def test_sparse_weight_bad_input():
+    with pytest.raises(TypeError, match="'w'"):
+        SparseWeight.from_dense([[1.0]])
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        SparseWeight.from_dense(torch.ones(3))
+    with pytest.raises(TypeError, match="floating"):
+        SparseWeight.from_dense(torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="row_ptr"):
+        SparseWeight(torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0), (3, 4))
+    with pytest.raises(TypeError, match="int32"):
+        SparseWeight(torch.zeros(4, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0), (3, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# sparse_conv2d against dense F.conv2d
+
+
+def _random_conv_cases(n_cases, seed, small=False):
+    """Random shapes covering 1x1/3x3/5x5/7x7, strides 1-3, paddings 0-3, dilations up to 24,
+    odd channel counts, batch 1-4, NCHW / channels-last / non-contiguous input, bias or not."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n_cases):
+        k = rng.choice([1, 3, 3, 5, 7])
+        dil = rng.choice([1, 1, 2, 3] + ([] if small else [6, 12, 24])) if k > 1 else 1
+        stride = rng.choice([1, 2, 3])
+        pad = rng.randint(0, 3) if k > 1 else rng.choice([0, 0, 1])
+        if dil > 3:
+            pad = dil  # ASPP-style "same" padding
+        dil2 = rng.choice([1, dil])
+        pad2 = rng.randint(0, pad)
+        span, span2 = dil * (k - 1) + 1, dil2 * (k - 1) + 1
+        h = rng.randint(max(1, span - 2 * pad), span + (6 if small else 20))
+        w = rng.randint(max(1, span2 - 2 * pad2), span2 + (9 if small else 40))
+        cases.append(dict(
+            n=rng.randint(1, 2 if small else 4), c=rng.choice([1, 3, 5, 8]) if small else rng.choice([1, 3, 5, 16, 33]),
+            oc=rng.choice([1, 2, 7]) if small else rng.choice([1, 2, 7, 17, 40]), k=k,
+            stride=(stride, rng.choice([1, 2, stride])), pad=(pad, pad2), dil=(dil, dil2), h=h, w=w,
+            density=rng.choice([0.0, 0.05, 0.3, 1.0]), layout=rng.choice(["nchw", "cl", "view"]),
+            bias=rng.random() < 0.6, empty_rows=rng.choice([0, 0, 1]), id=i))
+    return cases
+
+
+def _make_input(case, dtype, device, gen):
+    n, c, h, w = case["n"], case["c"], case["h"], case["w"]
+    if case["layout"] == "view":  # a strided view: every other column of a wider tensor
+        x = torch.randn(n, c, h, 2 * w, generator=gen, dtype=dtype)[..., ::2]
+    else:
+        x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+        if case["layout"] == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(device)
+
+
+def _check_conv(backend, device, dtype, case):
+    g = torch.Generator().manual_seed(1000 + case["id"])
+    x = _make_input(case, dtype, device, g)
+    w = pruned((case["oc"], case["c"], case["k"], case["k"]), case["density"], dtype, g, case["empty_rows"]).to(device)
+    b = torch.randn(case["oc"], generator=g, dtype=dtype).to(device) if case["bias"] else None
+    ref = F.conv2d(x, w, b, case["stride"], case["pad"], case["dil"])
+    out = sparse_conv2d(x, SparseWeight.from_dense(w), b, case["stride"], case["pad"], case["dil"], backend=backend)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **_tol(dtype), msg=lambda m: f"{case}: {m}")
+    if case["layout"] == "cl" and backend == "cpp" and case["c"] > 1 and out.shape[2] * out.shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+CONV_CASES = _random_conv_cases(48, seed=7)
+SMALL_CASES = _random_conv_cases(10, seed=8, small=True)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=BACKEND_IDS)
+def test_sparse_conv2d_matches_dense(backend, device):
+    cases = CONV_CASES
+    if backend == "triton" and device == "cpu":
+        cases = SMALL_CASES  # the interpreter is slow
+    elif backend == "torch_csr":
+        cases = CONV_CASES[:12]  # the peer is slow and not what ships
+    for dtype in _dtypes(backend):
+        for case in cases:
+            _check_conv(backend, device, dtype, case)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_sparse_conv2d_fully_pruned_and_dense(backend, device, density):
+    case = dict(n=2, c=6, oc=5, k=3, stride=(1, 1), pad=(1, 1), dil=(2, 2), h=9, w=11, density=density,
+                layout="nchw", bias=True, empty_rows=0, id=99)
+    _check_conv(backend, device, torch.float32, case)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p[0] != "triton"] or [("torch", "cpu")],
+                         ids=lambda p: str(p))
+def test_sparse_conv2d_paper_shapes_batch16(backend, device):
+    """The shapes the paper's models use, small spatial size: 7x7/2 stem, 3x3/2, 1x1/2, ASPP dilation 24."""
+    g = torch.Generator().manual_seed(3)
+    for (c, oc, k, s, p, d, hw, n) in [(3, 64, 7, 2, 3, 1, 23, 2), (64, 128, 3, 2, 1, 1, 15, 16),
+                                       (64, 128, 1, 2, 0, 1, 15, 3), (96, 40, 3, 1, 24, 24, 9, 1)]:
+        x = torch.randn(n, c, hw, hw, generator=g).to(device)
+        w = pruned((oc, c, k, k), 0.1, gen=g).to(device)
+        b = torch.randn(oc, generator=g).to(device)
+        ref = F.conv2d(x, w, b, s, p, d)
+        out = sparse_conv2d(x, SparseWeight.from_dense(w), b, s, p, d, backend=backend)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_falls_back_to_dense():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 12, 10, 9, generator=g)
+    for groups in (3, 12):  # grouped and depthwise
+        w = pruned((12, 12 // groups, 3, 3), 0.5, gen=g)
+        ref = F.conv2d(x, w, None, 2, 1, 1, groups)
+        for backend in available_sparse_backends("cpu"):
+            out = sparse_conv2d(x, SparseWeight.from_dense(w), None, 2, 1, 1, groups, backend=backend)
+            torch.testing.assert_close(out, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# sparse_linear
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=BACKEND_IDS)
+def test_sparse_linear_matches_dense(backend, device):
+    g = torch.Generator().manual_seed(5)
+    for dtype in _dtypes(backend):
+        for in_f, out_f, lead, density, bias in [(33, 17, (1,), 0.1, True), (8, 5, (4, 3), 0.5, False),
+                                                 (64, 40, (16,), 0.05, True), (7, 3, (), 1.0, True),
+                                                 (9, 6, (2,), 0.0, True), (19, 4, (37,), 0.3, False)]:
+            x = torch.randn(*lead, in_f, generator=g, dtype=dtype).to(device)
+            w = pruned((out_f, in_f), density, dtype, g, empty_rows=1).to(device)
+            b = torch.randn(out_f, generator=g, dtype=dtype).to(device) if bias else None
+            out = sparse_linear(x, SparseWeight.from_dense(w), b, backend=backend)
+            torch.testing.assert_close(out, F.linear(x, w, b), **_tol(dtype))
+    x = torch.randn(6, 10, dtype=torch.float64)[:, ::2].to(device)  # non-contiguous
+    w = pruned((3, 5), 0.5, torch.float64, g).to(device)
+    if torch.float64 in _dtypes(backend):
+        torch.testing.assert_close(sparse_linear(x, SparseWeight.from_dense(w), backend=backend), F.linear(x, w))
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_sparse_conv2d_bad_arguments():
+    x = torch.randn(1, 4, 8, 8)
+    sw = SparseWeight.from_dense(pruned((3, 4, 3, 3), 0.5))
+    with pytest.raises(TypeError, match="'sw'"):
+        sparse_conv2d(x, torch.zeros(3, 4, 3, 3))
+    with pytest.raises(ValueError, match="channels"):
+        sparse_conv2d(torch.randn(1, 5, 8, 8), sw)
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_conv2d(x.double(), sw)
+    with pytest.raises(ValueError, match="'stride'"):
+        sparse_conv2d(x, sw, stride=0)
+    with pytest.raises(ValueError, match="'padding'"):
+        sparse_conv2d(x, sw, padding=-1)
+    with pytest.raises(ValueError, match="'backend'"):
+        sparse_conv2d(x, sw, backend="fast")
+    with pytest.raises(ValueError, match="'bias'"):
+        sparse_conv2d(x, sw, torch.zeros(4))
+    with pytest.raises(ValueError, match="dilated kernel"):
+        sparse_conv2d(x, sw, dilation=6)
+    with pytest.raises(ValueError, match="4-D"):
+        sparse_conv2d(x[0], sw)
+    with pytest.raises(ValueError, match="inference only"):
+        sparse_conv2d(x.requires_grad_(), sw)
+    with torch.no_grad():
+        sparse_conv2d(x, sw)  # fine without grad mode
+    with pytest.raises(ValueError, match="last dimension"):
+        sparse_linear(torch.randn(2, 5), SparseWeight.from_dense(torch.ones(3, 4)))
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+def test_cpp_op_validates_csr():
+    x = torch.randn(1, 2, 5, 5)
+    rp = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="col_idx"):
+        torch.ops.adapmtl.sparse_conv2d(x, rp, torch.tensor([18], dtype=torch.int32), torch.ones(1), None,
+                                        [1, 2, 3, 3], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="row_ptr"):
+        torch.ops.adapmtl.sparse_conv2d(x, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+                                        torch.ones(1), None, [1, 2, 3, 3], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        torch.ops.adapmtl.sparse_conv2d(x.half(), rp, torch.tensor([1], dtype=torch.int32), torch.ones(1).half(),
+                                        None, [1, 2, 3, 3], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(TypeError, match="backend 'cpp' supports"):
+        sparse_conv2d(x.bfloat16(), SparseWeight.from_dense(torch.ones(1, 2, 1, 1, dtype=torch.bfloat16)), backend="cpp")
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+def test_compiles_without_graph_breaks():
+    sw = SparseWeight.from_dense(pruned((5, 3, 3, 3), 0.4))
+    x = torch.randn(2, 3, 9, 9)
+    fn = torch.compile(lambda t: sparse_conv2d(t, sw, None, 2, 1, backend="cpp"), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x), F.conv2d(x, sw.to_dense(), None, 2, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+
+
+def test_sparse_modules_from_dense_and_str():
+    from adapmtl.nn import STRConv2d, STRLinear
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=2, dilation=2)
+    conv.weight.data[conv.weight.abs() < 0.1] = 0
+    x = torch.randn(2, 6, 13, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(SparseConv2d.from_dense(conv)(x), conv(x))
+        str_conv = STRConv2d.from_dense(conv, init=-2.0)  # sigmoid(-2) = 0.12: prunes many weights
+        eff = str_conv.effective_weight()
+        sparse = SparseConv2d.from_dense(str_conv)
+        assert sparse.sparsity == pytest.approx(1 - torch.count_nonzero(eff).item() / eff.numel())
+        torch.testing.assert_close(sparse(x), F.conv2d(x, eff, conv.bias, 2, 2, 2))
+        lin = STRLinear.from_dense(nn.Linear(7, 4), init=-2.0)
+        y = torch.randn(3, 7)
+        torch.testing.assert_close(SparseLinear.from_dense(lin)(y), F.linear(y, lin.effective_weight(), lin.bias))
+        # buffers follow .to() and round-trip through state_dict
+        sparse64 = SparseConv2d.from_dense(conv).to(torch.float64)
+        assert sparse64.values.dtype == torch.float64 and sparse64.row_ptr.dtype == torch.int32
+        torch.testing.assert_close(sparse64(x.double()), conv.double()(x.double()))
+        other = SparseConv2d.from_dense(conv.float())
+        other.load_state_dict(SparseConv2d.from_dense(conv).state_dict())
+    with pytest.raises(TypeError, match="'conv'"):
+        SparseConv2d.from_dense(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        SparseConv2d.from_dense(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))

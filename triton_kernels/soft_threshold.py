@@ -1,0 +1,252 @@
+"""Fused soft-threshold kernels in Triton (SPEC §1).
+
+forward:  out = sign(w) * relu(|w| - g), g = sigmoid(s), plus nnz(out), in one read of w.
+backward: grad_w = G * m (exact) or G (ste), m = 1[|w| - g > 0], plus grad_s = -g(1 - g) * sum(G * sign(w) * m),
+          in one read of G and w.
+
+Each program handles BLOCK consecutive elements and writes its partial count / partial sum into its own
+slot; one single-program kernel then sums the slots in index order (and applies -g(1 - g)). No float
+atomics, so results are bitwise reproducible, and nothing is read back to the host.
+
+g is computed on the device by `torch.sigmoid(s)`, the same op as the reference, then rounded to w's dtype
+as PyTorch's type promotion does in the reference (a 0-d s never promotes w), and passed by pointer: the
+threshold is bit-identical to the reference's and no host sync is needed. Arithmetic is in float32 (float64
+for float64 w); float16/bfloat16 values are exact in float32, so `|w| - g` rounds once, on the store,
+exactly like PyTorch's half-precision ops, and the forward is bit-identical to the reference.
+
+Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before this
+module is imported).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["BLOCK_SIZE", "SUPPORTED_DTYPES", "soft_threshold_backward", "soft_threshold_forward"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# Elements per program: a memory-bound elementwise pass wants many bytes in flight per SM; 4096 elements
+# over 8 warps is 16 per thread (vectorised 16-byte accesses for float32). Also keeps the number of
+# partial slots small (n / 4096) for the final ordered sum. Fixed rather than autotuned: the slot count
+# must be known before the launch, and a fixed size keeps results independent of tuning.
+BLOCK_SIZE = 4096
+_NUM_WARPS = 8
+_FINISH_BLOCK = 1024
+
+
+@triton.jit
+def _bf16_rne(x):
+    # float32 -> bfloat16 rounding to nearest even with integer ops. Only used under the interpreter, whose
+    # own float32 -> bfloat16 conversion truncates; compiled kernels use the hardware conversion (also RNE).
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN: the carry could reach the sign bit
+
+
+@triton.jit
+def _forward_kernel(w_ptr, g_ptr, out_ptr, count_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr,
+                    SOFT_BF16: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may exceed 2^31 elements
+    inside = offs < n
+    if F64:
+        x = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+        g = tl.load(g_ptr).to(tl.float64)
+    else:
+        x = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr).to(tl.float32)
+    a = tl.abs(x) - g
+    # written so that NaN survives: NaN <= 0 is false, so r = NaN, and NaN < 0 is false
+    r = tl.where(a <= 0, 0.0, a)
+    if SOFT_BF16:
+        out = _bf16_rne(tl.where(x < 0, -r, r))
+    else:
+        out = tl.where(x < 0, -r, r).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, out, mask=inside)
+    # count what was stored: a tiny positive a can round to 0 in float16/bfloat16; NaN != 0 counts
+    nonzero = (out != 0) & inside
+    tl.store(count_ptr + pid, tl.sum(nonzero.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, w_ptr, g_ptr, grad_w_ptr, partial_ptr, n, BLOCK: tl.constexpr, STE: tl.constexpr,
+                     F64: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    G_raw = tl.load(grad_ptr + offs, mask=inside, other=0.0)
+    if F64:
+        x = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+        g = tl.load(g_ptr).to(tl.float64)
+        G = G_raw.to(tl.float64)
+    else:
+        x = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr).to(tl.float32)
+        G = G_raw.to(tl.float32)
+    keep = (tl.abs(x) - g) > 0  # false for NaN and for padding lanes (x = 0, g >= 0)
+    masked = tl.where(keep, G, 0.0)
+    if STE:
+        tl.store(grad_w_ptr + offs, G_raw, mask=inside)
+    else:
+        tl.store(grad_w_ptr + offs, masked.to(grad_w_ptr.dtype.element_ty), mask=inside)
+    # masked * sign(x): x != 0 wherever masked != 0
+    signed = tl.where(x < 0, -masked, masked)
+    tl.store(partial_ptr + pid, tl.sum(signed, axis=0))
+
+
+@triton.jit
+def _count_finish_kernel(count_ptr, nnz_ptr, num, BLOCK: tl.constexpr):
+    # one program, slots summed in a fixed order
+    acc = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, num, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(count_ptr + offs, mask=offs < num, other=0).to(tl.int64)
+    tl.store(nnz_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _grad_s_finish_kernel(partial_ptr, g_ptr, grad_s_ptr, num, BLOCK: tl.constexpr):
+    # one program, slots summed in a fixed order, in float64 (a few thousand values: cheap even where
+    # float64 is slow), then grad_s = -g(1 - g) * sum, stored in s's dtype
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, num, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < num, other=0.0).to(tl.float64)
+    total = tl.sum(acc, axis=0)
+    g = tl.load(g_ptr).to(tl.float64)
+    tl.store(grad_s_ptr, (-(g * (1.0 - g)) * total).to(grad_s_ptr.dtype.element_ty))
+
+
+def _dtype_list():
+    return ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+
+
+def _check_device(op, name, t):
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return
+    raise ValueError(
+        f"{op}: argument '{name}' must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before "
+        f"the Triton kernels are imported), got a tensor on {t.device}"
+    )
+
+
+def _check_w_s(op, w, s):
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{op}: argument 'w' must be a torch.Tensor, got {type(w).__name__}")
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{op}: argument 's' must be a torch.Tensor, got {type(s).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: argument 'w' must be a floating-point tensor of dtype {_dtype_list()}, got {w.dtype}")
+    if not s.is_floating_point():
+        raise TypeError(f"{op}: argument 's' must be a floating-point tensor, got {s.dtype}")
+    if s.numel() != 1:
+        raise ValueError(
+            f"{op}: argument 's' must hold exactly one value (a scalar threshold), got shape {tuple(s.shape)}"
+        )
+    if w.device != s.device:
+        raise ValueError(f"{op}: arguments 'w' and 's' must be on the same device, got {w.device} and {s.device}")
+    _check_device(op, "w", w)
+
+
+
+
+def _device_guard(t):
+    # Triton launches on the current CUDA device: make it the tensor's
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _thresholds(s, dtype):
+    """g in s's dtype (for g(1 - g) in grad_s) and g rounded to w's dtype (what the reference subtracts)."""
+    g = torch.sigmoid(s.detach().reshape(()))  # the reference's op, so g is bit-identical
+    return g, g.to(dtype)
+
+
+def soft_threshold_forward(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sign(w) * relu(|w| - sigmoid(s))` and its number of non-zeros, in one pass over `w`.
+
+    Args:
+        w: float32/float64/float16/bfloat16 tensor of any shape and strides, on CUDA (or CPU under
+            TRITON_INTERPRET=1).
+        s: one-element floating tensor on `w`'s device.
+
+    Returns:
+        `(out, nnz)`: `out` contiguous with `w`'s shape and dtype; `nnz` an int64 0-d tensor on `w`'s
+        device counting the non-zeros of `out` (NaN counts as non-zero).
+    """
+    _check_w_s("soft_threshold_forward", w, s)
+    w = w.detach().contiguous()
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    n = w.numel()
+    if n == 0:
+        return out, torch.zeros((), dtype=torch.int64, device=w.device)
+    _, g_w = _thresholds(s, w.dtype)
+    programs = triton.cdiv(n, BLOCK_SIZE)
+    counts = torch.empty(programs, dtype=torch.int32, device=w.device)
+    nnz = torch.empty((), dtype=torch.int64, device=w.device)
+    with _device_guard(w):
+        _forward_kernel[(programs,)](w, g_w, out, counts, n, BLOCK=BLOCK_SIZE, F64=w.dtype == torch.float64,
+                                     SOFT_BF16=w.dtype == torch.bfloat16 and not w.is_cuda, num_warps=_NUM_WARPS)
+        _count_finish_kernel[(1,)](counts, nnz, programs, BLOCK=_FINISH_BLOCK, num_warps=4)
+    return out, nnz
+
+
+def soft_threshold_backward(
+    grad_out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, ste: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the soft threshold with respect to `w` and `s`, in one pass over `grad_out` and `w`.
+
+    Args:
+        grad_out: dL/d(out), `w`'s shape, dtype and device (any strides).
+        w, s: as for `soft_threshold_forward`.
+        ste: straight-through (`grad_w = grad_out`) instead of exact (`grad_w = grad_out * 1[|w| > g]`).
+
+    Returns:
+        `(grad_w, grad_s)`: `grad_w` contiguous with `w`'s shape and dtype; `grad_s` with `s`'s shape and
+        dtype, `-g(1 - g) * sum(grad_out * sign(w) * 1[|w| > g])` (exact in both modes), summed
+        deterministically.
+    """
+    op = "soft_threshold_backward"
+    _check_w_s(op, w, s)
+    if not isinstance(grad_out, torch.Tensor):
+        raise TypeError(f"{op}: argument 'grad_out' must be a torch.Tensor, got {type(grad_out).__name__}")
+    if grad_out.shape != w.shape:
+        raise ValueError(
+            f"{op}: argument 'grad_out' must have the shape of 'w' {tuple(w.shape)}, got {tuple(grad_out.shape)}"
+        )
+    if grad_out.dtype != w.dtype:
+        raise TypeError(f"{op}: argument 'grad_out' must have the dtype of 'w' ({w.dtype}), got {grad_out.dtype}")
+    if grad_out.device != w.device:
+        raise ValueError(f"{op}: argument 'grad_out' must be on the device of 'w' ({w.device}), got {grad_out.device}")
+    if not isinstance(ste, bool):
+        raise TypeError(f"{op}: argument 'ste' must be a bool, got {type(ste).__name__}")
+    w = w.detach().contiguous()
+    grad = grad_out.detach().contiguous()
+    grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    grad_s = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    n = w.numel()
+    if n == 0:
+        return grad_w, grad_s.zero_()
+    g_s, g_w = _thresholds(s, w.dtype)
+    f64 = w.dtype == torch.float64
+    programs = triton.cdiv(n, BLOCK_SIZE)
+    partials = torch.empty(programs, dtype=torch.float64 if f64 else torch.float32, device=w.device)
+    with _device_guard(w):
+        _backward_kernel[(programs,)](grad, w, g_w, grad_w, partials, n, BLOCK=BLOCK_SIZE, STE=ste, F64=f64,
+                                      num_warps=_NUM_WARPS)
+        _grad_s_finish_kernel[(1,)](partials, g_s, grad_s, programs, BLOCK=_FINISH_BLOCK, num_warps=4)
+    return grad_w, grad_s

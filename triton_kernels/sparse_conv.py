@@ -1,0 +1,348 @@
+"""Sparse (CSR) convolution and linear layers in Triton, for inference with a pruned weight.
+
+Weight layout (the same as the C++/CUDA ops): one CSR row per output channel, row_ptr int32 [C_out + 1],
+col_idx int32 [nnz] = c * KH * KW + kh * KW + kw (for linear: the input feature), values [nnz] in the
+activation's dtype. groups == 1.
+
+sparse_conv2d: one program per (output channel, tile of BLOCK_P output pixels of one image, image). It
+walks its row's non-zeros BLOCK_K at a time and gathers x with an implicit im2col (x read in place,
+zero padding as a bounds mask, through x's strides so NCHW and channels-last both work without a copy):
+a [BLOCK_K, BLOCK_P] tile of products reduced over K per step. Output
+channels vary fastest across programs, so programs that read the same x tile run close together and
+share it in L2.
+
+sparse_linear: one program per (output feature, tile of BLOCK_M input rows), the same walk over the row.
+
+Accumulation in float32 (float64 for float64), in a fixed order: deterministic. The index arrays are
+trusted to come from the packer (which validates them), but every gather is also masked by the bounds of
+the row, of col_idx and of the weight, so a bad index contributes nothing instead of reading out of bounds.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .soft_threshold import _bf16_rne
+
+__all__ = ["SUPPORTED_DTYPES", "sparse_conv2d", "sparse_linear"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# 128 pixels x 32 non-zeros per step: 4096 gathers in flight per program over 4 warps, while small layers
+# (41x41 feature maps, a few hundred channels) still give thousands of programs.
+_BLOCK_P = 128
+_BLOCK_K = 32
+_BLOCK_M = 16
+_MAX_GRID_YZ = 65535
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _store_cast(ptrs, acc, mask, SOFT_BF16: tl.constexpr):
+    if SOFT_BF16:
+        tl.store(ptrs, _bf16_rne(acc.to(tl.float32)), mask=mask)
+    else:
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_conv2d_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, nnz_total, C_in, H, W,
+                          x_sn, x_sc, x_sh, x_sw, H_out, W_out, o_sn, o_sc, o_sh, o_sw,
+                          sh, sw, ph, pw, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, F64: tl.constexpr, SOFT_BF16: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    o = tl.program_id(0)
+    tile = tl.program_id(1)
+    n = tl.program_id(2)
+    P = H_out * W_out
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    oh = p // W_out
+    ow = p - oh * W_out
+    ih0 = oh * sh - ph  # top-left input position of each output pixel's window
+    iw0 = ow * sw - pw
+    x_img = x_ptr + n.to(tl.int64) * x_sn  # offsets inside one image fit in int32 (checked by the launcher)
+    first = tl.load(row_ptr + o)
+    last = tl.minimum(tl.load(row_ptr + o + 1), nnz_total)
+    cols = C_in * KH * KW
+    if F64:
+        acc = tl.zeros([BLOCK_P], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for k0 in range(first, last, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (k >= 0) & (k < last)
+        col = tl.load(col_ptr + k, mask=k_ok, other=0)
+        k_ok = k_ok & (col >= 0) & (col < cols)
+        v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(acc.dtype)
+        c = col // (KH * KW)
+        rem = col - c * (KH * KW)
+        kh = rem // KW
+        kw = rem - kh * KW
+        ih = ih0[None, :] + (kh * dh)[:, None]  # [BLOCK_K, BLOCK_P]
+        iw = iw0[None, :] + (kw * dw)[:, None]
+        ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(x_img + (c * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=ok, other=0.0).to(acc.dtype)
+        acc += tl.sum(v[:, None] * xv, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o).to(acc.dtype)
+    out = out_ptr + n.to(tl.int64) * o_sn + o.to(tl.int64) * o_sc + oh.to(tl.int64) * o_sh + ow.to(tl.int64) * o_sw
+    _store_cast(out, acc, p_ok, SOFT_BF16)
+
+
+@triton.jit
+def _sparse_linear_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, nnz_total, M, K, O,
+                          HAS_BIAS: tl.constexpr, F64: tl.constexpr, SOFT_BF16: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    o = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    first = tl.load(row_ptr + o)
+    last = tl.minimum(tl.load(row_ptr + o + 1), nnz_total)
+    if F64:
+        acc = tl.zeros([BLOCK_M], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(first, last, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (k >= 0) & (k < last)
+        col = tl.load(col_ptr + k, mask=k_ok, other=0)
+        k_ok = k_ok & (col >= 0) & (col < K)
+        v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(acc.dtype)
+        ok = k_ok[:, None] & m_ok[None, :]
+        xv = tl.load(x_ptr + m[None, :] * K + col[:, None], mask=ok, other=0.0).to(acc.dtype)
+        acc += tl.sum(v[:, None] * xv, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o).to(acc.dtype)
+    _store_cast(out_ptr + m * O + o, acc, m_ok, SOFT_BF16)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks (TypeError / ValueError naming the argument, as the C++/CUDA ops)
+
+
+def _check_csr(op, x, row_ptr, col_idx, values, bias, rows, cols):
+    for name, t in (("x", x), ("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: argument 'bias' must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: argument 'x' must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise ValueError(
+            f"{op}: argument 'x' must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before the "
+            f"Triton kernels are imported), got a tensor on {x.device}"
+        )
+    if row_ptr.dtype != torch.int32:
+        raise TypeError(f"{op}: argument 'row_ptr' must be int32, got {row_ptr.dtype}")
+    if col_idx.dtype != torch.int32:
+        raise TypeError(f"{op}: argument 'col_idx' must be int32, got {col_idx.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: argument 'values' must have the dtype of 'x' ({x.dtype}), got {values.dtype}")
+    if row_ptr.dim() != 1 or row_ptr.numel() != rows + 1:
+        raise ValueError(
+            f"{op}: argument 'row_ptr' must have shape [{rows + 1}] (output channels + 1), got {tuple(row_ptr.shape)}"
+        )
+    if col_idx.dim() != 1:
+        raise ValueError(f"{op}: argument 'col_idx' must be 1-D, got shape {tuple(col_idx.shape)}")
+    if values.dim() != 1 or values.numel() != col_idx.numel():
+        raise ValueError(
+            f"{op}: argument 'values' must be 1-D with the length of 'col_idx' ({col_idx.numel()}), "
+            f"got shape {tuple(values.shape)}"
+        )
+    if cols > _INT32_MAX or col_idx.numel() > _INT32_MAX:
+        raise ValueError(
+            f"{op}: the weight is too large for int32 CSR indices ({cols} columns, {col_idx.numel()} non-zeros)"
+        )
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
+        if t.device != x.device:
+            raise ValueError(f"{op}: argument '{name}' must be on the device of 'x' ({x.device}), got {t.device}")
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: argument 'bias' must have the dtype of 'x' ({x.dtype}), got {bias.dtype}")
+        if bias.dim() != 1 or bias.numel() != rows:
+            raise ValueError(f"{op}: argument 'bias' must have shape [{rows}], got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: argument 'bias' must be on the device of 'x' ({x.device}), got {bias.device}")
+
+
+def _int_pair(op, name, v, min_value):
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if not isinstance(v, Sequence) or len(v) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        raise ValueError(f"{op}: argument '{name}' must be an int or 2 ints, got {v!r}")
+    if min(v) < min_value or max(v) > _INT32_MAX // 4:
+        raise ValueError(f"{op}: argument '{name}' must hold values >= {min_value}, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def _device_guard(t):
+    # Triton launches on the current CUDA device: make it the tensor's
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _soft_bf16(x):
+    # the interpreter's float32 -> bfloat16 conversion truncates; round to nearest even ourselves there
+    return x.dtype == torch.bfloat16 and not x.is_cuda
+
+
+def _bias_only(bias, out, channel_dim):
+    """Output of a fully pruned weight: the bias broadcast (or zeros), no launch needed."""
+    if bias is None:
+        return out.zero_()
+    shape = [1] * out.dim()
+    shape[channel_dim] = -1
+    return out.copy_(bias.detach().reshape(shape).expand_as(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+
+
+def sparse_conv2d(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_shape: Sequence[int],
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, stride, padding, dilation)` (groups 1, zero padding) with the weight given
+    as CSR rows per output channel. Inference only (no autograd).
+
+    Args:
+        x: [N, C_in, H, W], float32/float64/float16/bfloat16, on CUDA (or CPU under TRITON_INTERPRET=1);
+            NCHW-contiguous and channels-last inputs are read in place, others copied to NCHW first.
+        row_ptr: int32 [C_out + 1]; col_idx: int32 [nnz] = c * KH * KW + kh * KW + kw; values: [nnz], x's dtype.
+        bias: [C_out] in x's dtype, or None.
+        weight_shape: [C_out, C_in, KH, KW]. stride >= 1, padding >= 0, dilation >= 1: an int or 2 ints.
+
+    Returns:
+        [N, C_out, H_out, W_out] in x's dtype: channels-last if x is channels-last (and not also NCHW
+        contiguous), else contiguous NCHW.
+    """
+    op = "sparse_conv2d"
+    if (not isinstance(weight_shape, Sequence) or len(weight_shape) != 4
+            or not all(isinstance(e, int) and not isinstance(e, bool) for e in weight_shape)):
+        raise ValueError(f"{op}: argument 'weight_shape' must be [C_out, C_in, KH, KW], got {weight_shape!r}")
+    C_out, C_in, KH, KW = (int(e) for e in weight_shape)
+    if min(C_out, C_in, KH, KW) < 1:
+        raise ValueError(f"{op}: argument 'weight_shape' must hold positive sizes, got {tuple(weight_shape)}")
+    sh, sw = _int_pair(op, "stride", stride, 1)
+    ph, pw = _int_pair(op, "padding", padding, 0)
+    dh, dw = _int_pair(op, "dilation", dilation, 1)
+    _check_csr(op, x, row_ptr, col_idx, values, bias, C_out, C_in * KH * KW)
+    if x.dim() != 4 or x.shape[1] != C_in:
+        raise ValueError(
+            f"{op}: argument 'x' must have shape [N, {C_in}, H, W] (NCHW, C_in of 'weight_shape'), got {tuple(x.shape)}"
+        )
+    N, _, H, W = x.shape
+    span_h = H + 2 * ph - dh * (KH - 1) - 1
+    span_w = W + 2 * pw - dw * (KW - 1) - 1
+    if span_h < 0 or span_w < 0:
+        raise ValueError(
+            f"{op}: argument 'x' of spatial size {H}x{W} is smaller than the dilated kernel "
+            f"({dh * (KH - 1) + 1}x{dw * (KW - 1) + 1}) plus padding"
+        )
+    H_out, W_out = span_h // sh + 1, span_w // sw + 1
+    # 32-bit offsets inside one image, 32-bit pixel coordinates, grid limits
+    tiles = triton.cdiv(H_out * W_out, _BLOCK_P)
+    if (C_in * H * W > _INT32_MAX or H_out * W_out > _INT32_MAX or H + ph + dh * KH > _INT32_MAX // 2
+            or W + pw + dw * KW > _INT32_MAX // 2 or tiles > _MAX_GRID_YZ):
+        raise ValueError(f"{op}: argument 'x' is too large (one image must hold < 2^31 elements and "
+                         f"< {_MAX_GRID_YZ * _BLOCK_P} output pixels), got {tuple(x.shape)}")
+    # channels-last in, channels-last out (as the C++ kernel and the op layer's fake); anything else NCHW
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    out = torch.empty((N, C_out, H_out, W_out), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if out.numel() == 0:
+        return out
+    if values.numel() == 0:
+        return _bias_only(bias, out, 1)
+    x = x.detach().contiguous(memory_format=fmt)
+    row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.detach().contiguous()
+    bias_arg = bias.detach().contiguous() if bias is not None else values  # never read without HAS_BIAS
+    with _device_guard(x):
+        for n0 in range(0, N, _MAX_GRID_YZ):  # grid axis 2 holds at most 65535 images
+            nb = min(_MAX_GRID_YZ, N - n0)
+            _sparse_conv2d_kernel[(C_out, tiles, nb)](
+                x[n0:n0 + nb], row_ptr, col_idx, values, bias_arg, out[n0:n0 + nb], values.numel(), C_in, H, W,
+                *x.stride(), H_out, W_out, *out.stride(), sh, sw, ph, pw, dh, dw, KH=KH, KW=KW,
+                HAS_BIAS=bias is not None,
+                F64=x.dtype == torch.float64, SOFT_BF16=_soft_bf16(x), BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K,
+                num_warps=4,
+            )
+    return out
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` with the weight [out_features, in_features] given as CSR rows.
+    Inference only (no autograd).
+
+    Args:
+        x: [..., in_features], float32/float64/float16/bfloat16, on CUDA (or CPU under TRITON_INTERPRET=1).
+        row_ptr: int32 [out_features + 1]; col_idx: int32 [nnz] input features; values: [nnz], x's dtype.
+        bias: [out_features] in x's dtype, or None.
+        in_features: the weight's number of columns.
+
+    Returns:
+        [..., out_features], contiguous, x's dtype.
+    """
+    op = "sparse_linear"
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+        raise ValueError(f"{op}: argument 'in_features' must be a positive int, got {in_features!r}")
+    if not isinstance(row_ptr, torch.Tensor):
+        raise TypeError(f"{op}: argument 'row_ptr' must be a torch.Tensor, got {type(row_ptr).__name__}")
+    if row_ptr.dim() != 1 or row_ptr.numel() < 1:
+        raise ValueError(
+            f"{op}: argument 'row_ptr' must be 1-D of length out_features + 1, got shape {tuple(row_ptr.shape)}"
+        )
+    O = row_ptr.numel() - 1
+    if O > _INT32_MAX:
+        raise ValueError(f"{op}: too many output features ({O})")
+    _check_csr(op, x, row_ptr, col_idx, values, bias, O, in_features)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: argument 'x' must have shape [..., {in_features}], got {tuple(x.shape)}")
+    out = torch.empty((*x.shape[:-1], O), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if values.numel() == 0:
+        return _bias_only(bias, out, out.dim() - 1)
+    x = x.detach().contiguous()
+    M = x.numel() // in_features
+    row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.detach().contiguous()
+    bias_arg = bias.detach().contiguous() if bias is not None else values
+    m_tiles = triton.cdiv(M, _BLOCK_M)
+    with _device_guard(x):
+        for t0 in range(0, m_tiles, _MAX_GRID_YZ):  # grid axis 1 holds at most 65535 tiles
+            tb = min(_MAX_GRID_YZ, m_tiles - t0)
+            r0, r1 = t0 * _BLOCK_M, min(M, (t0 + tb) * _BLOCK_M)
+            _sparse_linear_kernel[(O, tb)](
+                x.view(M, in_features)[r0:r1], row_ptr, col_idx, values, bias_arg, out.view(M, O)[r0:r1],
+                values.numel(), r1 - r0, in_features, O, HAS_BIAS=bias is not None, F64=x.dtype == torch.float64,
+                SOFT_BF16=_soft_bf16(x), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, num_warps=4,
+            )
+    return out
