@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adapmtl.triton_kernels._common import device_guard as _device_guard
+
 __all__ = ["BLOCK_SIZE", "SUPPORTED_DTYPES", "soft_threshold_backward", "soft_threshold_forward"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -153,21 +155,6 @@ def _check_w_s(op, w, s):
     if w.device != s.device:
         raise ValueError(f"{op}: arguments 'w' and 's' must be on the same device, got {w.device} and {s.device}")
     _check_device(op, "w", w)
-
-
-
-
-def _device_guard(t):
-    # Triton launches on the current CUDA device: make it the tensor's
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _thresholds(s, dtype):

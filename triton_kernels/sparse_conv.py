@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adapmtl.triton_kernels._common import device_guard as _device_guard
+
 from .soft_threshold import _bf16_rne
 
 __all__ = ["SUPPORTED_DTYPES", "sparse_conv2d", "sparse_linear"]
@@ -179,19 +181,6 @@ def _int_pair(op, name, v, min_value):
     if min(v) < min_value or max(v) > _INT32_MAX // 4:
         raise ValueError(f"{op}: argument '{name}' must hold values >= {min_value}, got {tuple(v)}")
     return int(v[0]), int(v[1])
-
-
-def _device_guard(t):
-    # Triton launches on the current CUDA device: make it the tensor's
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _soft_bf16(x):

@@ -128,30 +128,10 @@ ADAPMTL_SPARSE_MULTIVERSION void run_items(const T* P, const int64_t* off, const
 
 void check_csr(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": argument 'x' must be a CPU tensor, got ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
                    ": the CPU kernel supports argument 'x' of dtype float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt, op, ": argument 'row_ptr' must be int32, got ",
-                   row_ptr.scalar_type());
-  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt, op, ": argument 'col_idx' must be int32, got ",
-                   col_idx.scalar_type());
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), op, ": argument 'values' must have the dtype of 'x' (",
-                   x.scalar_type(), "), got ", values.scalar_type());
-  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() == rows + 1, op, ": argument 'row_ptr' must have shape [",
-                    rows + 1, "], got ", row_ptr.sizes());
-  TORCH_CHECK_VALUE(col_idx.dim() == 1 && values.dim() == 1 && col_idx.numel() == values.numel(), op,
-                    ": arguments 'col_idx' and 'values' must be 1-D of equal length, got ", col_idx.sizes(), " and ",
-                    values.sizes());
-  for (const at::Tensor* t : {&row_ptr, &col_idx, &values}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": all arguments must be CPU tensors, got one on ", t->device());
-  }
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": argument 'x' must be a CPU tensor, got ", x.device());
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": argument 'bias' must have the dtype of 'x' (",
-                     x.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == rows && bias->device().is_cpu(), op,
-                      ": argument 'bias' must be a CPU tensor of shape [", rows, "], got ", bias->sizes(), " on ",
-                      bias->device());
-  }
+  check_csr_arrays(op, x, row_ptr, col_idx, values, bias, rows);
   // The CSR arrays come from user code: validate them once (O(rows + nnz)) so a bad index cannot read out of bounds.
   auto rp = row_ptr.contiguous();
   auto ci = col_idx.contiguous();

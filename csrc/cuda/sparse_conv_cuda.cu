@@ -200,34 +200,11 @@ void check_csr(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, c
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
                        x.scalar_type() == at::kBFloat16,
                    op, ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt, op, ": argument 'row_ptr' must be int32, got ",
-                   row_ptr.scalar_type());
-  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt, op, ": argument 'col_idx' must be int32, got ",
-                   col_idx.scalar_type());
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), op, ": argument 'values' must have the dtype of 'x' (",
-                   x.scalar_type(), "), got ", values.scalar_type());
-  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() == rows + 1, op, ": argument 'row_ptr' must have shape [",
-                    rows + 1, "] (output channels + 1), got ", row_ptr.sizes());
-  TORCH_CHECK_VALUE(col_idx.dim() == 1, op, ": argument 'col_idx' must be 1-D, got shape ", col_idx.sizes());
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == col_idx.numel(), op,
-                    ": argument 'values' must be 1-D with the length of 'col_idx' (", col_idx.numel(), "), got shape ",
-                    values.sizes());
+  check_csr_arrays(op, x, row_ptr, col_idx, values, bias, rows);
   TORCH_CHECK_VALUE(cols <= INT_MAX && col_idx.numel() <= INT_MAX, op,
                     ": the weight is too large for int32 CSR indices (", cols, " columns, ", col_idx.numel(),
                     " non-zeros)");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"row_ptr", &row_ptr},
-                                {"col_idx", &col_idx}, {"values", &values}}) {
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": argument '", name, "' must be on the device of 'x' (",
-                      x.device(), "), got ", t->device());
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": argument 'bias' must have the dtype of 'x' (",
-                     x.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == rows, op, ": argument 'bias' must have shape [", rows,
-                      "], got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": argument 'bias' must be on the device of 'x' (",
-                      x.device(), "), got ", bias->device());
-  }
+  // The contents of row_ptr / col_idx are checked on the device (CUDA_KERNEL_ASSERT): no host sync here.
 }
 
 void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
