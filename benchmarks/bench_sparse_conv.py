@@ -143,8 +143,10 @@ def plot(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, part in zip(axes, ("backbone", "head")):
+    parts = [p for p in ("backbone", "head") if any(r["part"] == p for r in rows)]  # e.g. --heads-only
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, part in zip(axes, parts):
         groups: dict[str, list] = {}
         for r in rows:
             if r["part"] == part and r.get("best_speedup"):
