@@ -31,7 +31,7 @@ import json
 import math
 import statistics
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -45,13 +45,14 @@ METADATA_KEY = "adapmtl.export"
 POLICIES = ("time", "crossover")
 
 # Crossover sparsity per device type and layer kind: sparse is used at or above it (see module docstring).
-# CPU: benchmarks/results/sparse_conv_b1_cpu-*.json (2-core AVX-512 machine, batch 1, 321x321 shapes):
-# 3x3/7x7 convs cross over at 0.5-0.88 (ASPP 3x3: 0.77-0.85, 0.85-0.96 at MobileNetV2's 11x11), 1x1 convs
-# anywhere from 0.5 to 0.99 (small 1x1 layers rarely win). The values below are the upper quartiles,
-# i.e. conservative; linear layers were not measured and use the 1x1 value. policy="time" decides per layer.
+# CPU: benchmarks/results/sparse_conv_cpu-AMD-EPYC-2c.json (2-core AVX-512 machine, batch 1, the ASPP head
+# convs at 321x321 input): 3x3 convs cross over at 0.53-0.67 at ResNet-34's 41x41 and 0.76-0.88 at
+# MobileNetV2's 11x11; 1x1 convs at 0.50-0.88 (the small ones, e.g. 1024->3, rarely win by much). The
+# values below are the upper quartiles, i.e. conservative; linear layers were not measured and use the
+# 1x1 value. policy="time" decides per layer on the machine at hand.
 # CUDA: no measurement yet -> conservative (sparse only for very sparse layers).
 CROSSOVER = {
-    "cpu": {"1x1": 0.95, "kxk": 0.85, "linear": 0.95},
+    "cpu": {"1x1": 0.8, "kxk": 0.85, "linear": 0.8},
     "cuda": {"1x1": 0.95, "kxk": 0.9, "linear": 0.9},
 }
 
@@ -80,14 +81,21 @@ def _to_sparse(layer: nn.Module, backend: str) -> nn.Module:
     return cls.from_dense(layer, backend=backend).to(layer.weight.device)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and lazy initialisation
-    times = []
+def _median_times(fns: Sequence[Callable[[], Any]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each function, timed in alternation (one call of each per round) so that
+    drifting machine speed hits all of them alike; synchronised on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns:
+        fn()  # warm-up: first-call allocations and lazy initialisation
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -172,8 +180,8 @@ def export_sparse(
                 x = inputs[name]
                 sparse_layer = _to_sparse(layer, backend)
                 with torch.no_grad():
-                    entry["dense_s"] = _median_time(lambda: layer(x), repeats)
-                    entry["sparse_s"] = _median_time(lambda: sparse_layer(x), repeats)
+                    entry["dense_s"], entry["sparse_s"] = _median_times(
+                        [lambda: layer(x), lambda: sparse_layer(x)], repeats, x.device)
                 use = entry["sparse_s"] < entry["dense_s"]
             else:
                 use, sparse_layer = False, None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_description, format_table, median_time_ms, write_results  # noqa: E402
+from common import device_description, format_table, interleaved_median_ms, median_time_ms, write_results  # noqa: E402
 
 from adapmtl.ops.sparse_conv import available_sparse_backends, sparse_conv2d  # noqa: E402
 from adapmtl.ops.sparse_weight import SparseWeight  # noqa: E402
@@ -86,18 +86,23 @@ def bench_shape(shape: dict, batch: int, sparsities, device, backends, reps: int
     wshape = (shape["c_out"], shape["c_in"] // shape["groups"], shape["k"], shape["k"])
     args = (shape["stride"], shape["padding"], shape["dilation"])
     dense_w = torch.randn(wshape, generator=gen).to(device)
-    dense_ms = median_time_ms(lambda: F.conv2d(x, dense_w, None, *args, shape["groups"]), device, warmup=1, reps=reps)
+    dense_fn = lambda: F.conv2d(x, dense_w, None, *args, shape["groups"])  # noqa: E731
     rows = []
     for sp in sparsities:
-        row = dict(shape, batch=batch, sparsity=sp, dense_ms=dense_ms)
-        if shape["groups"] == 1:
+        row = dict(shape, batch=batch, sparsity=sp)
+        if shape["groups"] != 1:  # depthwise/grouped: always dense (the op layer's fallback)
+            row["dense_ms"] = median_time_ms(dense_fn, device, warmup=1, reps=reps)
+        else:
             sw = SparseWeight.from_dense(random_pruned(wshape, sp, gen, device))
             ref = F.conv2d(x, sw.to_dense(), None, *args)
-            for backend in backends + (["torch_csr"] if csr else []):
-                fn = lambda b=backend: sparse_conv2d(x, sw, None, *args, backend=b)  # noqa: E731
-                out = fn()
-                torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # never time a wrong kernel
-                ms = median_time_ms(fn, device, warmup=1, reps=reps)
+            names = backends + (["torch_csr"] if csr else [])
+            fns = [lambda b=backend: sparse_conv2d(x, sw, None, *args, backend=b) for backend in names]
+            for fn in fns:
+                torch.testing.assert_close(fn(), ref, rtol=1e-3, atol=1e-3)  # never time a wrong kernel
+            # dense is timed in the same rounds as the sparse kernels (see interleaved_median_ms)
+            dense_ms, *sparse_ms = interleaved_median_ms([dense_fn] + fns, device, reps=reps)
+            row["dense_ms"] = dense_ms
+            for backend, ms in zip(names, sparse_ms):
                 row[f"{backend}_ms"] = ms
                 row[f"{backend}_speedup"] = dense_ms / ms
             ours = [row[f"{b}_speedup"] for b in backends]
@@ -123,13 +128,12 @@ def end_to_end(backbone: str, device, reps: int) -> dict:
     result = {"model": backbone, "sparsity": PAPER_SPARSITY}
     for policy in ("crossover", "time"):
         t0 = time.perf_counter()
-        exported = export_sparse(model, policy=policy, example_input=x if policy == "time" else None, repeats=3)
+        exported = export_sparse(model, policy=policy, example_input=x if policy == "time" else None)
         export_s = time.perf_counter() - t0
         with torch.no_grad():
             ref, out = model(x), exported(x)
             err = max(((out[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)).item() for k in ref)
-            dense_ms = median_time_ms(lambda: model(x), device, warmup=1, reps=reps)
-            sparse_ms = median_time_ms(lambda: exported(x), device, warmup=1, reps=reps)
+            dense_ms, sparse_ms = interleaved_median_ms([lambda: model(x), lambda: exported(x)], device, reps=reps)
         n_sparse = sum(r["sparse"] for r in exported.sparse_export_report)
         result[policy] = dict(dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
                               sparse_layers=n_sparse, layers=len(exported.sparse_export_report),

@@ -46,6 +46,34 @@ def median_time_ms(fn, device, *, warmup: int = 2, reps: int = 10, min_time_s: f
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns, device, *, warmup: int = 1, reps: int = 10) -> list[float]:
+    """Median wall times (ms) of several functions timed in alternation, one call of each per round.
+
+    Used where the ratio between them is the result (sparse vs dense): on a shared or virtualised
+    machine the speed drifts over seconds, and alternating exposes every function to the same drift.
+    """
+    device = torch.device(device)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
+
+
 def copy_bandwidth_gbps(numel: int, device, dtype=torch.float32, reps: int = 10) -> float:
     """Achieved bandwidth of `dst.copy_(src)` (read + write) for a tensor of `numel` elements: the
     memory-bound ceiling that elementwise kernels are measured against."""

@@ -272,6 +272,34 @@ def test_cpp_op_validates_csr():
 
 
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_kernel_channel_blocks_and_unsorted_rows(dtype):
+    """Many input channels at moderate density cut each CSR row into several channel-block segments, some
+    empty (a band of pruned channels); rows whose columns are shuffled (a user-built CSR) give the same."""
+    g = torch.Generator().manual_seed(11)
+    tol = _tol(dtype)
+    for (c, oc, k, s, d, hw) in [(150, 37, 3, 1, 2, 13), (301, 19, 1, 2, 1, 9), (97, 21, 5, 2, 3, 17)]:
+        w = pruned((oc, c, k, k), 0.5, dtype, g)
+        w[:, c // 5: c // 2] = 0
+        x = torch.randn(2, c, hw, hw, generator=g, dtype=dtype)
+        b = torch.randn(oc, generator=g, dtype=dtype)
+        ref = F.conv2d(x, w, b, s, d * (k // 2), d)
+        sw = SparseWeight.from_dense(w)
+        perm = torch.cat([torch.randperm(int(sw.row_ptr[r + 1] - sw.row_ptr[r]), generator=g) + int(sw.row_ptr[r])
+                          for r in range(oc)])
+        assert not torch.equal(sw.col_idx[perm], sw.col_idx)
+        args = ([oc, c, k, k], [s, s], [d * (k // 2)] * 2, [d, d])
+        for cols, vals in [(sw.col_idx, sw.values), (sw.col_idx[perm], sw.values[perm])]:
+            out = torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, cols, vals, b, *args)
+            torch.testing.assert_close(out, ref, **tol)
+        lin_w = w.flatten(1)
+        xl = torch.randn(5, lin_w.shape[1], generator=g, dtype=dtype)
+        lsw = SparseWeight.from_dense(lin_w)
+        out = torch.ops.adapmtl.sparse_linear(xl, lsw.row_ptr, lsw.col_idx[perm], lsw.values[perm], b, lin_w.shape[1])
+        torch.testing.assert_close(out, F.linear(xl, lin_w, b), **tol)
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
 def test_compiles_without_graph_breaks():
     sw = SparseWeight.from_dense(pruned((5, 3, 3, 3), 0.4))
     x = torch.randn(2, 3, 9, 9)

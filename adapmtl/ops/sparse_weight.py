@@ -15,8 +15,9 @@ Exactly-zero entries are dropped; NaN/inf are kept (they are not zero), so `to_d
 for bit. Empty rows (fully pruned output channels) have row_ptr[i] == row_ptr[i + 1].
 
 Kernel-private re-orderings are derived from these arrays inside each kernel and never stored:
-the C++ CPU kernel turns each (c, kh, kw) into one element offset into a zero-padded,
-column-phase-split copy of the input (csrc/cpu/sparse_conv_cpu.cpp explains it).
+the C++ CPU kernel turns each (c, kh, kw) into one element offset into a zero-padded, vector-aligned
+copy of the input and cuts each row into per-input-channel-block segments (csrc/cpu/sparse_conv_cpu.cpp
+explains it); it also accepts rows whose columns are not sorted, and sorts them per call.
 """
 from __future__ import annotations
 

@@ -16,11 +16,8 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "common.h"
+#include "cpu/huge_pages.h"
 
 namespace adapmtl {
 namespace {
@@ -65,19 +62,6 @@ ADAPMTL_MULTIVERSION T backward_chunk(const T* __restrict grad, const T* __restr
     sum += x < T(0) ? -masked : masked;  // masked * sign(x); x != 0 wherever masked != 0
   }
   return sum;
-}
-
-// Large outputs come fresh from mmap, and faulting them in 4 KiB pages costs several times the kernel
-// itself (measured: 23M floats, 24 ms to fault vs 4 ms to write). Asking for transparent huge pages before
-// the first touch cuts that to one fault per 2 MiB. A hint only: errors (THP off, non-Linux) are ignored.
-void hint_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
 }
 
 int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }

@@ -3,16 +3,25 @@
 // Weight format (adapmtl/ops/sparse_weight.py documents it in full): CSR over output channels,
 // row_ptr int32 [C_out + 1], col_idx int32 [nnz] = c * KH * KW + kh * KW + kw, values [nnz].
 //
-// Algorithm (no im2col): the input is copied once into a zero-padded, column-phase-split buffer
-//   P[n][c][iy][p][j] = x_padded[n][c][iy][j * stride_w + p],   p in [0, stride_w)
-// so that, for every non-zero (c, kh, kw), the input pixels an output row needs are contiguous:
-//   out[n][oc][oy][ox] += v * P[n][c][oy * stride_h + kh * dil_h][(kw * dil_w) % stride_w][ox + (kw * dil_w) / stride_w]
-// Each non-zero thus becomes one fixed element offset into P, computed once per call. The kernel keeps a
-// tile of up to 4 vectors x 2 output rows of accumulators in registers, streams the CSR row of one output
-// channel through it (broadcast value, unaligned vector loads at the offset, FMA), and stores the tile.
-// Row stride of P is padded so that whole-vector loads past the row end stay inside the buffer (those lanes
-// are never stored). Work items are (n, output-row pair, output channel) with the channel fastest, so the few
-// input rows a row pair reads stay in cache while all channels stream past them.
+// Algorithm (no im2col). Tap (kh, kw) of output pixel (oy, ox) reads padded input row oy * sh + kh * dh,
+// column (ox + q) * sw + p with p = (kw * dw) % sw, q = (kw * dw) / sw. The input is copied once into a
+// zero-padded buffer P that stores every padded row once per distinct (p, q % L) pair ("copy" u), as
+// stride-phase p shifted left by sigma_u = q % L (L = lanes per vector):
+//   P[n][c][iy][u][j] = x_padded[n][c][iy][(j + sigma_u) * sw + p_u],  j < Wrow (a whole number of vectors)
+// so the pixels one output row needs from a tap are contiguous and start on a vector boundary:
+//   out[n][oc][oy][ox..] += v * P[n][c][oy * sh + kh * dh][u(kw)][q - sigma_u + ox..]
+// Each non-zero thus becomes one fixed element offset into P, computed once per call, and every load is
+// aligned (unaligned 64-byte loads measured ~1.6x slower; the price is up to KW copies of the input). The
+// kernel keeps a tile of up to 2 rows x 4 vectors of output pixels of one output channel in registers,
+// streams that channel's non-zeros through it (broadcast value, vector loads at the offset, FMA) and stores
+// it. Whole-vector loads past the last output column stay inside the row (those lanes are never stored).
+//
+// Cache blocking: every non-zero costs one vector load per accumulator, and nothing is reused within an
+// output channel, so the input rows a tile reads must stay in cache while the output channels stream past.
+// A work item is (image, row pair, column tile, chunk of output channels); inside it the input channels are
+// cut into blocks, and each block is swept over all output channels of the chunk (the non-zeros of a row are
+// split into per-block segments once per call), with the partial tiles parked in a per-thread scratch
+// between blocks.
 //
 // sparse_linear is the same kernel on a 1x1 "convolution" whose output row is the batch: x^T [in][B].
 #include <ATen/Parallel.h>
@@ -22,9 +31,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <numeric>
 #include <vector>
 
 #include "common.h"
+#include "cpu/huge_pages.h"
 
 namespace adapmtl {
 namespace {
@@ -49,144 +61,281 @@ inline __attribute__((always_inline)) typename Vec<T>::type load(const T* p) {
   return v;
 }
 
-// One tile: R output rows (R = 1, 2) x NV vectors of output pixels, for one output channel.
-// `base` points at P for (n, row oy, column ox0); `row_step` is the distance in P between output rows.
+// Two rows of up to four vectors: taller tiles (3-4 rows) amortise the index and value loads over more
+// FMAs but touch more input rows per non-zero, and measured 10-20% slower on the head convs.
+constexpr int kMaxRows = 2;     // output rows per register tile
+constexpr int kMaxVectors = 4;  // vectors of output pixels per register tile row
+
+// Everything a work item needs; offsets are relative to one image of P.
+template <typename T>
+struct Plan {
+  const T* P;
+  const int32_t* off;  // per non-zero, ordered by (output channel, input-channel block)
+  const T* val;        // same order
+  const int32_t* seg;  // [OC][blocks + 1]: segment b of row oc is [seg[oc][b], seg[oc][b + 1])
+  const T* bias;       // nullptr when none
+  T* out;              // [N][OC][OH][OW]
+  int64_t N, OC, OH, OW;
+  int64_t in_batch;  // elements of P per image
+  int64_t row_step;  // elements of P between consecutive output rows
+  int64_t rows;      // output rows per item (<= kMaxRows)
+  int64_t cols;      // output columns per item (<= kMaxVectors vectors)
+  int64_t oc_chunk;  // output channels per item
+  int64_t blocks;    // input-channel blocks
+};
+
+// One output channel of a tile: R rows x NV vectors, over non-zeros [k0, k1).
 template <typename T, int NV, int R>
-inline __attribute__((always_inline)) void tile(const T* __restrict base, int64_t row_step,
-                                                const int64_t* __restrict off, const T* __restrict val, int64_t k0,
-                                                int64_t k1, T b, T* __restrict out, int64_t out_row_step,
-                                                int64_t count) {
-  using V = typename Vec<T>::type;
+inline __attribute__((always_inline)) void accumulate(typename Vec<T>::type (&acc)[R][NV], const T* __restrict base,
+                                                      int64_t row_step, const int32_t* __restrict off,
+                                                      const T* __restrict val, int64_t k0, int64_t k1) {
   constexpr int64_t L = Vec<T>::kLanes;
-  V acc[R][NV];
+  // One base pointer per row keeps every load a single [base + off * sizeof(T) + i * 64] address.
+  const T* rowp[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) acc[r][i] = V{} + b;
+  for (int r = 0; r < R; ++r) rowp[r] = base + r * row_step;
   for (int64_t k = k0; k < k1; ++k) {
     const T v = val[k];
-    const T* p = base + off[k];
+    const int64_t o = off[k];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int i = 0; i < NV; ++i) acc[r][i] += v * load(p + r * row_step + i * L);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    if (count == NV * L) {
-      std::memcpy(out + r * out_row_step, &acc[r][0], sizeof(acc[r]));
-    } else {
-      std::memcpy(out + r * out_row_step, &acc[r][0], count * sizeof(T));
-    }
+      for (int i = 0; i < NV; ++i) acc[r][i] += v * load(rowp[r] + o + i * L);
   }
 }
 
-struct Geometry {
-  int64_t N, C, OC, OH, OW;
-  int64_t in_batch;  // elements of P per image
-  int64_t row_step;  // elements of P between consecutive output rows (stride_h * stride_w * row stride)
-};
-
-template <typename T, int R>
-inline __attribute__((always_inline)) void row_group(const T* P, const int64_t* off, const T* val,
-                                                     const int32_t* row_ptr, const T* bias, T* out,
-                                                     const Geometry& g, int64_t n, int64_t oy, int64_t oc) {
+// Output channels [oc0, oc1) of rows [oy, oy + R) and columns [ox, ox + count) of image n.
+template <typename T, int NV, int R>
+inline __attribute__((always_inline)) void item(const Plan<T>& g, int64_t n, int64_t oy, int64_t ox, int64_t count,
+                                                int64_t oc0, int64_t oc1, T* __restrict scratch) {
+  using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::kLanes;
-  const int64_t k0 = row_ptr[oc], k1 = row_ptr[oc + 1];
-  const T b = bias ? bias[oc] : T(0);
-  const T* base = P + n * g.in_batch + oy * g.row_step;
-  T* o = out + ((n * g.OC + oc) * g.OH + oy) * g.OW;
-  for (int64_t ox = 0; ox < g.OW; ox += 4 * L) {
-    const int64_t count = std::min<int64_t>(4 * L, g.OW - ox);
-    const int64_t nv = (count + L - 1) / L;
-    switch (nv) {
-      case 1: tile<T, 1, R>(base + ox, g.row_step, off, val, k0, k1, b, o + ox, g.OW, count); break;
-      case 2: tile<T, 2, R>(base + ox, g.row_step, off, val, k0, k1, b, o + ox, g.OW, count); break;
-      case 3: tile<T, 3, R>(base + ox, g.row_step, off, val, k0, k1, b, o + ox, g.OW, count); break;
-      default: tile<T, 4, R>(base + ox, g.row_step, off, val, k0, k1, b, o + ox, g.OW, count); break;
+  const T* base = g.P + n * g.in_batch + oy * g.row_step + ox;
+  const int64_t stride = g.blocks + 1;
+  for (int64_t b = 0; b < g.blocks; ++b) {
+    const bool first = b == 0, last = b == g.blocks - 1;
+    for (int64_t oc = oc0; oc < oc1; ++oc) {
+      const int32_t k0 = g.seg[oc * stride + b], k1 = g.seg[oc * stride + b + 1];
+      if (k0 == k1 && !first && !last) continue;  // the parked tile is already right
+      V acc[R][NV];
+      T* park = scratch + (oc - oc0) * (R * NV * L);
+      if (first) {
+        const T bv = g.bias ? g.bias[oc] : T(0);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+          for (int i = 0; i < NV; ++i) acc[r][i] = V{} + bv;
+      } else {
+        std::memcpy(&acc[0][0], park, sizeof(acc));
+      }
+      accumulate<T, NV, R>(acc, base, g.row_step, g.off, g.val, k0, k1);
+      if (last) {
+        T* o = g.out + ((n * g.OC + oc) * g.OH + oy) * g.OW + ox;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) std::memcpy(o + r * g.OW, &acc[r][0], count * sizeof(T));
+      } else {
+        std::memcpy(park, &acc[0][0], sizeof(acc));
+      }
     }
   }
 }
 
-// Items [begin, end) of the (n, row pair, oc) space, oc fastest.
+template <typename T, int NV>
+inline __attribute__((always_inline)) void item_rows(const Plan<T>& g, int64_t rows, int64_t n, int64_t oy,
+                                                     int64_t ox, int64_t count, int64_t oc0, int64_t oc1, T* scratch) {
+  if (rows == 2) {
+    item<T, NV, 2>(g, n, oy, ox, count, oc0, oc1, scratch);
+  } else {
+    item<T, NV, 1>(g, n, oy, ox, count, oc0, oc1, scratch);
+  }
+}
+
+// Items [begin, end) of the (n, row group, column tile, channel chunk) space, channel chunk fastest so the
+// input rows of a row group stay in L2 while the chunks pass over them.
 template <typename T>
-ADAPMTL_SPARSE_MULTIVERSION void run_items(const T* P, const int64_t* off, const T* val, const int32_t* row_ptr,
-                                           const T* bias, T* out, const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t pairs = (g.OH + 1) / 2;
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t oc = item % g.OC;
-    const int64_t rest = item / g.OC;
-    const int64_t oy = (rest % pairs) * 2;
-    const int64_t n = rest / pairs;
-    if (oy + 1 < g.OH) {
-      row_group<T, 2>(P, off, val, row_ptr, bias, out, g, n, oy, oc);
-    } else {
-      row_group<T, 1>(P, off, val, row_ptr, bias, out, g, n, oy, oc);
+ADAPMTL_SPARSE_MULTIVERSION void run_items(const Plan<T>& g, int64_t begin, int64_t end, T* scratch) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t chunks = (g.OC + g.oc_chunk - 1) / g.oc_chunk;
+  const int64_t tiles = (g.OW + g.cols - 1) / g.cols;
+  const int64_t groups = (g.OH + g.rows - 1) / g.rows;
+  for (int64_t it = begin; it < end; ++it) {
+    const int64_t chunk = it % chunks;
+    const int64_t tile = (it / chunks) % tiles;
+    const int64_t group = (it / (chunks * tiles)) % groups;
+    const int64_t n = it / (chunks * tiles * groups);
+    const int64_t oc0 = chunk * g.oc_chunk, oc1 = std::min(g.OC, oc0 + g.oc_chunk);
+    const int64_t ox = tile * g.cols, count = std::min(g.cols, g.OW - ox);
+    const int64_t oy = group * g.rows, rows = std::min(g.rows, g.OH - oy);
+    switch ((count + L - 1) / L) {
+      case 1: item_rows<T, 1>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
+      case 2: item_rows<T, 2>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
+      case 3: item_rows<T, 3>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
+      default: item_rows<T, 4>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
     }
   }
 }
 
+// Checks x and the CSR arrays' dtypes, shapes and row pointers. The column indices are validated where
+// run_conv reads them (one parallel pass instead of a serial one): they come from user code, so a bad index
+// must raise instead of reading out of bounds.
 void check_csr(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t cols) {
+               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": argument 'x' must be a CPU tensor, got ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
                    ": the CPU kernel supports argument 'x' of dtype float32 or float64, got ", x.scalar_type());
   check_csr_arrays(op, x, row_ptr, col_idx, values, bias, rows);
-  // The CSR arrays come from user code: validate them once (O(rows + nnz)) so a bad index cannot read out of bounds.
   auto rp = row_ptr.contiguous();
-  auto ci = col_idx.contiguous();
   const int32_t* r = rp.data_ptr<int32_t>();
-  const int64_t nnz = ci.numel();
+  const int64_t nnz = col_idx.numel();
   TORCH_CHECK_VALUE(r[0] == 0 && r[rows] == nnz, op, ": argument 'row_ptr' must start at 0 and end at nnz = ", nnz,
                     ", got ", r[0], " and ", r[rows]);
   for (int64_t i = 0; i < rows; ++i) {
     TORCH_CHECK_VALUE(r[i] <= r[i + 1], op, ": argument 'row_ptr' must be non-decreasing (row ", i, ")");
-  }
-  const int32_t* c = ci.data_ptr<int32_t>();
-  for (int64_t i = 0; i < nnz; ++i) {
-    TORCH_CHECK_VALUE(c[i] >= 0 && c[i] < cols, op, ": argument 'col_idx' entries must lie in [0, ", cols,
-                      "), got ", c[i], " at position ", i);
   }
 }
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // The packed input buffer is reused between calls on the same thread (up to kMaxCachedBytes): a fresh
-// multi-MB allocation costs more in page faults than the copy itself. Larger inputs get a temporary.
+// multi-MB allocation costs more in page faults than the copy itself. Larger inputs get a temporary. Both
+// start on a 2 MiB boundary with a huge-page hint: the kernel's loads roam over megabytes of P, and with
+// 4 KiB pages they miss the TLB (measured: 8% of the kernel time on a 3x3 512->1024 conv).
 constexpr int64_t kMaxCachedBytes = int64_t(64) << 20;
 
 at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
   thread_local at::Tensor cached;
   const int64_t bytes = numel * int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
-  if (bytes > kMaxCachedBytes) return at::empty({numel}, options);
-  if (!cached.defined() || cached.nbytes() < size_t(bytes)) {
-    cached = at::empty({std::max<int64_t>(bytes, 1 << 20)}, options.dtype(at::kByte));
+  const int64_t need = bytes + kHugePageBytes;
+  at::Tensor storage;
+  if (bytes > kMaxCachedBytes) {
+    storage = at::empty({need}, options.dtype(at::kByte));
+    hint_huge_pages(storage.data_ptr(), storage.nbytes());
+  } else {
+    if (!cached.defined() || cached.nbytes() < size_t(need)) {
+      cached = at::empty({std::max<int64_t>(need, int64_t(4) << 20)}, options.dtype(at::kByte));
+      hint_huge_pages(cached.data_ptr(), cached.nbytes());
+    }
+    storage = cached;
   }
-  return at::from_blob(cached.data_ptr(), {numel}, options);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(storage.data_ptr());
+  void* aligned = reinterpret_cast<void*>((base + kHugePageBytes - 1) & ~uintptr_t(kHugePageBytes - 1));
+  // from_blob's deleter keeps `storage` alive for as long as the view lives.
+  return at::from_blob(aligned, {numel}, [storage](void*) mutable { storage.reset(); }, options);
+}
+
+// How the non-zeros map onto P: the offset of each kernel tap within a channel, and what the blocking needs.
+struct ConvShape {
+  int64_t C, taps;
+  int64_t plane;                // elements of P per input channel
+  int64_t row_step;             // elements of P between consecutive output rows
+  std::vector<int64_t> tap;     // [KH * KW] offset of tap (kh, kw) from the channel start
+  int64_t rows, cols;           // register tile: output rows x output columns (whole vectors)
+  int64_t bytes_per_row_tile;   // input bytes of one channel that a tile touches
+};
+
+// Input-channel block size: as many channels as keep a work item's input within kL1Budget bytes, but at
+// least enough that a row segment averages kMinSegment non-zeros, else parking the tile between blocks
+// costs more than the misses it saves. Measured on the ResNet-34 head convs (2-core EPYC, AVX-512): with
+// 32 KiB of L1 the second rule wins at 90% sparsity (blocks of ~45 channels, an L2-sized working set);
+// no blocking at all was 10-25% slower, L1-sized blocks with short segments 20-40% slower.
+constexpr int64_t kL1Budget = 20 << 10;
+constexpr double kMinSegment = 40.0;
+
+int64_t channel_block(const ConvShape& s, int64_t nnz, int64_t OC) {
+  const int64_t fit = std::max<int64_t>(1, kL1Budget / std::max<int64_t>(1, s.bytes_per_row_tile));
+  const double nnz_per_channel = double(nnz) / double(std::max<int64_t>(1, OC)) / double(s.C);
+  const int64_t dense_enough = nnz_per_channel > 0 ? int64_t(kMinSegment / nnz_per_channel) + 1 : s.C;
+  return std::min(s.C, std::max(fit, dense_enough));
 }
 
 template <typename T>
-void run_kernel(const at::Tensor& P, const std::vector<int64_t>& offsets, const at::Tensor& values,
-                const at::Tensor& row_ptr, const c10::optional<at::Tensor>& bias, at::Tensor& out, const Geometry& g) {
-  const at::Tensor vals = values.contiguous();
-  const at::Tensor rp = row_ptr.contiguous();
-  at::Tensor b;
-  if (bias.has_value()) b = bias->contiguous();
-  const T* Pp = P.data_ptr<T>();
-  const T* vp = vals.data_ptr<T>();
-  const int32_t* rpp = rp.data_ptr<int32_t>();
-  const T* bp = bias.has_value() ? b.data_ptr<T>() : nullptr;
-  T* op = out.data_ptr<T>();
-  const int64_t* offp = offsets.data();
-  const int64_t items = g.N * ((g.OH + 1) / 2) * g.OC;
-  // About 64k multiply-adds per task: enough to amortise the task, small enough to balance uneven rows.
-  const int64_t nnz = vals.numel();
-  const int64_t per_item = std::max<int64_t>(1, (nnz / std::max<int64_t>(1, g.OC)) * 2 * g.OW);
+void run_conv(const char* op, const at::Tensor& P, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+              const at::Tensor& values, const c10::optional<at::Tensor>& bias, at::Tensor& out, const ConvShape& s,
+              int64_t N, int64_t in_batch) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t OC = out.size(1), OH = out.size(2), OW = out.size(3);
+  TORCH_CHECK_VALUE(in_batch <= std::numeric_limits<int32_t>::max(), op, ": one image of the padded input holds ",
+                    in_batch, " elements, more than the CPU kernel's int32 offsets address");
+  const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous(), val_t = values.contiguous();
+  const int32_t* rp = rp_t.data_ptr<int32_t>();
+  const int32_t* ci = ci_t.data_ptr<int32_t>();
+  const T* vals = val_t.data_ptr<T>();
+  const int64_t nnz = ci_t.numel();
+
+  const int64_t rows = s.rows, cols = s.cols;
+  const int64_t cb = channel_block(s, nnz, OC);
+  const int64_t blocks = (s.C + cb - 1) / cb;
+
+  // Per column of a weight row: its offset in P and its channel block. A table, so that the per-non-zero
+  // pass below does no integer division (two divisions per non-zero cost ~1.5 ms on a 470k-non-zero conv).
+  const int64_t ncols = s.C * s.taps;
+  std::vector<int32_t> col_off(ncols), col_block(ncols);
+  for (int64_t c = 0; c < s.C; ++c) {
+    for (int64_t t = 0; t < s.taps; ++t) {
+      col_off[c * s.taps + t] = int32_t(c * s.plane + s.tap[t]);
+      col_block[c * s.taps + t] = int32_t(c / cb);
+    }
+  }
+  // Validate each row's columns, order them (SparseWeight's rows already are; user-built ones may not be),
+  // turn each non-zero into its offset in P and cut the row into per-block segments.
+  std::vector<int32_t> off(nnz), seg(OC * (blocks + 1));
+  std::vector<T> val(nnz);
+  at::parallel_for(0, OC, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> order;
+    for (int64_t oc = begin; oc < end; ++oc) {
+      const int64_t k0 = rp[oc], n = rp[oc + 1] - k0;
+      const int32_t* c = ci + k0;
+      bool row_sorted = true;
+      for (int64_t j = 0; j < n; ++j) {
+        TORCH_CHECK_VALUE(c[j] >= 0 && c[j] < ncols, op, ": argument 'col_idx' entries must lie in [0, ", ncols,
+                          "), got ", c[j], " at position ", k0 + j);
+        row_sorted = row_sorted && (j == 0 || c[j - 1] < c[j]);
+      }
+      if (!row_sorted) {
+        order.resize(n);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return c[a] < c[b]; });
+      }
+      int32_t* sg = seg.data() + oc * (blocks + 1);
+      int64_t b = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t src = row_sorted ? j : order[j];
+        const int32_t col = c[src];
+        while (b <= col_block[col]) sg[b++] = int32_t(k0 + j);
+        off[k0 + j] = col_off[col];
+        val[k0 + j] = vals[k0 + src];
+      }
+      while (b <= blocks) sg[b++] = int32_t(k0 + n);
+    }
+  });
+
+  Plan<T> g;
+  g.P = P.data_ptr<T>();
+  g.off = off.data();
+  g.val = val.data();
+  g.seg = seg.data();
+  at::Tensor b_t;
+  if (bias.has_value()) b_t = bias->contiguous();
+  g.bias = bias.has_value() ? b_t.data_ptr<T>() : nullptr;
+  g.out = out.data_ptr<T>();
+  g.N = N, g.OC = OC, g.OH = OH, g.OW = OW;
+  g.in_batch = in_batch;
+  g.row_step = s.row_step;
+  g.rows = rows, g.cols = cols, g.blocks = blocks;
+  // Chunks of output channels: enough items to balance the threads; parked tiles (<= 64 KiB) stay in L2.
+  g.oc_chunk = std::min<int64_t>(OC, 128);
+
+  const int64_t items = N * ((OH + rows - 1) / rows) * ((OW + cols - 1) / cols) * ((OC + g.oc_chunk - 1) / g.oc_chunk);
+  const int64_t work = nnz * OH * OW * N;  // multiply-adds
+  const int64_t per_item = std::max<int64_t>(1, work / std::max<int64_t>(1, items));
   // Below ~1M multiply-adds everything runs on the calling thread (parallel_for runs a range no larger than
-  // its grain inline): waking the pool costs more than such a call, and milliseconds on busy cores.
-  const int64_t grain = items * per_item < (int64_t(1) << 20) ? items : std::max<int64_t>(1, 65536 / per_item);
-  at::parallel_for(0, items, grain,
-                   [&](int64_t begin, int64_t end) { run_items<T>(Pp, offp, vp, rpp, bp, op, g, begin, end); });
+  // its grain inline): waking the pool costs more than such a call. Otherwise ~256k multiply-adds per task.
+  const int64_t grain = work < (int64_t(1) << 20) ? items : std::max<int64_t>(1, (int64_t(1) << 18) / per_item);
+  const int64_t scratch_len = blocks > 1 ? g.oc_chunk * kMaxRows * kMaxVectors * L : 0;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(scratch_len);
+    run_items<T>(g, begin, end, scratch.data());
+  });
 }
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -209,7 +358,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   TORCH_CHECK_VALUE(sh > 0 && sw > 0, op, ": argument 'stride' must be positive, got ", stride);
   TORCH_CHECK_VALUE(dh > 0 && dw > 0, op, ": argument 'dilation' must be positive, got ", dilation);
   TORCH_CHECK_VALUE(ph >= 0 && pw >= 0, op, ": argument 'padding' must be non-negative, got ", padding);
-  check_csr(op, x, row_ptr, col_idx, values, bias, OC, C * KH * KW);
+  check_csr(op, x, row_ptr, col_idx, values, bias, OC);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
   const int64_t OH = (Hp - dh * (KH - 1) - 1) / sh + 1;
@@ -222,52 +371,80 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   if (out.numel() == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 
   const int64_t L = x.scalar_type() == at::kFloat ? Vec<float>::kLanes : Vec<double>::kLanes;
-  const int64_t qmax = ((KW - 1) * dw) / sw;
-  const int64_t Wq = (Wp + sw - 1) / sw;
-  const int64_t Wrow = std::max(Wq, round_up(OW, L) + qmax);
-  const int64_t phase_rows = Hp * sw;  // rows of length Wrow per channel
-  // One extra row per image of slack: whole-vector loads of the last row may run past Wrow.
-  const int64_t plane = phase_rows * Wrow;
-  const int64_t in_batch = C * plane + Wrow;
+  ConvShape s;
+  s.C = C, s.taps = KH * KW;
+  // Register tile: up to kMaxVectors vectors of columns x kMaxRows rows.
+  const int64_t nv = std::min<int64_t>(kMaxVectors, (OW + L - 1) / L);
+  s.rows = std::min<int64_t>(kMaxRows, OH);
+  s.cols = nv * L;
+  // Tap (kh, kw) reads padded column (ox + q) * sw + p of row oy * sh + kh * dh, with p = (kw * dw) % sw and
+  // q = (kw * dw) / sw. Each input row is stored once per distinct (p, q % L) as a "copy" holding phase p
+  // shifted left by q % L, so the tap's loads start q - q % L + ox elements into the copy: whole vectors.
+  // Aligned loads run ~1.6x faster than unaligned ones, which is worth the extra copies (KW at most).
+  std::vector<std::pair<int64_t, int64_t>> copies;  // (phase p, shift sigma)
+  std::vector<int64_t> copy_of(KW), skip(KW);
+  for (int64_t kw = 0; kw < KW; ++kw) {
+    const int64_t p = (kw * dw) % sw, q = (kw * dw) / sw;
+    const std::pair<int64_t, int64_t> key{p, q % L};
+    copy_of[kw] = std::find(copies.begin(), copies.end(), key) - copies.begin();
+    if (copy_of[kw] == int64_t(copies.size())) copies.push_back(key);
+    skip[kw] = q - q % L;
+  }
+  const int64_t U = copies.size();
+  // Whole-vector loads of a tile reach round_up(OW, L) + skip: the row length (a whole number of vectors).
+  const int64_t Wrow = round_up(OW, L) + *std::max_element(skip.begin(), skip.end());
+  s.plane = Hp * U * Wrow;
+  s.row_step = sh * U * Wrow;
+  s.tap.resize(KH * KW);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t kw = 0; kw < KW; ++kw) s.tap[kh * KW + kw] = (kh * dh * U + copy_of[kw]) * Wrow + skip[kw];
+  {
+    std::vector<int64_t> row_set, windows;
+    for (int64_t r = 0; r < s.rows; ++r)
+      for (int64_t kh = 0; kh < KH; ++kh) row_set.push_back(r * sh + kh * dh);
+    for (int64_t kw = 0; kw < KW; ++kw) windows.push_back(copy_of[kw] * Wrow + skip[kw]);
+    for (auto* v : {&row_set, &windows}) {
+      std::sort(v->begin(), v->end());
+      v->erase(std::unique(v->begin(), v->end()), v->end());
+    }
+    s.bytes_per_row_tile = int64_t(row_set.size() * windows.size()) * s.cols * int64_t(x.element_size());
+  }
+  const int64_t in_batch = C * s.plane;
   at::Tensor P = workspace(N * in_batch, x.options());
 
-  // Pad + phase-split copy, any input strides (NCHW, channels-last, views). Every element is written once
-  // (data or zero), so the reused buffer needs no separate clearing pass.
+  // Pad + copy, any input strides (NCHW, channels-last, views). Every element is written once (data or
+  // zero), so the reused buffer needs no separate clearing pass.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_pack", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* pp = P.data_ptr<scalar_t>();
     const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
     // The copy is cheap next to the kernel: split it across threads only when large, since every parallel
     // region costs a thread hand-off (milliseconds when the cores are oversubscribed).
-    const int64_t pack_grain = std::max<int64_t>(16, (int64_t(1) << 22) / std::max<int64_t>(1, plane));
+    const int64_t pack_grain = std::max<int64_t>(16, (int64_t(1) << 22) / std::max<int64_t>(1, s.plane));
     at::parallel_for(0, N * C, pack_grain, [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t n = nc / C, c = nc % C;
         const scalar_t* src = xp + n * s0 + c * s1;
-        scalar_t* dst = pp + n * in_batch + c * plane;
-        std::fill(dst, dst + ph * sw * Wrow, scalar_t(0));
-        // bottom padding rows, plus the image's slack row after its last channel
-        std::fill(dst + (ph + H) * sw * Wrow, dst + plane + (c == C - 1 ? Wrow : 0), scalar_t(0));
+        scalar_t* dst = pp + n * in_batch + c * s.plane;
+        std::fill(dst, dst + ph * U * Wrow, scalar_t(0));
+        std::fill(dst + (ph + H) * U * Wrow, dst + s.plane, scalar_t(0));
         for (int64_t iy = 0; iy < H; ++iy) {
-          scalar_t* drow = dst + (iy + ph) * sw * Wrow;
           const scalar_t* srow = src + iy * s2;
-          if (sw == 1) {
-            std::fill(drow, drow + pw, scalar_t(0));
-            std::fill(drow + pw + W, drow + Wrow, scalar_t(0));
-            if (s3 == 1) {
-              std::memcpy(drow + pw, srow, W * sizeof(scalar_t));
+          for (int64_t u = 0; u < U; ++u) {
+            scalar_t* drow = dst + ((iy + ph) * U + u) * Wrow;
+            const int64_t p = copies[u].first, sigma = copies[u].second;
+            // drow[j] = padded column (j + sigma) * sw + p, i.e. x column ix = (j + sigma) * sw + p - pw
+            if (sw == 1 && s3 == 1) {
+              const int64_t lo = std::clamp<int64_t>(pw - sigma, 0, Wrow);
+              const int64_t hi = std::clamp<int64_t>(pw - sigma + W, lo, Wrow);
+              std::fill(drow, drow + lo, scalar_t(0));
+              std::memcpy(drow + lo, srow + (lo + sigma - pw), (hi - lo) * sizeof(scalar_t));
+              std::fill(drow + hi, drow + Wrow, scalar_t(0));
             } else {
-              for (int64_t ix = 0; ix < W; ++ix) drow[pw + ix] = srow[ix * s3];
-            }
-          } else {
-            for (int64_t p = 0; p < sw; ++p) {
-              scalar_t* dphase = drow + p * Wrow;
-              // padded column px = j * sw + p holds x[ix = px - pw] when 0 <= ix < W
-              for (int64_t j = 0, px = p; j < Wq; ++j, px += sw) {
-                const int64_t ix = px - pw;
-                dphase[j] = (ix >= 0 && ix < W) ? srow[ix * s3] : scalar_t(0);
+              for (int64_t j = 0; j < Wrow; ++j) {
+                const int64_t ix = (j + sigma) * sw + p - pw;
+                drow[j] = (ix >= 0 && ix < W) ? srow[ix * s3] : scalar_t(0);
               }
-              std::fill(dphase + Wq, dphase + Wrow, scalar_t(0));
             }
           }
         }
@@ -275,19 +452,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
     });
   });
 
-  std::vector<int64_t> offsets(col_idx.numel());
-  {
-    auto ci = col_idx.contiguous();
-    const int32_t* c = ci.data_ptr<int32_t>();
-    for (int64_t k = 0; k < ci.numel(); ++k) {
-      const int64_t col = c[k];
-      const int64_t ch = col / (KH * KW), kh = (col / KW) % KH, kw = col % KW;
-      offsets[k] = ch * plane + kh * dh * sw * Wrow + ((kw * dw) % sw) * Wrow + (kw * dw) / sw;
-    }
-  }
-  const Geometry g{N, C, OC, OH, OW, in_batch, sh * sw * Wrow};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu",
-                             [&] { run_kernel<scalar_t>(P, offsets, values, row_ptr, bias, out, g); });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
+    run_conv<scalar_t>(op, P, row_ptr, col_idx, values, bias, out, s, N, in_batch);
+  });
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
@@ -299,27 +466,25 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                     in_features, " (in_features), got shape ", x.sizes());
   const int64_t OC = row_ptr.numel() - 1;
   TORCH_CHECK_VALUE(OC >= 0, op, ": argument 'row_ptr' must have at least one entry");
-  check_csr(op, x, row_ptr, col_idx, values, bias, OC, in_features);
+  check_csr(op, x, row_ptr, col_idx, values, bias, OC);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = OC;
   const int64_t B = x.numel() / in_features;
   if (B == 0 || OC == 0) return at::zeros(out_shape, x.options()).add_(bias.has_value() ? *bias : at::zeros({}, x.options()));
   const int64_t L = x.scalar_type() == at::kFloat ? Vec<float>::kLanes : Vec<double>::kLanes;
   const int64_t Wrow = round_up(B, L);
-  // P = x^T [in][Wrow] (+ one slack row), a 1x1 convolution input whose single output row is the batch.
-  auto P = at::zeros({in_features + 1, Wrow}, x.options());
-  P.narrow(0, 0, in_features).narrow(1, 0, B).copy_(x.reshape({B, in_features}).t());
-  auto out = at::empty({OC, B}, x.options());
-  std::vector<int64_t> offsets(col_idx.numel());
-  {
-    auto ci = col_idx.contiguous();
-    const int32_t* c = ci.data_ptr<int32_t>();
-    for (int64_t k = 0; k < ci.numel(); ++k) offsets[k] = int64_t(c[k]) * Wrow;
-  }
-  const Geometry g{1, in_features, OC, 1, B, (in_features + 1) * Wrow, Wrow};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu",
-                             [&] { run_kernel<scalar_t>(P, offsets, values, row_ptr, bias, out, g); });
-  return out.t().reshape(out_shape);
+  // P = x^T [in][Wrow], the input of a 1x1 convolution whose single output row is the batch.
+  auto P = at::zeros({in_features, Wrow}, x.options());
+  P.narrow(1, 0, B).copy_(x.reshape({B, in_features}).t());
+  auto out = at::empty({1, OC, 1, B}, x.options());
+  ConvShape s;
+  s.C = in_features, s.taps = 1, s.plane = Wrow, s.row_step = Wrow, s.tap = {0};
+  s.rows = 1, s.cols = std::min<int64_t>(kMaxVectors, Wrow / L) * L;
+  s.bytes_per_row_tile = s.cols * int64_t(x.element_size());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
+    run_conv<scalar_t>(op, P, row_ptr, col_idx, values, bias, out, s, 1, in_features * Wrow);
+  });
+  return out.view({OC, B}).t().reshape(out_shape);
 }
 
 }  // namespace
