@@ -45,14 +45,14 @@ METADATA_KEY = "adapmtl.export"
 POLICIES = ("time", "crossover")
 
 # Crossover sparsity per device type and layer kind: sparse is used at or above it (see module docstring).
-# CPU: benchmarks/results/sparse_conv_cpu-AMD-EPYC-2c.json (2-core AVX-512 machine, batch 1, the ASPP head
-# convs at 321x321 input): 3x3 convs cross over at 0.53-0.67 at ResNet-34's 41x41 and 0.76-0.88 at
-# MobileNetV2's 11x11; 1x1 convs at 0.50-0.88 (the small ones, e.g. 1024->3, rarely win by much). The
-# values below are the upper quartiles, i.e. conservative; linear layers were not measured and use the
-# 1x1 value. policy="time" decides per layer on the machine at hand.
+# CPU: benchmarks/results/sparse_conv_all_b1_cpu-AMD-EPYC-2c.json (2-core AVX-512 machine, batch 1, every
+# conv shape of both models at 321x321 input, random masks): 3x3/7x7 convs cross over at 0.51-0.67
+# (MobileNetV2's ASPP 3x3 at 11x11 with dilation >= 12: 0.83-0.84), 1x1 convs at 0.50-0.73. The values
+# below are about the upper quartiles, i.e. conservative; linear layers were not measured and use the 1x1
+# value. policy="time" decides per layer on the machine at hand.
 # CUDA: no measurement yet -> conservative (sparse only for very sparse layers).
 CROSSOVER = {
-    "cpu": {"1x1": 0.8, "kxk": 0.85, "linear": 0.8},
+    "cpu": {"1x1": 0.65, "kxk": 0.7, "linear": 0.65},
     "cuda": {"1x1": 0.95, "kxk": 0.9, "linear": 0.9},
 }
 
