@@ -18,6 +18,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_once_ms(fn, device: torch.device) -> float:
+    """Wall time of one `fn()` call in ms: CUDA events on GPU (the work queued by fn), perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_time_ms(fn, device, *, warmup: int = 2, reps: int = 10, min_time_s: float = 0.0) -> float:
     """Median wall time of `fn()` in milliseconds (CUDA events on GPU, perf_counter on CPU).
 
@@ -30,17 +44,7 @@ def median_time_ms(fn, device, *, warmup: int = 2, reps: int = 10, min_time_s: f
     times = []
     start_all = time.perf_counter()
     while len(times) < reps or time.perf_counter() - start_all < min_time_s:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_time_once_ms(fn, device))
         if len(times) >= 10 * reps:
             break
     return statistics.median(times)
@@ -60,17 +64,7 @@ def interleaved_median_ms(fns, device, *, warmup: int = 1, reps: int = 10) -> li
     times = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, times):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                ts.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
+            ts.append(_time_once_ms(fn, device))
     return [statistics.median(ts) for ts in times]
 
 
