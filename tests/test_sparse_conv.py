@@ -275,10 +275,12 @@ def test_cpp_op_validates_csr():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_kernel_channel_blocks_and_unsorted_rows(dtype):
     """Many input channels at moderate density cut each CSR row into several channel-block segments, some
-    empty (a band of pruned channels); rows whose columns are shuffled (a user-built CSR) give the same."""
+    empty (a band of pruned channels); rows whose columns are shuffled (a user-built CSR) give the same.
+    The 1x1 stride-1 case takes the flattened (1 x H*W) path, also with channels-last input."""
     g = torch.Generator().manual_seed(11)
     tol = _tol(dtype)
-    for (c, oc, k, s, d, hw) in [(150, 37, 3, 1, 2, 13), (301, 19, 1, 2, 1, 9), (97, 21, 5, 2, 3, 17)]:
+    for (c, oc, k, s, d, hw) in [(150, 37, 3, 1, 2, 13), (301, 19, 1, 2, 1, 9), (301, 19, 1, 1, 1, 9),
+                                 (97, 21, 5, 2, 3, 17)]:
         w = pruned((oc, c, k, k), 0.5, dtype, g)
         w[:, c // 5: c // 2] = 0
         x = torch.randn(2, c, hw, hw, generator=g, dtype=dtype)
@@ -292,6 +294,10 @@ def test_cpp_kernel_channel_blocks_and_unsorted_rows(dtype):
         for cols, vals in [(sw.col_idx, sw.values), (sw.col_idx[perm], sw.values[perm])]:
             out = torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, cols, vals, b, *args)
             torch.testing.assert_close(out, ref, **tol)
+        out = torch.ops.adapmtl.sparse_conv2d(x.contiguous(memory_format=torch.channels_last), sw.row_ptr,
+                                              sw.col_idx, sw.values, b, *args)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, **tol)
         lin_w = w.flatten(1)
         xl = torch.randn(5, lin_w.shape[1], generator=g, dtype=dtype)
         lsw = SparseWeight.from_dense(lin_w)
