@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from adapmtl.baselines.masks import MaskedMethod, global_topk_masks
+from adapmtl.baselines.masks import MaskedMethod, global_topk_masks, split_like
 
 
 class DiSparseMethod(MaskedMethod):
@@ -50,10 +50,7 @@ class DiSparseMethod(MaskedMethod):
         flat_grow = torch.where(pruned_before, flat_grow, torch.full_like(flat_grow, -float("inf")))
         grow = torch.sort(flat_grow, descending=True, stable=True).indices[:n_swap]
         flat_mask[grow] = True
-        out, off = [], 0
-        for m in masks:
-            out.append(flat_mask[off:off + m.numel()].view_as(m))
-            off += m.numel()
+        out = split_like(flat_mask, masks)
         self.set_masks(trainer, out)
         for (_, w), m_new, m_old in zip(ws, out, masks):
             w[m_new & ~m_old] = 0.0  # regrown weights start from zero

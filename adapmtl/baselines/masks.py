@@ -29,11 +29,12 @@ def global_topk_masks(scores: list[Tensor], sparsity: float, eligible: list[Tens
         # topk is deterministic for ties on CPU; stable sort makes it so everywhere
         order = torch.sort(flat, descending=True, stable=True).indices[:keep]
         mask[order] = True
-    out, offset = [], 0
-    for s in scores:
-        out.append(mask[offset:offset + s.numel()].view_as(s))
-        offset += s.numel()
-    return out
+    return split_like(mask, scores)
+
+
+def split_like(flat: Tensor, tensors) -> list[Tensor]:
+    """Cut a flat tensor (the concatenation of `tensors`, flattened) back into views shaped like them."""
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 class MaskedMethod(Method):

@@ -13,13 +13,13 @@ using them compiles with `torch.compile(fullgraph=True)` without graph breaks.
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 
 import torch
 from torch import Tensor
 
 from adapmtl import _ext
+from adapmtl.ops._backend_checks import check_device, check_dtype, check_triton_device, triton_interpreted
 from adapmtl.ops.reference import soft_threshold_reference
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -45,7 +45,7 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     if kind == "cpu":
         if _HAS_CPP:
             found.append("cpp")
-        if _HAS_TRITON and _triton_interpreted():
+        if _HAS_TRITON and triton_interpreted():
             found.append("triton")
     elif kind == "cuda":
         if _HAS_CUDA_EXT:
@@ -53,10 +53,6 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
         if _HAS_TRITON:
             found.append("triton")
     return found
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _warned_fallback = set()
@@ -90,27 +86,16 @@ def resolve_backend(backend: str, w: Tensor) -> str:
     if backend == "cpp":
         if not _HAS_CPP:
             _ext.require_cpu_extension()
-        if kind != "cpu":
-            raise ValueError(f"soft_threshold: backend 'cpp' needs CPU tensors, got argument 'w' on {w.device}")
+        check_device("soft_threshold", backend, "w", w, "cpu")
     elif backend == "cuda":
         if not _HAS_CUDA_EXT:
             _ext.require_cuda_extension()
-        if kind != "cuda":
-            raise ValueError(f"soft_threshold: backend 'cuda' needs CUDA tensors, got argument 'w' on {w.device}")
+        check_device("soft_threshold", backend, "w", w, "cuda")
     elif backend == "triton":
         if not _HAS_TRITON:
             _ext.require_triton()
-        if kind != "cuda" and not (kind == "cpu" and _triton_interpreted()):
-            raise ValueError(
-                f"soft_threshold: backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-                f"got argument 'w' on {w.device}"
-            )
-    if w.dtype not in BACKEND_DTYPES[backend]:
-        names = ", ".join(str(d).replace("torch.", "") for d in BACKEND_DTYPES[backend])
-        raise TypeError(
-            f"soft_threshold: backend {backend!r} supports argument 'w' of dtype {names}; got {w.dtype} "
-            f"(backend='torch' takes any floating dtype)"
-        )
+        check_triton_device("soft_threshold", "w", w)
+    check_dtype("soft_threshold", backend, "w", w, BACKEND_DTYPES[backend])
     return backend
 
 

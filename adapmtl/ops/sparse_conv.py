@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adapmtl.ops._backend_checks import check_device, check_dtype, check_triton_device, triton_can_run
 from adapmtl.ops.sparse_weight import SparseWeight
 
 SPARSE_BACKENDS = ("auto", "torch", "torch_csr", "cpp", "cuda", "triton")
@@ -65,10 +65,6 @@ def _triton_module_present() -> bool:
         return False
 
 
-def _triton_can_run(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
 def available_sparse_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
     """Backends of sparse_conv2d / sparse_linear that can run on `device` here (torch ones always can)."""
     device = torch.device(device)
@@ -77,7 +73,7 @@ def available_sparse_backends(device: Union[str, torch.device] = "cpu") -> list[
         found.append("cpp")
     if device.type == "cuda" and _has_kernel("sparse_conv2d", "CUDA"):
         found.append("cuda")
-    if _triton_can_run(device) and _triton_module_present():
+    if triton_can_run(device) and _triton_module_present():
         found.append("triton")
     return found
 
@@ -99,32 +95,21 @@ def resolve_sparse_backend(backend: str, x: Tensor, op: str = "sparse_conv2d") -
     if backend in ("torch", "torch_csr"):
         return backend
     if backend == "cpp":
-        if kind != "cpu":
-            raise ValueError(f"{op}: backend 'cpp' needs CPU tensors, got argument 'x' on {x.device}")
+        check_device(op, backend, "x", x, "cpu")
         if not _has_kernel(op, "CPU"):
             raise RuntimeError(
                 f"{op}: backend 'cpp' is not available: adapmtl._C was built without the sparse CPU kernel "
                 "(rebuild with `pip install --no-build-isolation -e .`)"
             )
     elif backend == "cuda":
-        if kind != "cuda":
-            raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got argument 'x' on {x.device}")
+        check_device(op, backend, "x", x, "cuda")
         if not _has_kernel(op, "CUDA"):
             raise RuntimeError(f"{op}: backend 'cuda' is not available: adapmtl._C_cuda has no {op} kernel")
     elif backend == "triton":
-        if not _triton_can_run(x.device):
-            raise ValueError(
-                f"{op}: backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-                f"got argument 'x' on {x.device}"
-            )
+        check_triton_device(op, "x", x)
         if not _triton_module_present():
             raise RuntimeError(f"{op}: backend 'triton' is not available (needs triton and adapmtl.triton_kernels.sparse_conv)")
-    if x.dtype not in SPARSE_BACKEND_DTYPES[backend]:
-        names = ", ".join(str(d).replace("torch.", "") for d in SPARSE_BACKEND_DTYPES[backend])
-        raise TypeError(
-            f"{op}: backend {backend!r} supports argument 'x' of dtype {names}; got {x.dtype} "
-            f"(backend='torch' takes any floating dtype)"
-        )
+    check_dtype(op, backend, "x", x, SPARSE_BACKEND_DTYPES[backend])
     return backend
 
 
