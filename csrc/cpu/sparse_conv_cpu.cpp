@@ -75,7 +75,7 @@ struct Plan {
   const int32_t* seg;  // [OC][blocks + 1]: segment b of row oc is [seg[oc][b], seg[oc][b + 1])
   const T* bias;       // nullptr when none
   T* out;              // [N][OC][OH][OW]
-  int64_t N, OC, OH, OW;
+  int64_t OC, OH, OW;
   int64_t in_batch;  // elements of P per image
   int64_t row_step;  // elements of P between consecutive output rows
   int64_t rows;      // output rows per item (<= kMaxRows)
@@ -331,12 +331,12 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   const int64_t per_pass = std::clamp<int64_t>(kMaxCachedBytes / (in_batch * int64_t(sizeof(T))), 1, N);
   at::Tensor P = workspace(per_pass * in_batch, out.options());
   for (int64_t n0 = 0; n0 < N; n0 += per_pass) {
-    g.N = std::min(per_pass, N - n0);
+    const int64_t count = std::min(per_pass, N - n0);  // images in this pass
     g.P = P.data_ptr<T>();
     g.out = out.data_ptr<T>() + n0 * OC * OH * OW;
-    pack(P.data_ptr<T>(), n0, g.N);
-    const int64_t items = g.N * ((OH + rows - 1) / rows) * ((OW + cols - 1) / cols) * ((OC + g.oc_chunk - 1) / g.oc_chunk);
-    const int64_t work = nnz * OH * OW * g.N;  // multiply-adds
+    pack(P.data_ptr<T>(), n0, count);
+    const int64_t items = count * ((OH + rows - 1) / rows) * ((OW + cols - 1) / cols) * ((OC + g.oc_chunk - 1) / g.oc_chunk);
+    const int64_t work = nnz * OH * OW * count;  // multiply-adds
     const int64_t per_item = std::max<int64_t>(1, work / std::max<int64_t>(1, items));
     // Below ~1M multiply-adds everything runs on the calling thread (parallel_for runs a range no larger than
     // its grain inline): waking the pool costs more than such a call. Otherwise ~256k multiply-adds per task.
