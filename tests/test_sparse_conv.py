@@ -305,6 +305,55 @@ def test_cpp_kernel_channel_blocks_and_unsorted_rows(dtype):
         torch.testing.assert_close(out, F.linear(xl, lin_w, b), **tol)
 
 
+# Convs whose taps read only zero padding over whole output tiles, which the C++ kernel skips: ASPP-style
+# dilations larger than the map (only the centre tap is live), partly dead rows and vectors (dilation 24
+# on a 41-wide map), outputs that read nothing but padding (bias only), stride 2 over a dilated kernel.
+DEAD_TAP_CASES = [
+    dict(n=1, c=33, oc=17, k=3, stride=(1, 1), pad=(12, 12), dil=(12, 12), h=5, w=6),
+    dict(n=2, c=20, oc=9, k=3, stride=(1, 1), pad=(24, 24), dil=(24, 24), h=41, w=41),
+    dict(n=1, c=16, oc=40, k=3, stride=(1, 1), pad=(6, 18), dil=(6, 18), h=11, w=37),
+    dict(n=1, c=5, oc=7, k=1, stride=(1, 1), pad=(3, 2), dil=(1, 1), h=4, w=4),
+    dict(n=1, c=7, oc=3, k=3, stride=(1, 1), pad=(9, 9), dil=(1, 1), h=3, w=2),
+    dict(n=2, c=9, oc=11, k=3, stride=(2, 2), pad=(7, 7), dil=(7, 7), h=9, w=19),
+    dict(n=1, c=3, oc=8, k=7, stride=(2, 2), pad=(3, 3), dil=(1, 1), h=23, w=23),
+]
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+@pytest.mark.parametrize("layout", ["tap", "channel", ""])
+def test_cpp_kernel_block_layouts(layout, monkeypatch):
+    """The C++ kernel's two block layouts (tap-major with dead-tap skipping, channel-major), forced through
+    ADAPMTL_CPU_SPARSE_LAYOUT, and its own choice (""), on the random shapes, the dead-tap shapes, float64,
+    and rows with shuffled columns."""
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_LAYOUT", layout)
+    cases = CONV_CASES + [dict(case, density=density, layout=memory, bias=True, empty_rows=1, id=200 + i)
+                          for i, case in enumerate(DEAD_TAP_CASES)
+                          for density, memory in [(0.3, "nchw"), (0.9, "cl")]]
+    for case in cases:
+        _check_conv("cpp", "cpu", torch.float32, case)
+    for case in cases[-2 * len(DEAD_TAP_CASES):]:
+        _check_conv("cpp", "cpu", torch.float64, case)
+    g = torch.Generator().manual_seed(5)
+    for case in DEAD_TAP_CASES:
+        x = torch.randn(case["n"], case["c"], case["h"], case["w"], generator=g)
+        w = pruned((case["oc"], case["c"], case["k"], case["k"]), 0.4, gen=g)
+        b = torch.randn(case["oc"], generator=g)
+        sw = SparseWeight.from_dense(w)
+        perm = torch.cat([torch.randperm(int(sw.row_ptr[r + 1] - sw.row_ptr[r]), generator=g) + int(sw.row_ptr[r])
+                          for r in range(case["oc"])])
+        out = torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx[perm], sw.values[perm], b, list(w.shape),
+                                              list(case["stride"]), list(case["pad"]), list(case["dil"]))
+        torch.testing.assert_close(out, F.conv2d(x, w, b, case["stride"], case["pad"], case["dil"]), **_tol(torch.float32))
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+def test_cpp_kernel_rejects_unknown_layout(monkeypatch):
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_LAYOUT", "diagonal")
+    sw = SparseWeight.from_dense(pruned((4, 3, 3, 3), 0.5))
+    with pytest.raises(ValueError, match="ADAPMTL_CPU_SPARSE_LAYOUT must be 'tap' or 'channel'"):
+        sparse_conv2d(torch.randn(1, 3, 8, 8), sw, None, 1, 1, backend="cpp")
+
+
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
 def test_compiles_without_graph_breaks():
     sw = SparseWeight.from_dense(pruned((5, 3, 3, 3), 0.4))

@@ -18,10 +18,15 @@
 //
 // Cache blocking: every non-zero costs one vector load per accumulator, and nothing is reused within an
 // output channel, so the input rows a tile reads must stay in cache while the output channels stream past.
-// A work item is (image, row pair, column tile, chunk of output channels); inside it the input channels are
-// cut into blocks, and each block is swept over all output channels of the chunk (the non-zeros of a row are
-// split into per-block segments once per call), with the partial tiles parked in a per-thread scratch
-// between blocks.
+// A work item is (image, row pair, column tile, chunk of output channels); inside it the non-zeros are cut
+// into blocks of (kernel tap, range of input channels), tap-major, and each block is swept over all output
+// channels of the chunk (the non-zeros of a row are grouped into per-block segments once per call), with
+// the partial tiles parked in a per-thread scratch between blocks.
+//
+// Dead taps: a tap whose reads for a whole tile fall in the zero padding adds nothing there, and a tile
+// skips its blocks. Dilated convs have many: ASPP's 3x3 with dilation 24 on a 41x41 map reads padding
+// for 39% of its (tap, output row) pairs, and with dilation >= 11 on an 11x11 map every tap but the centre
+// is dead. The result is unchanged (those products are all 0 * w), unless a weight is inf or NaN.
 //
 // sparse_linear is the same kernel on a 1x1 "convolution" whose output row is the batch: x^T [in][B].
 #include <ATen/Parallel.h>
@@ -30,9 +35,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -70,9 +78,12 @@ constexpr int kMaxVectors = 4;  // vectors of output pixels per register tile ro
 template <typename T>
 struct Plan {
   const T* P;
-  const int32_t* off;  // per non-zero, ordered by (output channel, input-channel block)
+  const int32_t* off;  // per non-zero, ordered by (output channel, block)
   const T* val;        // same order
   const int32_t* seg;  // [OC][blocks + 1]: segment b of row oc is [seg[oc][b], seg[oc][b + 1])
+  const uint8_t* row_live;      // [row groups][taps]: tap t reads some real input row in this row group
+  const uint8_t* live_vectors;  // [column tiles][taps][2]: the tile's vectors [lo, hi) where tap t reads
+                                // some real input column
   const T* bias;       // nullptr when none
   T* out;              // [N][OC][OH][OW]
   int64_t OC, OH, OW;
@@ -81,11 +92,13 @@ struct Plan {
   int64_t rows;      // output rows per item (<= kMaxRows)
   int64_t cols;      // output columns per item (<= kMaxVectors vectors)
   int64_t oc_chunk;  // output channels per item
-  int64_t blocks;    // input-channel blocks
+  int64_t blocks;          // = taps * channel_blocks; block b belongs to (pseudo-)tap b / channel_blocks
+  int64_t channel_blocks;  // blocks per tap
+  int64_t taps;            // taps of the liveness tables: the kernel's taps if tap-major, else 1 (all live)
 };
 
-// One output channel of a tile: R rows x NV vectors, over non-zeros [k0, k1).
-template <typename T, int NV, int R>
+// One output channel of a tile: R rows x vectors [V0, V1) of NV, over non-zeros [k0, k1).
+template <typename T, int NV, int R, int V0, int V1>
 inline __attribute__((always_inline)) void accumulate(typename Vec<T>::type (&acc)[R][NV], const T* __restrict base,
                                                       int64_t row_step, const int32_t* __restrict off,
                                                       const T* __restrict val, int64_t k0, int64_t k1) {
@@ -100,53 +113,100 @@ inline __attribute__((always_inline)) void accumulate(typename Vec<T>::type (&ac
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int i = 0; i < NV; ++i) acc[r][i] += v * load(rowp[r] + o + i * L);
+      for (int i = V0; i < V1; ++i) acc[r][i] += v * load(rowp[r] + o + i * L);
   }
 }
 
-// Output channels [oc0, oc1) of rows [oy, oy + R) and columns [ox, ox + count) of image n.
-template <typename T, int NV, int R>
-inline __attribute__((always_inline)) void item(const Plan<T>& g, int64_t n, int64_t oy, int64_t ox, int64_t count,
-                                                int64_t oc0, int64_t oc1, T* __restrict scratch) {
+// Block b of the tile over output channels [oc0, oc1); only vectors [V0, V1) of the tile read real input
+// in this block (V0 == V1: none, the block only starts and/or stores the tiles).
+template <typename T, int NV, int R, int V0, int V1>
+inline __attribute__((always_inline)) void sweep(const Plan<T>& g, const T* base, int64_t b, bool first, bool last,
+                                                 T* out, int64_t count, int64_t oc0, int64_t oc1,
+                                                 T* __restrict scratch) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::kLanes;
-  const T* base = g.P + n * g.in_batch + oy * g.row_step + ox;
   const int64_t stride = g.blocks + 1;
-  for (int64_t b = 0; b < g.blocks; ++b) {
-    const bool first = b == 0, last = b == g.blocks - 1;
-    for (int64_t oc = oc0; oc < oc1; ++oc) {
-      const int32_t k0 = g.seg[oc * stride + b], k1 = g.seg[oc * stride + b + 1];
-      if (k0 == k1 && !first && !last) continue;  // the parked tile is already right
-      V acc[R][NV];
-      T* park = scratch + (oc - oc0) * (R * NV * L);
-      if (first) {
-        const T bv = g.bias ? g.bias[oc] : T(0);
+  for (int64_t oc = oc0; oc < oc1; ++oc) {
+    const int32_t k0 = g.seg[oc * stride + b], k1 = V0 < V1 ? g.seg[oc * stride + b + 1] : k0;
+    if (k0 == k1 && !first && !last) continue;  // the parked tile is already right
+    V acc[R][NV];
+    T* park = scratch + (oc - oc0) * (R * NV * L);
+    if (first) {
+      const T bv = g.bias ? g.bias[oc] : T(0);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-          for (int i = 0; i < NV; ++i) acc[r][i] = V{} + bv;
-      } else {
-        std::memcpy(&acc[0][0], park, sizeof(acc));
-      }
-      accumulate<T, NV, R>(acc, base, g.row_step, g.off, g.val, k0, k1);
-      if (last) {
-        T* o = g.out + ((n * g.OC + oc) * g.OH + oy) * g.OW + ox;
+        for (int i = 0; i < NV; ++i) acc[r][i] = V{} + bv;
+    } else {
+      std::memcpy(&acc[0][0], park, sizeof(acc));
+    }
+    accumulate<T, NV, R, V0, V1>(acc, base, g.row_step, g.off, g.val, k0, k1);
+    if (last) {
+      T* o = out + oc * g.OH * g.OW;
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) std::memcpy(o + r * g.OW, &acc[r][0], count * sizeof(T));
-      } else {
-        std::memcpy(park, &acc[0][0], sizeof(acc));
-      }
+      for (int r = 0; r < R; ++r) std::memcpy(o + r * g.OW, &acc[r][0], count * sizeof(T));
+    } else {
+      std::memcpy(park, &acc[0][0], sizeof(acc));
     }
   }
 }
 
-template <typename T, int NV>
-inline __attribute__((always_inline)) void item_rows(const Plan<T>& g, int64_t rows, int64_t n, int64_t oy,
-                                                     int64_t ox, int64_t count, int64_t oc0, int64_t oc1, T* scratch) {
-  if (rows == 2) {
-    item<T, NV, 2>(g, n, oy, ox, count, oc0, oc1, scratch);
+// sweep<..., v0, v1> for runtime 0 <= v0 <= v1 <= NV, trying (V0, V1) = (0, 0), (0, 1), .., (NV, NV).
+template <typename T, int NV, int R, int V0 = 0, int V1 = 0>
+inline __attribute__((always_inline)) void sweep_vectors(int64_t v0, int64_t v1, const Plan<T>& g, const T* base,
+                                                         int64_t b, bool first, bool last, T* out, int64_t count,
+                                                         int64_t oc0, int64_t oc1, T* scratch) {
+  if constexpr (V1 > NV) {
+    if constexpr (V0 < NV) sweep_vectors<T, NV, R, V0 + 1, V0 + 1>(v0, v1, g, base, b, first, last, out, count, oc0,
+                                                                   oc1, scratch);
+  } else if (v0 == V0 && v1 == V1) {
+    sweep<T, NV, R, V0, V1>(g, base, b, first, last, out, count, oc0, oc1, scratch);
   } else {
-    item<T, NV, 1>(g, n, oy, ox, count, oc0, oc1, scratch);
+    sweep_vectors<T, NV, R, V0, V1 + 1>(v0, v1, g, base, b, first, last, out, count, oc0, oc1, scratch);
+  }
+}
+
+// Output channels [oc0, oc1) of row group `group` (rows [oy, oy + R)) and column tile `tile` (columns
+// [ox, ox + count)) of image n.
+template <typename T, int NV, int R>
+inline __attribute__((always_inline)) void item(const Plan<T>& g, int64_t n, int64_t group, int64_t tile,
+                                                int64_t count, int64_t oc0, int64_t oc1, T* __restrict scratch) {
+  const int64_t oy = group * g.rows, ox = tile * g.cols;
+  const T* base = g.P + n * g.in_batch + oy * g.row_step + ox;
+  T* out = g.out + (n * g.OC * g.OH + oy) * g.OW + ox;
+  const uint8_t* row_live = g.row_live + group * g.taps;
+  const uint8_t* vectors = g.live_vectors + tile * g.taps * 2;
+  const auto live = [&](int64_t b) {
+    const int64_t t = b / g.channel_blocks;
+    return row_live[t] && vectors[2 * t] < vectors[2 * t + 1];
+  };
+  // The first live block starts the tiles from the bias, the last one stores them; a tile with no live
+  // block at all (it reads only padding) runs block 0 as an empty one and stores the bias.
+  int64_t b_first = 0, b_last = 0;
+  while (b_first < g.blocks && !live(b_first)) ++b_first;
+  if (b_first == g.blocks) {
+    b_first = 0;
+  } else {
+    b_last = g.blocks - 1;
+    while (!live(b_last)) --b_last;
+  }
+  for (int64_t b = b_first; b <= b_last; ++b) {
+    const bool first = b == b_first, last = b == b_last, on = live(b);
+    if (!on && !first && !last) continue;
+    const int64_t t = b / g.channel_blocks;
+    const int64_t v0 = on ? vectors[2 * t] : 0, v1 = on ? vectors[2 * t + 1] : 0;
+    sweep_vectors<T, NV, R>(v0, v1, g, base, b, first, last, out, count, oc0, oc1, scratch);
+  }
+}
+
+template <typename T, int NV>
+inline __attribute__((always_inline)) void item_rows(const Plan<T>& g, int64_t rows, int64_t n, int64_t group,
+                                                     int64_t tile, int64_t count, int64_t oc0, int64_t oc1,
+                                                     T* scratch) {
+  if (rows == 2) {
+    item<T, NV, 2>(g, n, group, tile, count, oc0, oc1, scratch);
+  } else {
+    item<T, NV, 1>(g, n, group, tile, count, oc0, oc1, scratch);
   }
 }
 
@@ -164,13 +224,13 @@ ADAPMTL_SPARSE_MULTIVERSION void run_items(const Plan<T>& g, int64_t begin, int6
     const int64_t group = (it / (chunks * tiles)) % groups;
     const int64_t n = it / (chunks * tiles * groups);
     const int64_t oc0 = chunk * g.oc_chunk, oc1 = std::min(g.OC, oc0 + g.oc_chunk);
-    const int64_t ox = tile * g.cols, count = std::min(g.cols, g.OW - ox);
-    const int64_t oy = group * g.rows, rows = std::min(g.rows, g.OH - oy);
+    const int64_t count = std::min(g.cols, g.OW - tile * g.cols);
+    const int64_t rows = std::min(g.rows, g.OH - group * g.rows);
     switch ((count + L - 1) / L) {
-      case 1: item_rows<T, 1>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
-      case 2: item_rows<T, 2>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
-      case 3: item_rows<T, 3>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
-      default: item_rows<T, 4>(g, rows, n, oy, ox, count, oc0, oc1, scratch); break;
+      case 1: item_rows<T, 1>(g, rows, n, group, tile, count, oc0, oc1, scratch); break;
+      case 2: item_rows<T, 2>(g, rows, n, group, tile, count, oc0, oc1, scratch); break;
+      case 3: item_rows<T, 3>(g, rows, n, group, tile, count, oc0, oc1, scratch); break;
+      default: item_rows<T, 4>(g, rows, n, group, tile, count, oc0, oc1, scratch); break;
     }
   }
 }
@@ -230,22 +290,138 @@ struct ConvShape {
   int64_t row_step;             // elements of P between consecutive output rows
   std::vector<int64_t> tap;     // [KH * KW] offset of tap (kh, kw) from the channel start
   int64_t rows, cols;           // register tile: output rows x output columns (whole vectors)
-  int64_t bytes_per_row_tile;   // input bytes of one channel that a tile touches
+  // Geometry of the unpadded input, for the dead-tap test: output (oy, ox) of tap (kh, kw) reads input
+  // row oy * sh + kh * dh - ph and column ox * sw + kw * dw - pw.
+  int64_t H, W, KH, KW, sh, sw, ph, pw, dh, dw;
+  std::vector<uint8_t> row_live;      // [row groups][taps], see Plan
+  std::vector<uint8_t> live_vectors;  // [column tiles][taps][2], see Plan
+  std::vector<uint8_t> tap_used;      // [taps]: live in some tile; the other taps' non-zeros are dropped
+  // Block layout (choose_layout): tap-major blocks of cb channels of one tap, whose dead taps tiles skip,
+  // or channel-major blocks of cb channels x all taps (fewer, longer segments, and the plan is one
+  // direct pass; tiles run every block whole).
+  bool tap_major = false;
+  int64_t cb = 1;
 };
 
-// Input-channel block size: as many channels as keep a work item's input within kL1Budget bytes, but at
+// Channels per block (of one tap): as many as keep a work item's input within kL1Budget bytes, but at
 // least enough that a row segment averages kMinSegment non-zeros, else parking the tile between blocks
 // costs more than the misses it saves. Measured on the ResNet-34 head convs (2-core EPYC, AVX-512): with
-// 32 KiB of L1 the second rule wins at 90% sparsity (blocks of ~45 channels, an L2-sized working set);
-// no blocking at all was 10-25% slower, L1-sized blocks with short segments 20-40% slower.
+// 32 KiB of L1 the second rule wins at 90% sparsity (an L2-sized working set); no blocking at all was
+// 10-25% slower, L1-sized blocks with short segments 20-40% slower.
 constexpr int64_t kL1Budget = 20 << 10;
 constexpr double kMinSegment = 40.0;
 
-int64_t channel_block(const ConvShape& s, int64_t nnz, int64_t OC) {
-  const int64_t fit = std::max<int64_t>(1, kL1Budget / std::max<int64_t>(1, s.bytes_per_row_tile));
-  const double nnz_per_channel = double(nnz) / double(std::max<int64_t>(1, OC)) / double(s.C);
+int64_t channel_block(const ConvShape& s, int64_t nnz, int64_t OC, int64_t element_size, int64_t taps_per_block) {
+  const int64_t tile_bytes = s.rows * s.cols * element_size * taps_per_block;  // read per channel of a block
+  const int64_t fit = std::max<int64_t>(1, kL1Budget / std::max<int64_t>(1, tile_bytes));
+  const double nnz_per_channel =
+      double(nnz) / double(std::max<int64_t>(1, OC)) / double(s.C * s.taps) * double(taps_per_block);
   const int64_t dense_enough = nnz_per_channel > 0 ? int64_t(kMinSegment / nnz_per_channel) + 1 : s.C;
   return std::min(s.C, std::max(fit, dense_enough));
+}
+
+// Whether input index o * stride + k * dilation - pad of output position o lands in [0, size).
+inline bool reads_input(int64_t o, int64_t k, int64_t size, int64_t stride, int64_t pad, int64_t dilation) {
+  const int64_t at = o * stride + k * dilation - pad;
+  return at >= 0 && at < size;
+}
+
+// Fills s.row_live, s.live_vectors and s.tap_used for an OH x OW output (geometry, rows and cols set).
+//   row_live[group][t]: tap t = (kh, kw) reads a real input row for some output row of the group;
+//   live_vectors[tile][t] = [lo, hi): the tile's vectors in which tap t reads a real input column (one
+//   tap's columns form one run, so its live vectors do too); lo == hi when none.
+void find_live_taps(ConvShape& s, int64_t OH, int64_t OW, int64_t L) {
+  const int64_t groups = (OH + s.rows - 1) / s.rows, tiles = (OW + s.cols - 1) / s.cols, taps = s.KH * s.KW;
+  s.row_live.assign(groups * taps, 0);
+  s.live_vectors.assign(tiles * taps * 2, 0);
+  s.tap_used.assign(taps, 0);
+  std::vector<uint8_t> any_row(taps, 0), any_col(taps, 0);
+  for (int64_t i = 0; i < groups; ++i) {
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t oy = i * s.rows; oy < std::min(OH, (i + 1) * s.rows); ++oy)
+        s.row_live[i * taps + t] |= reads_input(oy, t / s.KW, s.H, s.sh, s.ph, s.dh);
+      any_row[t] |= s.row_live[i * taps + t];
+    }
+  }
+  for (int64_t i = 0; i < tiles; ++i) {
+    for (int64_t t = 0; t < taps; ++t) {
+      int64_t lo = -1, hi = -1;
+      for (int64_t ox = i * s.cols; ox < std::min(OW, (i + 1) * s.cols); ++ox) {
+        if (!reads_input(ox, t % s.KW, s.W, s.sw, s.pw, s.dw)) continue;
+        const int64_t v = (ox - i * s.cols) / L;
+        if (lo < 0) lo = v;
+        hi = v + 1;
+      }
+      s.live_vectors[(i * taps + t) * 2] = uint8_t(std::max<int64_t>(lo, 0));
+      s.live_vectors[(i * taps + t) * 2 + 1] = uint8_t(std::max<int64_t>(hi, 0));
+      any_col[t] |= hi > 0;
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) s.tap_used[t] = any_row[t] && any_col[t];
+}
+
+// Cost model of the two block layouts, in vector multiply-adds, measured on the 2-core EPYC: a tile's
+// visit to one (output channel, block) segment costs ~12 (parking, a mispredicted loop exit), grouping a
+// non-zero by tap ~5 against ~1.5 for the direct pass, and a tap-major multiply-add ~1.1 (a block's lines
+// are spread over more channels). Tap-major wins where many taps are dead (dilated convs), channel-major
+// where few are or where one tap's column holds few non-zeros (the 7x7 stem over 3 channels).
+constexpr double kVisitCost = 12.0, kGroupCost = 5.0, kDirectCost = 1.5, kTapMajorCost = 1.1;
+
+void choose_layout(ConvShape& s, int64_t nnz, int64_t OC, int64_t OH, int64_t OW, int64_t element_size, int64_t L) {
+  const int64_t groups = (OH + s.rows - 1) / s.rows, tiles = (OW + s.cols - 1) / s.cols, taps = s.taps;
+  const int64_t cb_tap = channel_block(s, nnz, OC, element_size, 1);
+  const int64_t cb_all = channel_block(s, nnz, OC, element_size, taps);
+  s.tap_major = false, s.cb = cb_all;
+  // ADAPMTL_CPU_SPARSE_LAYOUT=tap|channel forces a layout (tests run both on every shape); unset: the model.
+  const char* forced = std::getenv("ADAPMTL_CPU_SPARSE_LAYOUT");
+  if (forced && *forced) {
+    const std::string layout(forced);
+    TORCH_CHECK_VALUE(layout == "tap" || layout == "channel",
+                      "adapmtl: environment variable ADAPMTL_CPU_SPARSE_LAYOUT must be 'tap' or 'channel', got '",
+                      layout, "'");
+    if (layout == "tap") s.tap_major = true, s.cb = cb_tap;
+    return;
+  }
+  if (taps == 1 || nnz == 0) return;
+  const double nnz_per_tap = double(nnz) / double(taps);
+  const int64_t blocks_tap = (s.C + cb_tap - 1) / cb_tap, blocks_all = (s.C + cb_all - 1) / cb_all;
+  double fma_all = 0, fma_tap = 0, visits_all = 0, visits_tap = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t R = std::min(s.rows, OH - g * s.rows);
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t NV = (std::min(s.cols, OW - i * s.cols) + L - 1) / L;
+      visits_all += double(blocks_all);
+      for (int64_t t = 0; t < taps; ++t) {
+        if (!s.tap_used[t]) continue;
+        fma_all += nnz_per_tap * double(R * NV);
+        const int64_t live = s.row_live[g * taps + t] *
+                             (s.live_vectors[(i * taps + t) * 2 + 1] - s.live_vectors[(i * taps + t) * 2]);
+        fma_tap += nnz_per_tap * double(R * live);
+        visits_tap += live > 0 ? double(blocks_tap) : 0.0;
+      }
+    }
+  }
+  const double cost_all = fma_all + kVisitCost * visits_all * double(OC) + kDirectCost * double(nnz);
+  const double cost_tap = kTapMajorCost * fma_tap + kVisitCost * visits_tap * double(OC) + kGroupCost * double(nnz);
+  if (cost_tap < cost_all) s.tap_major = true, s.cb = cb_tap;
+}
+
+// The rows of P (padded row, copy) that some tile reads, as needed[row * U + copy]; copy_of[kw] is tap
+// column kw's copy. Tap-major: the rows of live (row group, tap) pairs; channel-major: every row of every
+// used tap. With a large dilation most padding rows are read by dead taps only (ASPP d24, 41x41: 48 of 89).
+std::vector<uint8_t> needed_rows(const ConvShape& s, int64_t OH, int64_t Hp, int64_t U,
+                                 const std::vector<int64_t>& copy_of) {
+  std::vector<uint8_t> needed(Hp * U, 0);
+  const int64_t groups = (OH + s.rows - 1) / s.rows, taps = s.taps;
+  for (int64_t t = 0; t < taps; ++t) {
+    if (!s.tap_used[t]) continue;
+    for (int64_t g = 0; g < groups; ++g) {
+      if (s.tap_major && !s.row_live[g * taps + t]) continue;
+      for (int64_t oy = g * s.rows; oy < std::min(OH, (g + 1) * s.rows); ++oy)
+        needed[(oy * s.sh + t / s.KW * s.dh) * U + copy_of[t % s.KW]] = 1;
+    }
+  }
+  return needed;
 }
 
 // pack(P, n0, count) writes images [n0, n0 + count) of the input into P (in_batch elements each).
@@ -263,56 +439,112 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   const T* vals = val_t.data_ptr<T>();
   const int64_t nnz = ci_t.numel();
 
-  const int64_t rows = s.rows, cols = s.cols;
-  const int64_t cb = channel_block(s, nnz, OC);
-  const int64_t blocks = (s.C + cb - 1) / cb;
+  const int64_t rows = s.rows, cols = s.cols, cb = s.cb;
+  const int64_t channel_blocks = (s.C + cb - 1) / cb;
+  const int64_t blocks = (s.tap_major ? s.taps : 1) * channel_blocks;
 
-  // Per column of a weight row: its offset in P and its channel block. A table, so that the per-non-zero
-  // pass below does no integer division (two divisions per non-zero cost ~1.5 ms on a 470k-non-zero conv).
+  // Per column of a weight row: its offset in P and its block. A table, so that the per-non-zero pass
+  // below does no integer division (two divisions per non-zero cost ~1.5 ms on a 470k-non-zero conv).
   const int64_t ncols = s.C * s.taps;
   std::vector<int32_t> col_off(ncols), col_block(ncols);
+  std::vector<uint8_t> col_used(ncols);
   for (int64_t c = 0; c < s.C; ++c) {
     for (int64_t t = 0; t < s.taps; ++t) {
       col_off[c * s.taps + t] = int32_t(c * s.plane + s.tap[t]);
-      col_block[c * s.taps + t] = int32_t(c / cb);
+      col_block[c * s.taps + t] = int32_t((s.tap_major ? t * channel_blocks : 0) + c / cb);
+      col_used[c * s.taps + t] = s.tap_used[t];
     }
   }
-  // Validate each row's columns, order them (SparseWeight's rows already are; user-built ones may not be),
-  // turn each non-zero into its offset in P and cut the row into per-block segments.
-  std::vector<int32_t> off(nnz), seg(OC * (blocks + 1));
-  std::vector<T> val(nnz);
+  const bool all_used = std::find(s.tap_used.begin(), s.tap_used.end(), 0) == s.tap_used.end();
+  // Each row's non-zeros become offsets into P, grouped by block, without those of dead taps (their
+  // products are all 0 * w). Channel-major blocks follow the order of sorted rows (SparseWeight's): one
+  // direct pass, and with every tap used the values are read in place. Tap-major blocks (and unsorted rows)
+  // take a stable counting sort by block. Both write the values they keep into `val`. Column indices come
+  // from user code: each is checked before use, in the same pass.
+  const bool direct = !s.tap_major;
+  const bool in_place = direct && all_used;
+  std::unique_ptr<int32_t[]> off(new int32_t[nnz]);  // every entry the kernel reads is written below
+  std::vector<int32_t> seg(OC * (blocks + 1));
+  std::vector<T> val(in_place ? 0 : nnz);
+  std::vector<uint8_t> unsorted(OC, 0);  // rows the direct pass leaves to the counting sort
+  const auto check_col = [&](int32_t col, int64_t k) {
+    TORCH_CHECK_VALUE(col >= 0 && col < ncols, op, ": argument 'col_idx' entries must lie in [0, ", ncols,
+                      "), got ", col, " at position ", k);
+  };
+  const auto group_row = [&](int64_t oc, T* grouped, std::vector<int32_t>& cursor) {
+    const int64_t k0 = rp[oc], n = rp[oc + 1] - k0;
+    const int32_t* c = ci + k0;
+    int32_t* sg = seg.data() + oc * (blocks + 1);
+    std::fill(sg, sg + blocks + 1, 0);
+    for (int64_t j = 0; j < n; ++j) {
+      check_col(c[j], k0 + j);
+      sg[col_block[c[j]] + 1] += col_used[c[j]];
+    }
+    sg[0] = int32_t(k0);
+    for (int64_t b = 1; b <= blocks; ++b) sg[b] += sg[b - 1];
+    cursor.assign(sg, sg + blocks);
+    for (int64_t j = 0; j < n; ++j) {
+      if (!col_used[c[j]]) continue;
+      const int32_t k = cursor[col_block[c[j]]]++;
+      off[k] = col_off[c[j]];
+      grouped[k] = vals[k0 + j];
+    }
+  };
   at::parallel_for(0, OC, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> order;
+    std::vector<int32_t> cursor;
     for (int64_t oc = begin; oc < end; ++oc) {
+      if (!direct) {
+        group_row(oc, val.data(), cursor);
+        continue;
+      }
       const int64_t k0 = rp[oc], n = rp[oc + 1] - k0;
       const int32_t* c = ci + k0;
       bool row_sorted = true;
       for (int64_t j = 0; j < n; ++j) {
-        TORCH_CHECK_VALUE(c[j] >= 0 && c[j] < ncols, op, ": argument 'col_idx' entries must lie in [0, ", ncols,
-                          "), got ", c[j], " at position ", k0 + j);
+        check_col(c[j], k0 + j);
         row_sorted = row_sorted && (j == 0 || c[j - 1] < c[j]);
       }
       if (!row_sorted) {
-        order.resize(n);
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return c[a] < c[b]; });
+        unsorted[oc] = 1;
+        continue;
       }
       int32_t* sg = seg.data() + oc * (blocks + 1);
-      int64_t b = 0;
+      // Branch-free filter: every non-zero is written at k, and k moves on only past those kept (a dead tap's
+      // non-zero is overwritten by the next one; the last write may land on an entry past the row's kept
+      // ones, which no segment covers).
+      int64_t b = 0, k = k0;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t src = row_sorted ? j : order[j];
-        const int32_t col = c[src];
-        while (b <= col_block[col]) sg[b++] = int32_t(k0 + j);
-        off[k0 + j] = col_off[col];
-        val[k0 + j] = vals[k0 + src];
+        while (b <= col_block[c[j]]) sg[b++] = int32_t(k);
+        off[k] = col_off[c[j]];
+        if (!in_place) val[k] = vals[k0 + j];
+        k += col_used[c[j]];
       }
-      while (b <= blocks) sg[b++] = int32_t(k0 + n);
+      while (b <= blocks) sg[b++] = int32_t(k);
     }
   });
+  if (std::find(unsorted.begin(), unsorted.end(), 1) != unsorted.end()) {
+    if (in_place) val.assign(vals, vals + nnz);  // the sorted rows keep their values
+    at::parallel_for(0, OC, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> cursor;
+      for (int64_t oc = begin; oc < end; ++oc)
+        if (unsorted[oc]) group_row(oc, val.data(), cursor);
+    });
+  }
+  // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
+  std::vector<uint8_t> all_rows, all_vectors;
+  if (!s.tap_major) {
+    const int64_t groups = (OH + rows - 1) / rows, tiles = (OW + cols - 1) / cols;
+    all_rows.assign(groups, 1);
+    all_vectors.resize(tiles * 2);
+    for (int64_t i = 0; i < tiles; ++i) {
+      all_vectors[2 * i] = 0;
+      all_vectors[2 * i + 1] = uint8_t((std::min(cols, OW - i * cols) + L - 1) / L);
+    }
+  }
 
   Plan<T> g;
-  g.off = off.data();
-  g.val = val.data();
+  g.off = off.get();
+  g.val = val.empty() ? vals : val.data();
   g.seg = seg.data();
   at::Tensor b_t;
   if (bias.has_value()) b_t = bias->contiguous();
@@ -321,6 +553,9 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   g.in_batch = in_batch;
   g.row_step = s.row_step;
   g.rows = rows, g.cols = cols, g.blocks = blocks;
+  g.channel_blocks = channel_blocks, g.taps = s.tap_major ? s.taps : 1;
+  g.row_live = s.tap_major ? s.row_live.data() : all_rows.data();
+  g.live_vectors = s.tap_major ? s.live_vectors.data() : all_vectors.data();
   // Chunks of output channels: enough items to balance the threads; parked tiles (<= 64 KiB) stay in L2.
   g.oc_chunk = std::min<int64_t>(OC, 128);
   const int64_t scratch_len = blocks > 1 ? g.oc_chunk * kMaxRows * kMaxVectors * L : 0;
@@ -348,12 +583,15 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   }
 }
 
-// Pad + copy images [n0, n0 + count) of x into P, any input strides (NCHW, channels-last, views). Every
-// element of P is written (data or zero), so the reused buffer needs no separate clearing pass.
+// Pad + copy images [n0, n0 + count) of x into P, any input strides (NCHW, channels-last, views): the rows
+// (padded row iy, copy u) with needed[iy * U + u] set, wholly (data or zero), so the reused buffer needs no
+// clearing pass; the kernel reads no other row.
 template <typename T>
 void pack_conv_input(const at::Tensor& x, T* P, int64_t n0, int64_t count, const ConvShape& s, int64_t ph,
-                     int64_t pw, int64_t sw, int64_t Wrow, const std::vector<std::pair<int64_t, int64_t>>& copies) {
+                     int64_t pw, int64_t sw, int64_t Wrow, const std::vector<std::pair<int64_t, int64_t>>& copies,
+                     const std::vector<uint8_t>& needed) {
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3), U = copies.size();
+  const int64_t Hp = int64_t(needed.size()) / U;
   const T* xp = x.data_ptr<T>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
   // The copy is cheap next to the kernel: split it across threads only when large, since every parallel
@@ -364,12 +602,16 @@ void pack_conv_input(const at::Tensor& x, T* P, int64_t n0, int64_t count, const
       const int64_t n = nc / C, c = nc % C;
       const T* src = xp + (n0 + n) * s0 + c * s1;
       T* dst = P + nc * s.plane;
-      std::fill(dst, dst + ph * U * Wrow, T(0));
-      std::fill(dst + (ph + H) * U * Wrow, dst + s.plane, T(0));
-      for (int64_t iy = 0; iy < H; ++iy) {
-        const T* srow = src + iy * s2;
+      for (int64_t py = 0; py < Hp; ++py) {
+        const int64_t iy = py - ph;
         for (int64_t u = 0; u < U; ++u) {
-          T* drow = dst + ((iy + ph) * U + u) * Wrow;
+          if (!needed[py * U + u]) continue;
+          T* drow = dst + (py * U + u) * Wrow;
+          if (iy < 0 || iy >= H) {
+            std::fill(drow, drow + Wrow, T(0));
+            continue;
+          }
+          const T* srow = src + iy * s2;
           const int64_t p = copies[u].first, sigma = copies[u].second;
           // drow[j] = padded column (j + sigma) * sw + p, i.e. x column ix = (j + sigma) * sw + p - pw
           if (sw == 1 && s3 == 1) {
@@ -458,22 +700,15 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.tap.resize(KH * KW);
   for (int64_t kh = 0; kh < KH; ++kh)
     for (int64_t kw = 0; kw < KW; ++kw) s.tap[kh * KW + kw] = (kh * dh * U + copy_of[kw]) * Wrow + skip[kw];
-  {
-    std::vector<int64_t> row_set, windows;
-    for (int64_t r = 0; r < s.rows; ++r)
-      for (int64_t kh = 0; kh < KH; ++kh) row_set.push_back(r * sh + kh * dh);
-    for (int64_t kw = 0; kw < KW; ++kw) windows.push_back(copy_of[kw] * Wrow + skip[kw]);
-    for (auto* v : {&row_set, &windows}) {
-      std::sort(v->begin(), v->end());
-      v->erase(std::unique(v->begin(), v->end()), v->end());
-    }
-    s.bytes_per_row_tile = int64_t(row_set.size() * windows.size()) * s.cols * int64_t(x.element_size());
-  }
+  s.H = H, s.W = W, s.KH = KH, s.KW = KW, s.sh = sh, s.sw = sw, s.ph = ph, s.pw = pw, s.dh = dh, s.dw = dw;
+  find_live_taps(s, OH, OW, L);
+  choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+  const std::vector<uint8_t> needed = needed_rows(s, OH, Hp, U, copy_of);
   const int64_t in_batch = C * s.plane;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
     run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
                        [&](scalar_t* P, int64_t n0, int64_t count) {
-                         pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies);
+                         pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies, needed);
                        });
   });
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
@@ -500,7 +735,9 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   ConvShape s;
   s.C = in_features, s.taps = 1, s.plane = Wrow, s.row_step = Wrow, s.tap = {0};
   s.rows = 1, s.cols = std::min<int64_t>(kMaxVectors, Wrow / L) * L;
-  s.bytes_per_row_tile = s.cols * int64_t(x.element_size());
+  s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
+  find_live_taps(s, 1, B, L);
+  choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
     run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_features * Wrow,
                        [&](scalar_t* P, int64_t, int64_t) {
