@@ -46,10 +46,11 @@ POLICIES = ("time", "crossover")
 
 # Crossover sparsity per device type and layer kind: sparse is used at or above it (see module docstring).
 # CPU: benchmarks/results/sparse_conv_all_b1_cpu-AMD-EPYC-2c.json (2-core AVX-512 machine, batch 1, every
-# conv shape of both models at 321x321 input, random masks): 3x3/7x7 convs cross over at 0.51-0.67
-# (MobileNetV2's ASPP 3x3 at 11x11 with dilation >= 12: 0.83-0.84), 1x1 convs at 0.50-0.73. The values
-# below are about the upper quartiles, i.e. conservative; linear layers were not measured and use the 1x1
-# value. policy="time" decides per layer on the machine at hand.
+# conv shape of both models at 321x321 input, random masks): 3x3/7x7 convs cross over at 0.50-0.72 (the
+# strongly dilated ASPP convs lowest, 0.50-0.60: the kernel skips taps that read only padding), 1x1 convs
+# at 0.50-0.73 (one small 11x11 conv of 1.3 ms at 0.83). The values below are about the upper quartiles,
+# i.e. conservative; linear layers were not measured and use the 1x1 value. policy="time" decides per
+# layer on the machine at hand.
 # CUDA: no measurement yet -> conservative (sparse only for very sparse layers).
 CROSSOVER = {
     "cpu": {"1x1": 0.65, "kxk": 0.7, "linear": 0.65},

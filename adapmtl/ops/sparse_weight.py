@@ -16,8 +16,9 @@ for bit. Empty rows (fully pruned output channels) have row_ptr[i] == row_ptr[i 
 
 Kernel-private re-orderings are derived from these arrays inside each kernel and never stored:
 the C++ CPU kernel turns each (c, kh, kw) into one element offset into a zero-padded, vector-aligned
-copy of the input and cuts each row into per-input-channel-block segments (csrc/cpu/sparse_conv_cpu.cpp
-explains it); it also accepts rows whose columns are not sorted, and sorts them per call.
+copy of the input and groups each row into blocks, either of input channels (all taps) or of one tap
+and a range of input channels, so that output tiles can skip taps that read only zero padding
+(csrc/cpu/sparse_conv_cpu.cpp explains it); it also accepts rows whose columns are not sorted.
 """
 from __future__ import annotations
 

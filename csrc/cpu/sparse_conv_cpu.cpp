@@ -19,14 +19,19 @@
 // Cache blocking: every non-zero costs one vector load per accumulator, and nothing is reused within an
 // output channel, so the input rows a tile reads must stay in cache while the output channels stream past.
 // A work item is (image, row pair, column tile, chunk of output channels); inside it the non-zeros are cut
-// into blocks of (kernel tap, range of input channels), tap-major, and each block is swept over all output
-// channels of the chunk (the non-zeros of a row are grouped into per-block segments once per call), with
-// the partial tiles parked in a per-thread scratch between blocks.
+// into blocks, and each block is swept over all output channels of the chunk (the non-zeros of a row are
+// grouped into per-block segments once per call), with the partial tiles parked in a per-thread scratch
+// between blocks. Two block layouts (choose_layout picks one per call from a cost model):
+//   channel-major: a range of input channels, all taps (the order SparseWeight stores; fewer, longer
+//                  segments, and the per-call plan is one direct pass);
+//   tap-major:     one tap and a range of input channels, so that a tile can skip dead taps.
 //
-// Dead taps: a tap whose reads for a whole tile fall in the zero padding adds nothing there, and a tile
-// skips its blocks. Dilated convs have many: ASPP's 3x3 with dilation 24 on a 41x41 map reads padding
-// for 39% of its (tap, output row) pairs, and with dilation >= 11 on an 11x11 map every tap but the centre
-// is dead. The result is unchanged (those products are all 0 * w), unless a weight is inf or NaN.
+// Dead taps: a tap whose reads for a whole tile fall in the zero padding adds nothing there. Tap-major
+// tiles skip its blocks (and, within a tile, the vectors of a tap that read only padding); in both layouts
+// a tap dead in every tile is dropped from the plan, and the pack writes only the rows of P that some tile
+// reads. Dilated convs have many: ASPP's 3x3 with dilation 24 on a 41x41 map reads padding for 39% of its
+// (tap, output row) pairs, and with dilation >= 11 on an 11x11 map every tap but the centre is dead. The
+// result is unchanged (those products are all 0 * w), unless a weight is inf or NaN.
 //
 // sparse_linear is the same kernel on a 1x1 "convolution" whose output row is the batch: x^T [in][B].
 #include <ATen/Parallel.h>
