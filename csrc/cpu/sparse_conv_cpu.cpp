@@ -44,7 +44,6 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <string>
 #include <vector>
 
