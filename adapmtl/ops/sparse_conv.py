@@ -8,6 +8,10 @@ Backends (all compute `F.conv2d(x, sw.to_dense(), ...)` / `F.linear(x, sw.to_den
   triton     Triton kernel              -> torch.ops.adapmtl.sparse_conv2d_triton (Python custom op)
   auto       cpp on CPU / cuda (else triton) on GPU when built and the dtype is supported, else torch
 
+The cpp kernel skips, per output tile, kernel taps that read only zero padding (large dilations) and
+picks its block layout per call; ADAPMTL_CPU_SPARSE_LAYOUT=tap|channel forces one (for tests and
+debugging; csrc/cpu/sparse_conv_cpu.cpp explains both).
+
 Grouped and depthwise convolutions (groups > 1) always run dense (F.conv2d on the unpacked
 weight), whatever the backend: their per-group rows are too short for sparsity to pay off.
 
