@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 
 from adapmtl import nn, ops  # noqa: E402  (importing ops loads the compiled extensions)
 from adapmtl import data, losses, metrics, models, tasks  # noqa: E402
-from adapmtl.export import export_sparse, load_exported, save_exported  # noqa: E402
+from adapmtl.export import export_sparse  # noqa: E402
+from adapmtl.export_format import load_exported, save_exported  # noqa: E402
 from adapmtl.ops import SparseWeight  # noqa: E402
 from adapmtl.sparsify import (  # noqa: E402
     LiveSparsity,

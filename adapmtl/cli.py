@@ -145,7 +145,14 @@ def cmd_compare(args) -> int:
     from adapmtl.train import Trainer
     from adapmtl.train.config import apply_override
 
+    from adapmtl.train.config import METHODS
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:  # before the first run starts, not after the dense one
+        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {METHODS}")
+    if not 0 < args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in (0, 1), got {args.sparsity}")
     if "dense" not in methods:
         methods = ["dense"] + methods
     base_out = args.out
@@ -233,11 +240,28 @@ def main(argv=None) -> int:
                "compare": cmd_compare}[args.command]
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print(f"adapmtl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:  # a user's mistake: one line naming it (ADAPMTL_DEBUG=1 shows the traceback)
         if os.environ.get("ADAPMTL_DEBUG"):
             raise
-        print(f"adapmtl {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"adapmtl {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple:
+    """What bad input raises: bad values and types, unreadable or missing files, malformed YAML/safetensors."""
+    import yaml
+
+    errors = [ValueError, TypeError, OSError, KeyError, yaml.YAMLError]
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

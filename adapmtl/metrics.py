@@ -351,13 +351,18 @@ def delta_t(results: dict, dense_results: dict, directions: dict) -> tuple[dict[
 
     `directions`: {task: {metric: lower_is_better}} (e.g. `directions("nyuv2")`): exactly these
     metrics are summed; or a flat {metric: lower_is_better}: every metric of results[task] listed
-    there is summed. Returns ({task: ΔT_i}, ΔT)."""
+    there is summed. lower_is_better is True/False or "lower"/"higher" (anything else is refused).
+    Returns ({task: ΔT_i}, ΔT)."""
     for arg, v in (("results", results), ("dense_results", dense_results), ("directions", directions)):
         if not isinstance(v, dict) or not v:
             raise TypeError(f"delta_t: argument '{arg}' must be a non-empty dict")
     nested = all(isinstance(v, dict) for v in directions.values())
-    if not nested and not all(isinstance(v, bool) for v in directions.values()):
-        raise TypeError("delta_t: argument 'directions' must map task -> {metric: bool} or metric -> bool")
+    flat = directions.values() if not nested else [d for inner in directions.values() for d in inner.values()]
+    for d in flat:  # 1 / -1 would both read as "lower is better": only booleans or the two words
+        if not (isinstance(d, bool) or d in ("lower", "higher")):
+            raise TypeError("delta_t: argument 'directions' must map task -> {metric: lower_is_better} or "
+                            "metric -> lower_is_better, each True/False or 'lower'/'higher', got "
+                            f"{d!r}")
     tasks = list(directions) if nested else list(results)
     per_task: dict[str, float] = {}
     for task in tasks:
@@ -377,7 +382,7 @@ def delta_t(results: dict, dense_results: dict, directions: dict) -> tuple[dict[
             m, d = float(results[task][metric]), float(dense_results[task][metric])
             if d == 0:
                 raise ValueError(f"delta_t: dense value of {task}/{metric} is 0; the relative change is undefined")
-            sign = -1.0 if lower else 1.0
+            sign = -1.0 if lower in (True, "lower") else 1.0
             total += sign * (m - d) / d * 100.0
         per_task[task] = total
     return per_task, sum(per_task.values()) / len(per_task)

@@ -7,6 +7,20 @@
 
 namespace adapmtl {
 
+// Size arithmetic on user-controlled values (shapes, strides, padding, dilation) that must not wrap:
+// an overflow raises ValueError naming what was being computed, before anything is allocated.
+inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t b) {
+  int64_t r = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &r), op, ": ", what, " overflows int64 (", a, " * ", b, ")");
+  return r;
+}
+
+inline int64_t checked_add(const char* op, const char* what, int64_t a, int64_t b) {
+  int64_t r = 0;
+  TORCH_CHECK_VALUE(!__builtin_add_overflow(a, b, &r), op, ": ", what, " overflows int64 (", a, " + ", b, ")");
+  return r;
+}
+
 inline void check_soft_threshold_args(const char* op, const at::Tensor& w, const at::Tensor& s) {
   TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), op, ": argument 'w' must be a floating-point tensor, got ",
                    w.scalar_type());

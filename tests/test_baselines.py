@@ -16,14 +16,14 @@ def syn_root(tmp_path_factory):
     from adapmtl.data import make_synthetic_scenes
 
     root = tmp_path_factory.mktemp("synb") / "scenes"
-    make_synthetic_scenes(str(root), n_train=16, n_test=4, size=32, seed=1)
+    make_synthetic_scenes(str(root), n_train=16, n_test=4, size=32, seed=0)
     return str(root)
 
 
 def tiny_cfg(root, out_dir, method, **over):
     cfg = config_from_dict({
         "method": method, "seed": 1, "out_dir": str(out_dir),
-        "data": {"dataset": "synthetic", "root": root, "crop_size": 32, "batch_size": 4, "eval_batch_size": 8,
+        "data": {"dataset": "synthetic", "root": root, "n_train": 16, "n_test": 4, "image_size": 32, "crop_size": 32, "batch_size": 4, "eval_batch_size": 8,
                  "val_fraction": 0.25},
         "model": {"backbone": "tiny", "head_channels": 4},
         "prune": {"target_sparsity": 0.8, "s0": -5.0, "prune_start": 0.25, "prune_end": 0.75, "rounds": 3,

@@ -20,13 +20,13 @@ def cfg_file(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("cli")
     root = d / "scenes"
-    make_synthetic_scenes(str(root), n_train=12, n_test=4, size=32, seed=3)
+    make_synthetic_scenes(str(root), n_train=12, n_test=4, size=32, seed=0)
     path = d / "tiny.yaml"
     path.write_text(f"""
 method: adapmtl
 seed: 0
 out_dir: {d / 'run'}
-data: {{dataset: synthetic, root: {root}, crop_size: 32, batch_size: 4, eval_batch_size: 4, val_fraction: 0.25}}
+data: {{dataset: synthetic, root: {root}, n_train: 12, n_test: 4, image_size: 32, crop_size: 32, batch_size: 4, eval_batch_size: 4, val_fraction: 0.25}}
 model: {{backbone: tiny, head_channels: 4}}
 prune: {{s0: -4.0, target_sparsity: 0.5, prune_start: 0.25, prune_end: 0.75, rounds: 2, score_batches: 1,
         update_every: 2}}

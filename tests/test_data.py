@@ -114,7 +114,10 @@ def test_val_split_is_deterministic_and_disjoint(tmp_path):
 def test_nyuv2_errors_name_file_and_root(tmp_path):
     meta = _write_nyu(tmp_path)
     os.remove(tmp_path / meta["test"][1][3])
-    ds = NYUv2(tmp_path, "test")
+    with pytest.raises(DatasetError, match="1 file") as e:  # the whole index is checked up front
+        NYUv2(tmp_path, "test")
+    assert meta["test"][1][3] in str(e.value) and str(tmp_path) in str(e.value)
+    ds = NYUv2(tmp_path, "test", check_files=False)
     with pytest.raises(DatasetError) as e:
         ds[1]
     assert meta["test"][1][3] in str(e.value) and str(tmp_path) in str(e.value)

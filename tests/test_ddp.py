@@ -23,7 +23,7 @@ def _worker(rank, world, port, root, out_dir, results_dir):
     torch.set_num_threads(1)
     cfg = config_from_dict({
         "method": "adapmtl", "seed": 7, "out_dir": out_dir, "device": "cpu",
-        "data": {"dataset": "synthetic", "root": root, "crop_size": 32, "batch_size": 2, "val_fraction": 0.25},
+        "data": {"dataset": "synthetic", "root": root, "n_train": 12, "n_test": 2, "image_size": 32, "crop_size": 32, "batch_size": 2, "val_fraction": 0.25},
         "model": {"backbone": "tiny", "head_channels": 4},
         # a large lr makes the sparsity swing around the target: the cap fires on some steps, not on others
         "prune": {"s0": -4.2, "target_sparsity": 0.25},
@@ -53,7 +53,7 @@ def test_two_rank_gloo_ranks_stay_identical(tmp_path):
     from adapmtl.data import make_synthetic_scenes
 
     root = str(tmp_path / "scenes")
-    make_synthetic_scenes(root, n_train=12, n_test=2, size=32, seed=2)
+    make_synthetic_scenes(root, n_train=12, n_test=2, size=32, seed=0)
     results = tmp_path / "results"
     results.mkdir()
     mp.spawn(_worker, args=(2, _free_port(), root, str(tmp_path / "run"), str(results)), nprocs=2, join=True)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import adapmtl
-from adapmtl.export import CROSSOVER, METADATA_KEY, export_sparse, load_exported, save_exported
+from adapmtl.export import CROSSOVER, export_sparse
+from adapmtl.export_format import METADATA_KEY, load_exported, save_exported
 from adapmtl.models import build_model
 from adapmtl.nn.sparse_layers import SparseConv2d, SparseLinear
 
@@ -125,7 +126,7 @@ def test_saved_file_is_safetensors_with_json_config(tmp_path):
         keys = set(f.keys())
     assert config["format"] == "adapmtl-sparse-export"
     assert {"fc.row_ptr", "fc.col_idx", "fc.values", "fc.bias"} <= keys
-    assert config["modules"]["fc"]["class"] == "adapmtl.nn.sparse_layers:SparseLinear"
+    assert config["modules"]["fc"]["class"] == "adapmtl.SparseLinear"
 
 
 def test_load_refuses_unknown_classes_and_functions(tmp_path):

@@ -28,7 +28,7 @@ def syn_root(tmp_path_factory):
 def tiny_cfg(root, out_dir, **over) -> Config:
     base = {
         "method": "adapmtl", "seed": 3, "out_dir": str(out_dir),
-        "data": {"dataset": "synthetic", "root": root, "crop_size": 32, "batch_size": 4, "eval_batch_size": 8,
+        "data": {"dataset": "synthetic", "root": root, "n_train": 20, "n_test": 6, "image_size": 32, "crop_size": 32, "batch_size": 4, "eval_batch_size": 8,
                  "val_fraction": 0.2},
         "model": {"backbone": "tiny", "head_channels": 4},
         "prune": {"s0": -5.0, "target_sparsity": 0.9},

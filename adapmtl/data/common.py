@@ -18,6 +18,34 @@ def _where(path: str, root: str) -> str:
     return f"{path!r} (dataset root {root!r})"
 
 
+def resolve_index_path(rel, root: str, where: str, allow_outside_root: bool = False) -> str:
+    """The path of an index entry, confined to the dataset root: absolute paths, `..` climbs and symlinks
+    that leave the root are refused (an index file is untrusted input) unless `allow_outside_root`."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise DatasetError(f"{where}: index entries must be non-empty paths, got {rel!r} (dataset root {root!r})")
+    if allow_outside_root:
+        return os.path.join(root, rel)
+    if os.path.isabs(rel):
+        raise DatasetError(f"{where}: index entry {rel!r} is an absolute path; entries must be relative to the dataset "
+                           f"root {root!r} (allow_outside_root / data.allow_outside_root allows others)")
+    path = os.path.join(root, rel)
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise DatasetError(f"{where}: index entry {rel!r} resolves to {real!r}, outside the dataset root {root!r} "
+                           "(allow_outside_root / data.allow_outside_root allows it)")
+    return path
+
+
+def check_index_files(paths, root: str, what: str) -> None:
+    """Every file of the index present and readable, checked before training starts: one error listing the
+    problems instead of a failure at some later iteration."""
+    bad = [p for p in paths if not (os.path.isfile(p) and os.access(p, os.R_OK))]
+    if bad:
+        shown = ", ".join(repr(p) for p in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DatasetError(f"{what}: {len(bad)} file(s) listed in the index are missing or unreadable "
+                           f"(dataset root {root!r}): {shown}")
+
+
 def check_file(path: str, root: str) -> None:
     if not os.path.isfile(path):
         raise DatasetError(f"missing file {_where(path, root)}")

@@ -11,10 +11,12 @@ from adapmtl.data import transforms as T
 from adapmtl.data.common import (
     DatasetError,
     as_2d,
+    check_index_files,
     check_size,
     read_image,
     read_json,
     read_npy,
+    resolve_index_path,
     split_indices,
 )
 from adapmtl.tasks import IGNORE_INDEX, NYUV2_TASKS
@@ -53,6 +55,10 @@ class NYUv2(Dataset):
     Train (augment=True, the default for "train"): random scale [0.5, 1.5), horizontal flip, random
     crop/pad to crop_size. Otherwise: resize to crop_size x crop_size (labels nearest).
 
+    Index entries are confined to `root` (no absolute paths, no `..` or symlinks out of it) unless
+    `allow_outside_root`; with `check_files` (default) every listed file is checked to exist and be
+    readable when the split is made.
+
     Sample: "image" float32 [3,H,W] (BGR minus mean, no /255); "segment_semantic" int64 [H,W] (255 =
     ignore); "normal" float32 [3,H,W] + "normal_mask" bool [H,W]; "depth" float32 [1,H,W] +
     "depth_mask" bool [H,W]; "index" int.
@@ -61,7 +67,8 @@ class NYUv2(Dataset):
     tasks = NYUV2_TASKS
 
     def __init__(self, root, split: str = "train", crop_size=321, augment: bool | None = None,
-                 val_fraction: float = 0.1, seed: int = 0, normal_channel: int = 0):
+                 val_fraction: float = 0.1, seed: int = 0, normal_channel: int = 0, allow_outside_root: bool = False,
+                 check_files: bool = True):
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"NYUv2: argument 'root' must be a path, got {type(root).__name__}")
         if split not in SPLITS:
@@ -91,7 +98,10 @@ class NYUv2(Dataset):
             entries = [entries[i] for i in split_indices(len(entries), split, val_fraction, seed)]
         if not entries:
             raise DatasetError(f"NYUv2: split {split!r} is empty (dataset root {self.root!r}, val_fraction={val_fraction})")
-        self.entries = [[os.path.join(self.root, p) for p in e] for e in entries]
+        self.entries = [[resolve_index_path(p, self.root, f"NYUv2: {JSON_NAME}", allow_outside_root) for p in e]
+                        for e in entries]
+        if check_files:
+            check_index_files([p for e in self.entries for p in e], self.root, f"NYUv2: split {split!r}")
         self.specs = {t.name: t for t in self.tasks}
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ WALL, FLOOR, CEILING = 0, 1, 21
 BOX_CLASSES = (2, 16, 28)  # cabinet, dresser, box
 SPHERE_CLASSES = (17, 39)  # pillow, otherprop
 CYLINDER_CLASSES = (34, 38)  # lamp, otherfurniture
+PARAMS_NAME = "synthetic.json"
 _PALETTE = np.random.default_rng(12345).uniform(0.15, 0.95, size=(40, 3))
 
 
@@ -200,6 +201,24 @@ def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, s
             Image.fromarray(encode_normal(scene["normal"], scene["valid"]), "RGB").save(os.path.join(root, paths[2]))
             np.save(os.path.join(root, paths[3]), scene["depth"])
             meta[split].append(paths)
-    with open(os.path.join(root, JSON_NAME), "w") as fh:
+    with open(os.path.join(root, PARAMS_NAME), "w") as fh:
+        json.dump(synthetic_params(n_train, n_test, size, seed), fh)
+    with open(os.path.join(root, JSON_NAME), "w") as fh:  # last: its presence means the folder is complete
         json.dump(meta, fh, indent=1)
     return meta
+
+
+def synthetic_params(n_train: int, n_test: int, size, seed: int) -> dict:
+    """What a folder of scenes was generated with (stored beside them as synthetic.json)."""
+    size = [size, size] if isinstance(size, int) else list(size)
+    return {"n_train": n_train, "n_test": n_test, "size": size, "seed": seed}
+
+
+def read_synthetic_params(root) -> dict | None:
+    """The parameters stored in a scenes folder, or None (no folder, or made by an older adapmtl)."""
+    try:
+        with open(os.path.join(os.fspath(root), PARAMS_NAME)) as fh:
+            params = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return params if isinstance(params, dict) else None

@@ -8,7 +8,17 @@ import torch
 from torch.utils.data import Dataset
 
 from adapmtl.data import transforms as T
-from adapmtl.data.common import DatasetError, as_2d, check_size, read_image, read_json, read_npy, split_indices
+from adapmtl.data.common import (
+    DatasetError,
+    as_2d,
+    check_index_files,
+    check_size,
+    read_image,
+    read_json,
+    read_npy,
+    resolve_index_path,
+    split_indices,
+)
 from adapmtl.tasks import IGNORE_INDEX, TASKONOMY_TASKS
 
 JSON_NAME = "taskonomy.json"
@@ -34,13 +44,14 @@ class Taskonomy(Dataset):
     uint16 -> log(1 + d) / log(2^16), valid where d < 64500; keypoints2d / edge_texture uint16 ->
     (v / 2^16) clipped to [0, 0.005] / [0, 0.08] and mapped to [-1, 1]. Train: random scale, flip,
     random crop/pad to crop_size (224); test/val: the `size` x `size` maps. Splits as NYUv2 ("val" =
-    held-out part of the train list). `class_weights` holds the prior factors as a tensor.
+    held-out part of the train list). `class_weights` holds the prior factors as a tensor. Index paths are
+    confined to `root` and checked up front, as in NYUv2 (`allow_outside_root`, `check_files`).
     """
 
     tasks = TASKONOMY_TASKS
 
     def __init__(self, root, split: str = "train", crop_size=224, size=256, augment: bool | None = None,
-                 val_fraction: float = 0.1, seed: int = 0):
+                 val_fraction: float = 0.1, seed: int = 0, allow_outside_root: bool = False, check_files: bool = True):
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"Taskonomy: argument 'root' must be a path, got {type(root).__name__}")
         if split not in SPLITS:
@@ -74,7 +85,10 @@ class Taskonomy(Dataset):
             raise DatasetError(f"class weights must be 17 finite non-negative values, got shape {prior.shape} in "
                                f"{prior_path!r} (dataset root {self.root!r})")
         self.class_weights = torch.from_numpy(prior)
-        self.entries = [[os.path.join(self.root, p) for p in e] for e in entries]
+        self.entries = [[resolve_index_path(p, self.root, f"Taskonomy: {JSON_NAME}", allow_outside_root) for p in e]
+                        for e in entries]
+        if check_files:
+            check_index_files([p for e in self.entries for p in e], self.root, f"Taskonomy: split {split!r}")
         self.specs = {t.name: t for t in self.tasks}
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from adapmtl.checkpoint_io import CheckpointError, is_adapmtl_checkpoint, load_checkpoint_file
 from adapmtl.models.aspp import ASPPHead
 from adapmtl.models.mobilenet import MobileNetV2Backbone
 from adapmtl.models.resnet import DeepLabResNet34
@@ -117,7 +118,17 @@ def load_checkpoint(model: nn.Module, path_or_state, strict: bool = True, map_lo
     if isinstance(path_or_state, (str, os.PathLike)):
         if not os.path.isfile(path_or_state):
             raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {os.fspath(path_or_state)!r}")
-        state = torch.load(path_or_state, map_location=map_location, weights_only=True)
+        path = os.fspath(path_or_state)
+        if is_adapmtl_checkpoint(path):  # a trainer checkpoint: verified, then its "model" entry
+            state = load_checkpoint_file(path, map_location)
+        else:
+            try:
+                state = torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds for a bad file
+                raise CheckpointError(f"load_checkpoint: cannot read {path!r} as a torch checkpoint "
+                                      f"({type(exc).__name__}: {exc})") from exc
+            if not isinstance(state, dict):
+                raise CheckpointError(f"load_checkpoint: {path!r} holds a {type(state).__name__}, expected a state dict")
     elif isinstance(path_or_state, dict):
         state = path_or_state
     else:

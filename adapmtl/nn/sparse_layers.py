@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from adapmtl.ops.sparse_conv import sparse_conv2d, sparse_linear
+from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, int_pair, sparse_conv2d, sparse_linear
 from adapmtl.ops.sparse_weight import SparseWeight
 
 
@@ -28,17 +29,36 @@ class _SparseBase(nn.Module):
     values: Tensor
     bias: Optional[Tensor]
 
-    def _set_weight(self, sw: SparseWeight, bias: Optional[Tensor]) -> None:
+    def _set_weight(self, op: str, sw: SparseWeight, bias: Optional[Tensor], backend: str) -> None:
+        if not isinstance(sw, SparseWeight):
+            raise TypeError(f"{op}: argument 'sw' must be a SparseWeight, got {type(sw).__name__}")
+        if bias is not None:
+            if not isinstance(bias, Tensor) or tuple(bias.shape) != (sw.shape[0],) or bias.dtype != sw.dtype:
+                raise ValueError(f"{op}: argument 'bias' must be a [{sw.shape[0]}] tensor of dtype {sw.dtype}, got "
+                                 f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}"
+                                 f"{' ' + str(bias.dtype) if isinstance(bias, Tensor) else ''}")
+        if backend not in SPARSE_BACKENDS:
+            raise ValueError(f"{op}: argument 'backend' must be one of {SPARSE_BACKENDS}, got {backend!r}")
         self.register_buffer("row_ptr", sw.row_ptr)
         self.register_buffer("col_idx", sw.col_idx)
         self.register_buffer("values", sw.values)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.weight_shape = tuple(sw.shape)
+        self.backend = backend
+        self._packed, self._packed_versions = sw, _versions((sw.row_ptr, sw.col_idx, sw.values))
 
     @property
     def sparse_weight(self) -> SparseWeight:
-        """The packed weight (a view of the buffers: follows `.to()` and `load_state_dict`)."""
-        return SparseWeight(self.row_ptr, self.col_idx, self.values, self.weight_shape)
+        """The packed weight over the buffers (follows `.to()` and `load_state_dict`). Validated once per
+        change of the buffers (a new tensor or an in-place write), not per forward."""
+        sw = self.__dict__.get("_packed")
+        buffers = (self.row_ptr, self.col_idx, self.values)
+        if sw is not None and all(a is b for a, b in zip((sw.row_ptr, sw.col_idx, sw.values), buffers)) \
+                and sw.shape == self.weight_shape and self.__dict__.get("_packed_versions") == _versions(buffers):
+            return sw
+        sw = SparseWeight(*buffers, self.weight_shape)
+        self.__dict__["_packed"], self.__dict__["_packed_versions"] = sw, _versions(buffers)
+        return sw
 
     @property
     def sparsity(self) -> float:
@@ -54,18 +74,20 @@ class SparseConv2d(_SparseBase):
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                  groups: int = 1, backend: str = "auto"):
         super().__init__()
-        if not isinstance(sw, SparseWeight):
-            raise TypeError(f"SparseConv2d: argument 'sw' must be a SparseWeight, got {type(sw).__name__}")
-        if len(sw.shape) != 4:
-            raise ValueError(f"SparseConv2d: argument 'sw' must pack a 4-D conv weight, got shape {sw.shape}")
-        self._set_weight(sw, bias)
-        pair = lambda v: (v, v) if isinstance(v, int) else tuple(int(i) for i in v)  # noqa: E731
-        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
-        self.groups = int(groups)
+        op = "SparseConv2d"
+        if isinstance(sw, SparseWeight) and len(sw.shape) != 4:
+            raise ValueError(f"{op}: argument 'sw' must pack a 4-D conv weight, got shape {sw.shape}")
+        self._set_weight(op, sw, bias, backend)
+        self.stride = int_pair(op, "stride", stride, 1)
+        self.padding = int_pair(op, "padding", padding, 0)
+        self.dilation = int_pair(op, "dilation", dilation, 1)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or sw.shape[0] % groups:
+            raise ValueError(f"{op}: argument 'groups' must be a positive int dividing C_out ({sw.shape[0]}), "
+                             f"got {groups!r}")
+        self.groups = groups
         self.out_channels = sw.shape[0]
         self.in_channels = sw.shape[1] * self.groups
         self.kernel_size = tuple(sw.shape[2:])
-        self.backend = backend
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, backend: str = "auto") -> "SparseConv2d":
@@ -95,13 +117,10 @@ class SparseLinear(_SparseBase):
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, backend: str = "auto"):
         super().__init__()
-        if not isinstance(sw, SparseWeight):
-            raise TypeError(f"SparseLinear: argument 'sw' must be a SparseWeight, got {type(sw).__name__}")
-        if len(sw.shape) != 2:
+        if isinstance(sw, SparseWeight) and len(sw.shape) != 2:
             raise ValueError(f"SparseLinear: argument 'sw' must pack a 2-D linear weight, got shape {sw.shape}")
-        self._set_weight(sw, bias)
+        self._set_weight("SparseLinear", sw, bias, backend)
         self.out_features, self.in_features = sw.shape
-        self.backend = backend
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, backend: str = "auto") -> "SparseLinear":
@@ -120,3 +139,10 @@ class SparseLinear(_SparseBase):
 
 
 SPARSE_LAYER_TYPES = (SparseConv2d, SparseLinear)
+
+
+def _versions(tensors) -> Optional[tuple]:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter: validate every time
+        return None

@@ -15,6 +15,15 @@ debugging; csrc/cpu/sparse_conv_cpu.cpp explains both).
 Grouped and depthwise convolutions (groups > 1) always run dense (F.conv2d on the unpacked
 weight), whatever the backend: their per-group rows are too short for sparsity to pay off.
 
+Non-finite values (the same for every backend and every CPU block layout; tests/test_hostile.py):
+  - pruned weights are structural zeros: they are not stored and multiply nothing, so an inf/NaN in `x`
+    reaches an output only through a stored (non-zero) weight. F.conv2d on the dense weight differs
+    here (0 * NaN = NaN), so with a non-finite `x` the torch backend and the grouped path compute over
+    the stored weights only (torch.sparse), not with F.conv2d;
+  - zero padding is a real zero: a stored inf/NaN weight that reads padding gives NaN there, as in
+    F.conv2d (the C++ kernel's skipping of padding-only taps is switched off for such weights);
+  - with a finite `x`, every backend equals F.conv2d(x, sw.to_dense(), ...) up to summation order.
+
 Inference only: no backward is implemented, so calling with an input, weight or bias that
 requires grad while grad mode is on raises ValueError (wrap the call in `torch.no_grad()` or
 `torch.inference_mode()`).
@@ -117,7 +126,8 @@ def resolve_sparse_backend(backend: str, x: Tensor, op: str = "sparse_conv2d") -
     return backend
 
 
-def _pair(op: str, name: str, value: IntPair, minimum: int) -> tuple[int, int]:
+def int_pair(op: str, name: str, value: IntPair, minimum: int) -> tuple[int, int]:
+    """`value` (an int or a pair of ints, each >= minimum) as a pair, or an error naming `name`."""
     if isinstance(value, bool):
         raise TypeError(f"{op}: argument {name!r} must be an int or a pair of ints, got bool")
     if isinstance(value, int):
@@ -190,9 +200,9 @@ def sparse_conv2d(
     _check_common(op, x, sw, bias, 4)
     if x.dim() != 4:
         raise ValueError(f"{op}: argument 'x' must be 4-D [N, C_in, H, W], got shape {tuple(x.shape)}")
-    stride = _pair(op, "stride", stride, 1)
-    padding = _pair(op, "padding", padding, 0)
-    dilation = _pair(op, "dilation", dilation, 1)
+    stride = int_pair(op, "stride", stride, 1)
+    padding = int_pair(op, "padding", padding, 0)
+    dilation = int_pair(op, "dilation", dilation, 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{op}: argument 'groups' must be a positive int, got {groups!r}")
     c_out, c_in_g, kh, kw = sw.shape
@@ -210,7 +220,11 @@ def sparse_conv2d(
                 f"{op}: input {side} ({x.shape[2 + i]}) plus padding is smaller than the dilated kernel ({span})"
             )
     which = resolve_sparse_backend(backend, x, op)
+    if c_out == 0:  # a weight with no output channels (F.conv2d refuses it): the empty output
+        return x.new_zeros(conv2d_output_shape(x.shape, sw.shape, stride, padding, dilation))
     if groups > 1 or which == "torch":
+        if not bool(torch.isfinite(x).all()):  # structural zeros (module docstring): stored weights only
+            return _conv2d_stored_only(x, sw, bias, stride, padding, dilation, groups)
         return F.conv2d(x, sw.to_dense(), bias, stride, padding, dilation, groups)
     if which == "torch_csr":
         return _conv2d_torch_csr(x, sw, bias, stride, padding, dilation)
@@ -227,9 +241,9 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, ba
     if x.dim() < 1 or x.shape[-1] != sw.shape[1]:
         raise ValueError(f"{op}: argument 'x' must have last dimension {sw.shape[1]}, got shape {tuple(x.shape)}")
     which = resolve_sparse_backend(backend, x, op)
-    if which == "torch":
+    if which == "torch" and bool(torch.isfinite(x).all()):
         return F.linear(x, sw.to_dense(), bias)
-    if which == "torch_csr":
+    if which in ("torch", "torch_csr"):  # torch with a non-finite x: stored weights only (module docstring)
         flat = x.reshape(-1, sw.shape[1])
         out = torch.sparse.mm(sw.to_torch_csr(), flat.t()).t()
         if bias is not None:
@@ -253,6 +267,23 @@ def _conv2d_torch_csr(x, sw, bias, stride, padding, dilation):
     if bias is not None:
         out = out + bias[:, None]
     return out.reshape(n, c_out, oh, ow)
+
+
+def _conv2d_stored_only(x, sw, bias, stride, padding, dilation, groups):
+    """The conv over the stored weights only (torch.sparse, group by group): the structural-zero semantics
+    for an input holding inf/NaN."""
+    if groups == 1:
+        return _conv2d_torch_csr(x, sw, bias, stride, padding, dilation)
+    c_out = sw.shape[0]
+    per_out, per_in = c_out // groups, sw.shape[1]
+    outs = []
+    for g in range(groups):
+        lo, hi = sw.row_ptr[g * per_out], sw.row_ptr[(g + 1) * per_out]
+        part = SparseWeight(sw.row_ptr[g * per_out:(g + 1) * per_out + 1] - lo, sw.col_idx[lo:hi], sw.values[lo:hi],
+                            (per_out, *sw.shape[1:]))
+        b = None if bias is None else bias[g * per_out:(g + 1) * per_out]
+        outs.append(_conv2d_torch_csr(x[:, g * per_in:(g + 1) * per_in], part, b, stride, padding, dilation))
+    return torch.cat(outs, dim=1)
 
 
 def conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:

@@ -31,14 +31,24 @@ from torch import Tensor
 
 
 class SparseWeight:
-    """A CSR-packed pruned weight. Build with `SparseWeight.from_dense(w)`."""
+    """A CSR-packed pruned weight. Build with `SparseWeight.from_dense(w)`.
 
-    __slots__ = ("row_ptr", "col_idx", "values", "shape")
+    The constructor checks the arrays' contents once (vectorised: row_ptr starts at 0, never
+    decreases and ends at nnz; every column lies in its row's range, strictly increasing within the
+    row), so every backend only ever sees valid CSR; the arrays are read-only attributes."""
+
+    __slots__ = ("_row_ptr", "_col_idx", "_values", "_shape")
 
     def __init__(self, row_ptr: Tensor, col_idx: Tensor, values: Tensor, shape: Sequence[int]):
+        if isinstance(shape, Tensor) or not isinstance(shape, Sequence) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            raise TypeError(f"SparseWeight: argument 'shape' must be a sequence of ints, got {shape!r}")
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 4) or any(s < 0 for s in shape):
             raise ValueError(f"SparseWeight: argument 'shape' must be 2-D or 4-D and non-negative, got {shape}")
+        cols = math.prod(shape[1:])
+        if cols >= 2**31 or shape[0] >= 2**31:
+            raise ValueError(f"SparseWeight: argument 'shape' {shape} is too large for int32 indices")
         for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
             if not isinstance(t, Tensor) or t.dim() != 1:
                 raise TypeError(f"SparseWeight: argument {name!r} must be a 1-D torch.Tensor, got {_describe(t)}")
@@ -57,10 +67,19 @@ class SparseWeight:
             )
         if not (row_ptr.device == col_idx.device == values.device):
             raise ValueError("SparseWeight: 'row_ptr', 'col_idx' and 'values' must be on one device")
-        self.row_ptr = row_ptr.contiguous()
-        self.col_idx = col_idx.contiguous()
-        self.values = values.contiguous()
-        self.shape = shape
+        if row_ptr.is_meta or col_idx.is_meta or values.is_meta:
+            raise ValueError("SparseWeight: the arrays must hold data (got meta tensors)")
+        row_ptr, col_idx = row_ptr.contiguous(), col_idx.contiguous()
+        _check_csr(row_ptr, col_idx, cols)
+        self._row_ptr = row_ptr
+        self._col_idx = col_idx
+        self._values = values.contiguous()
+        self._shape = shape
+
+    row_ptr = property(lambda self: self._row_ptr, doc="int32 [C_out + 1] row pointers")
+    col_idx = property(lambda self: self._col_idx, doc="int32 [nnz] columns")
+    values = property(lambda self: self._values, doc="[nnz] non-zero values")
+    shape = property(lambda self: self._shape, doc="the dense weight's shape")
 
     @classmethod
     def from_dense(cls, w: Tensor) -> "SparseWeight":
@@ -153,13 +172,47 @@ class SparseWeight:
         missing = {"row_ptr", "col_idx", "values", "shape"} - set(state)
         if missing:
             raise ValueError(f"SparseWeight.from_state_tensors: missing entries {sorted(missing)}")
-        return cls(state["row_ptr"], state["col_idx"], state["values"], state["shape"].tolist())
+        shape = state["shape"]
+        if not isinstance(shape, Tensor) or shape.dim() != 1 or shape.dtype != torch.int64:
+            raise TypeError(f"SparseWeight.from_state_tensors: entry 'shape' must be a 1-D int64 tensor, got "
+                            f"{_describe(shape)}")
+        return cls(state["row_ptr"], state["col_idx"], state["values"], shape.tolist())
 
     def __repr__(self) -> str:
         return (
             f"SparseWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.4f}, "
             f"dtype={self.dtype}, device={self.device})"
         )
+
+
+def _check_csr(row_ptr: Tensor, col_idx: Tensor, cols: int) -> None:
+    """Valid CSR, or ValueError saying what is wrong. Vectorised, two host syncs (one per stage)."""
+    nnz = col_idx.numel()
+    r = row_ptr.to(torch.int64)
+    counts = r[1:] - r[:-1]
+    out_of_range = (col_idx < 0) | (col_idx >= cols)
+    if bool(torch.stack([r[0] != 0, r[-1] != nnz, (counts < 0).any(), out_of_range.any()]).any()):
+        if int(r[0]) != 0 or int(r[-1]) != nnz:
+            raise ValueError(f"SparseWeight: argument 'row_ptr' must start at 0 and end at nnz = {nnz}, got "
+                             f"{int(r[0])} ... {int(r[-1])}")
+        if bool((counts < 0).any()):
+            row = int(torch.nonzero(counts < 0)[0, 0])
+            raise ValueError(f"SparseWeight: argument 'row_ptr' must be non-decreasing, but row_ptr[{row}] = "
+                             f"{int(r[row])} > row_ptr[{row + 1}] = {int(r[row + 1])}")
+        k = int(torch.nonzero(out_of_range)[0, 0])
+        raise ValueError(f"SparseWeight: argument 'col_idx' entries must lie in [0, {cols}), got col_idx[{k}] = "
+                         f"{int(col_idx[k])}")
+    if nnz < 2:
+        return
+    # Strictly increasing within each row: a step down (or a repeat) is allowed only where a row starts.
+    starts = torch.zeros(nnz, dtype=torch.bool, device=col_idx.device)
+    starts[r[1:-1][counts[1:] > 0]] = True
+    bad = (col_idx[1:] <= col_idx[:-1]) & ~starts[1:]
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0, 0]) + 1
+        row = int(torch.searchsorted(r, torch.tensor([k], device=r.device), right=True)[0]) - 1
+        raise ValueError(f"SparseWeight: argument 'col_idx' must be strictly increasing within each row (no "
+                         f"duplicates), but row {row} holds column {int(col_idx[k - 1])} and then {int(col_idx[k])}")
 
 
 def _describe(obj) -> str:

@@ -7,8 +7,17 @@ from adapmtl.train import distributed as D
 
 
 def _synthetic_root(cfg) -> str:
+    """The folder of synthetic scenes for cfg.data: data.root itself if it holds scenes generated with
+    exactly cfg.data's n_train / n_test / image_size, else a subfolder keyed by them (generated on first
+    use), so a changed setting never silently reuses other data."""
+    from adapmtl.data.synthetic import read_synthetic_params, synthetic_params
+
     d = cfg.data
-    root = os.path.expanduser(d.root)
+    base = os.path.expanduser(d.root)
+    wanted = synthetic_params(d.n_train, d.n_test, d.image_size, 0)
+    root = base
+    if read_synthetic_params(base) != wanted:
+        root = os.path.join(base, f"scenes-train{d.n_train}-test{d.n_test}-size{d.image_size}-seed0")
     if not os.path.isfile(os.path.join(root, "nyu_v2_3task.json")):
         if D.is_main():
             from adapmtl.data import make_synthetic_scenes
@@ -21,6 +30,10 @@ def _synthetic_root(cfg) -> str:
                 import shutil
                 shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
         D.barrier()
+    found = read_synthetic_params(root)
+    if found != wanted:
+        raise ValueError(f"data.root: {root!r} holds synthetic scenes generated with {found}, but the config asks for "
+                         f"{wanted} (data.n_train / n_test / image_size); remove the folder or choose another data.root")
     return root
 
 
@@ -29,11 +42,11 @@ def build_datasets(cfg) -> dict:
     if d.dataset in ("synthetic", "nyuv2"):
         from adapmtl.data import NYUv2
         root = _synthetic_root(cfg) if d.dataset == "synthetic" else os.path.expanduser(d.root)
-        kw = dict(crop_size=d.crop_size, val_fraction=d.val_fraction, seed=cfg.seed)
+        kw = dict(crop_size=d.crop_size, val_fraction=d.val_fraction, seed=cfg.seed, allow_outside_root=d.allow_outside_root)
         return {"train": NYUv2(root, "train", **kw), "val": NYUv2(root, "val", **kw), "test": NYUv2(root, "test", **kw)}
     from adapmtl.data import Taskonomy
     root = os.path.expanduser(d.root)
-    kw = dict(crop_size=d.crop_size, val_fraction=d.val_fraction, seed=cfg.seed)
+    kw = dict(crop_size=d.crop_size, val_fraction=d.val_fraction, seed=cfg.seed, allow_outside_root=d.allow_outside_root)
     train = Taskonomy(root, "train", **kw)
     out = {"train": train, "val": Taskonomy(root, "val", **kw), "test": Taskonomy(root, "test", **kw)}
     tasks = cfg.data.tasks or [t.name for t in train.tasks]

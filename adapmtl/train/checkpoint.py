@@ -1,44 +1,88 @@
-"""Atomic checkpoints and RNG state capture for exact resume."""
+"""Checkpoint rotation and resume (the last few kept, the newest good one loaded) and RNG state for exact
+resume. The file format itself: adapmtl.checkpoint_io."""
 from __future__ import annotations
 
+import glob
 import os
 import random
-import tempfile
+import re
+import warnings
 
 import numpy as np
 import torch
 
+from adapmtl.checkpoint_io import TMP_PREFIX, CheckpointError, atomic_save, load_checkpoint_file, read_header
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same directory, fsync, then os.replace: a reader (or a crash at
-    any moment) sees either the old complete file or the new complete file, never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint_file", "load_newest_good", "read_header",
+           "remove_orphan_temps", "rng_state", "save_rotating", "set_rng_state"]
+
+# ---------------------------------------------------------------------------------------------- rotation
+_ROTATED = re.compile(r"^latest-(\d+)\.pt$")
+
+
+def rotated_path(directory: str, iteration: int) -> str:
+    return os.path.join(directory, f"latest-{iteration:08d}.pt")
+
+
+def save_rotating(obj, directory: str, iteration: int, keep: int) -> str:
+    """Write `latest.pt`; the previous `latest.pt` becomes `latest-<its iteration>.pt`, and only the newest
+    `keep - 1` of those stay. A crash at any point leaves at least one complete checkpoint."""
+    latest = os.path.join(directory, "latest.pt")
+    if keep > 1 and os.path.isfile(latest):
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+            _, previous = read_header(latest)
+        except (CheckpointError, OSError):
+            previous = None  # a bad latest.pt is not worth keeping
+        if previous is not None and previous >= 0 and previous != iteration:
+            os.replace(latest, rotated_path(directory, previous))
+    atomic_save(obj, latest, iteration)
+    older = sorted(rotated_checkpoints(directory), key=lambda p: -p[0])
+    for _, path in older[max(keep - 1, 0):]:
+        os.unlink(path)
+    return latest
 
 
-def load_checkpoint_file(path: str, map_location="cpu") -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint: no file at {path!r}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+def rotated_checkpoints(directory: str) -> list[tuple[int, str]]:
+    out = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "latest-*.pt")):
+        m = _ROTATED.match(os.path.basename(path))
+        if m:
+            out.append((int(m.group(1)), path))
+    return out
+
+
+def load_newest_good(path: str, map_location="cpu") -> tuple[dict, str]:
+    """Load `path` (a `latest.pt`), or, if it is missing or fails verification, the newest good rotated
+    checkpoint beside it, warning with both names. CheckpointError (naming every file tried) if none loads."""
+    directory = os.path.dirname(os.path.abspath(path))
+    candidates = [path] + [p for _, p in sorted(rotated_checkpoints(directory), key=lambda p: -p[0])]
+    failures = []
+    for candidate in candidates:
+        if not os.path.isfile(candidate):
+            failures.append(f"{candidate}: missing")
+            continue
+        try:
+            state = load_checkpoint_file(candidate, map_location)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            continue
+        if failures:
+            warnings.warn(f"resume: {failures[0]}; resuming from {candidate!r} (iteration {state.get('iteration')}) "
+                          "instead", RuntimeWarning, stacklevel=2)
+        return state, candidate
+    raise CheckpointError("resume: no checkpoint could be loaded: " + "; ".join(failures))
+
+
+def remove_orphan_temps(directory: str) -> list[str]:
+    """Delete the temp files of writes that a kill interrupted (they are never valid checkpoints)."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(directory), TMP_PREFIX + "*")):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def rng_state() -> dict:

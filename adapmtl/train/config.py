@@ -6,6 +6,7 @@ config or on the command line never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ METHODS = ("adapmtl", "single_threshold", "str", "dense", "imp", "lth", "snip", 
 DATASETS = ("synthetic", "nyuv2", "taskonomy")
 AMP = ("none", "bf16", "fp16")
 SELECT = ("auto", "delta_t", "val_loss", "last")
+ON_NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class DataConfig:
     n_train: int = 200  # synthetic only
     n_test: int = 50
     image_size: int = 64
+    allow_outside_root: bool = False  # index entries may point outside data.root (absolute paths, ..)
 
 
 @dataclass
@@ -90,6 +93,8 @@ class TrainConfig:
     plots: bool = True
     progress: bool = True
     max_val_batches: int | None = None
+    on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error; checkpoints stay the last good ones) or "skip" the step
+    keep_checkpoints: int = 3  # latest.pt plus this many - 1 older ones (latest-<iteration>.pt) to fall back to
 
 
 @dataclass
@@ -123,13 +128,16 @@ class Config:
             bad("train.select", f"one of {SELECT}", self.train.select)
         if self.prune.grad not in ("exact", "ste"):
             bad("prune.grad", "'exact' or 'ste'", self.prune.grad)
+        if self.train.on_nonfinite not in ON_NONFINITE:
+            bad("train.on_nonfinite", f"one of {ON_NONFINITE}", self.train.on_nonfinite)
         if not 0.0 < self.prune.target_sparsity < 1.0:
             bad("prune.target_sparsity", "in (0, 1)", self.prune.target_sparsity)
         if not 0.0 <= self.data.val_fraction < 1.0:
             bad("data.val_fraction", "in [0, 1)", self.data.val_fraction)
         for key in ("data.batch_size", "data.eval_batch_size", "data.crop_size", "train.iterations", "train.log_every",
                     "train.val_every", "train.ckpt_every", "optim.step_size", "loss_weights.window", "prune.rounds",
-                    "prune.score_batches", "prune.update_every"):
+                    "prune.score_batches", "prune.update_every", "data.n_test", "data.image_size",
+                    "train.keep_checkpoints"):
             section, name = key.split(".")
             v = getattr(getattr(self, section), name)
             if v < 1:
@@ -140,9 +148,22 @@ class Config:
                 bad(key, "an int >= 0", v)
         if self.optim.lr <= 0:
             bad("optim.lr", "> 0", self.optim.lr)
+        if not 0 < self.optim.gamma <= 1:
+            bad("optim.gamma", "in (0, 1] (the StepLR factor)", self.optim.gamma)
+        if self.data.n_train < 1:
+            bad("data.n_train", "an int >= 1", self.data.n_train)
+        if not 0 <= self.model.dropout < 1:
+            bad("model.dropout", "in [0, 1)", self.model.dropout)
+        if self.model.head_channels is not None and self.model.head_channels < 1:
+            bad("model.head_channels", "an int >= 1 or null", self.model.head_channels)
+        if self.train.max_val_batches is not None and self.train.max_val_batches < 1:
+            bad("train.max_val_batches", "an int >= 1 or null", self.train.max_val_batches)
+        if not 0 <= self.train.select_sparsity_tol <= 1:
+            bad("train.select_sparsity_tol", "in [0, 1]", self.train.select_sparsity_tol)
         if self.optim.weight_decay < 0:
             bad("optim.weight_decay", ">= 0", self.optim.weight_decay)
-        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+        if len(self.optim.betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.optim.betas):
             bad("optim.betas", "two numbers in [0, 1)", self.optim.betas)
         if not 0 <= self.prune.prune_start <= self.prune.prune_end <= 1:
             bad("prune.prune_start/prune_end", "0 <= prune_start <= prune_end <= 1",
@@ -151,8 +172,11 @@ class Config:
             bad("prune.regrow_fraction", "in [0, 1)", self.prune.regrow_fraction)
         if self.loss_weights.priorities is not None:
             for k, v in self.loss_weights.priorities.items():
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                    bad(f"loss_weights.priorities.{k}", "a number >= 0", v)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                    bad(f"loss_weights.priorities.{k}", "a finite number >= 0", v)
+        dil = self.model.dilations
+        if dil is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dil):
+            bad("model.dilations", "a list of ints >= 1", dil)
         return self
 
 
@@ -173,13 +197,18 @@ def _check_type(key: str, tp, value):
                 errors.append(e)
         raise TypeError(f"config: {key} must be {' or '.join(getattr(a, '__name__', str(a)) for a in args)}, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan cannot train; say so before anything runs
+                raise ValueError(f"config: {key} must be a finite number, got {value!r}")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -10,6 +10,7 @@ workers, the order of samples is still exact but augmentation draws restart per 
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -24,12 +25,26 @@ from torch.utils.data import DataLoader
 
 import adapmtl
 from adapmtl.train import distributed as D
-from adapmtl.train.checkpoint import atomic_save, load_checkpoint_file, rng_state, set_rng_state
+from adapmtl.train.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint_file,
+    load_newest_good,
+    read_header,
+    remove_orphan_temps,
+    rng_state,
+    save_rotating,
+    set_rng_state,
+)
 from adapmtl.train.config import Config, save_config
 from adapmtl.train.logging import RunLogger
 from adapmtl.train.loss_weights import AdaptiveLossWeights
 
 _DATA_EPOCH_SCORES = 1 << 30  # data-order "epoch" reserved for SNIP/DiSparse scoring batches
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN/inf loss (train.on_nonfinite=stop); the checkpoints on disk are the last good ones."""
 
 
 def safe_delta_t(results: dict, dense: dict, directions: dict) -> tuple[dict, float, list[str]]:
@@ -110,6 +125,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.out_dir = cfg.out_dir
+        if D.is_main() and os.path.isdir(self.out_dir):
+            remove_orphan_temps(self.out_dir)  # writes a kill interrupted: never valid checkpoints
         seed_everything(cfg.seed, cfg.deterministic)
 
         if train_set is None or val_set is None or test_set is None:
@@ -184,11 +201,13 @@ class Trainer:
             raise ValueError(f"Trainer: the train split ({len(self.train_set)} samples over {self.world} ranks) is "
                              f"smaller than data.batch_size={cfg.data.batch_size}")
         self.resumed = False
+        self.skipped_steps = 0
         if cfg.train.resume:
             path = cfg.train.resume
             if path == "auto":
                 path = os.path.join(self.out_dir, "latest.pt")
-                path = path if os.path.isfile(path) else None
+                has_any = os.path.isfile(path) or glob.glob(os.path.join(glob.escape(self.out_dir), "latest-*.pt"))
+                path = path if has_any else None
             if path:
                 self.load(path)
 
@@ -245,6 +264,19 @@ class Trainer:
         factors = self.loss_weights.combined()
         total = sum(factors[i].to(losses[t].dtype) * losses[t] for i, t in enumerate(self.tasks))
         self.optimizer.zero_grad(set_to_none=True)
+        # One flag for all ranks (all-reduced), so every rank stops or skips together.
+        finite = D.all_reduce_mean(torch.isfinite(total.detach()).double().reshape(1))
+        if float(finite) < 1.0:
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"train: the loss is not finite at iteration {it + 1} "
+                    f"({', '.join(f'{t}={float(losses[t].detach()):.4g}' for t in self.tasks)}); stopping. The checkpoints in "
+                    f"{self.out_dir} are from before it (lower optim.lr, or set train.on_nonfinite=skip)")
+            self.skipped_steps += 1  # skip: no update, the schedule and the data move on
+            self.scheduler.step()
+            self.iteration += 1
+            loss_vec = torch.stack([losses[t].detach().double() for t in self.tasks])
+            return {"losses": loss_vec, "total": total.detach(), "factors": factors, "skipped": True}
         self.scaler.scale(total).backward()
         extra = self.method.after_backward(self, it)
         self.scaler.step(self.optimizer)
@@ -319,15 +351,33 @@ class Trainer:
         }
 
     def save(self, name: str = "latest.pt") -> str | None:
+        """Write a checkpoint (rank 0). "latest.pt" rotates, keeping train.keep_checkpoints files to fall back
+        to. Weights that are no longer finite are never written: the last good checkpoint stays."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise NonFiniteLossError(f"train: parameter {bad[0]!r} (and {len(bad) - 1} more) is not finite at iteration "
+                                     f"{self.iteration}; not writing {name}, the checkpoints in {self.out_dir} are the "
+                                     "last good ones (lower optim.lr)")
         state = self.state()  # every rank builds it (collectives-free); rank 0 writes
         if not D.is_main():
             return None
+        if name == "latest.pt":
+            return save_rotating(state, self.out_dir, self.iteration, self.cfg.train.keep_checkpoints)
         path = os.path.join(self.out_dir, name)
-        atomic_save(state, path)
+        atomic_save(state, path, self.iteration)
         return path
 
     def load(self, path: str) -> None:
-        state = load_checkpoint_file(path, map_location=self.device)
+        """Resume from a checkpoint. For a `latest.pt`, a missing or corrupt file falls back to the newest good
+        rotated one beside it (with a warning naming both)."""
+        if os.path.basename(path) == "latest.pt":
+            state, path = load_newest_good(path, map_location=self.device)
+        else:
+            state = load_checkpoint_file(path, map_location=self.device)
+        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "loss_weights", "method", "iteration", "rng",
+                               "best_score", "best_iteration") if k not in state]
+        if missing:
+            raise CheckpointError(f"resume: {path} is not a trainer checkpoint (missing {missing})")
         if state.get("method_name") != self.cfg.method:
             raise ValueError(f"resume: {path} was written by method {state.get('method_name')!r}, "
                              f"this run is {self.cfg.method!r}")
@@ -343,6 +393,7 @@ class Trainer:
         self.best_score, self.best_iteration = state["best_score"], state["best_iteration"]
         set_rng_state(state["rng"])
         self.resumed = True
+        self.resumed_from = path
 
     # ---------------------------------------------------------------- main loop
     def _log_scalars(self, out: dict) -> dict:
@@ -358,6 +409,8 @@ class Trainer:
             s.update({f"threshold/{k}": v for k, v in self.thresholds().items()})
         if "cap" in out:
             s["cap"] = out["cap"]
+        if self.skipped_steps:
+            s["train/skipped_nonfinite_steps"] = float(self.skipped_steps)
         return s
 
     def _validate(self, logger: RunLogger) -> None:
@@ -384,7 +437,9 @@ class Trainer:
             save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
         if not self.resumed:
             self.method.on_train_start(self)
-        logger = RunLogger(self.out_dir, tensorboard=cfg.train.tensorboard, enabled=main, resume=self.resumed)
+        # On resume the logs are cut back to the checkpoint's iteration: the steps after it are re-run.
+        logger = RunLogger(self.out_dir, tensorboard=cfg.train.tensorboard, enabled=main,
+                           resume_step=self.iteration if self.resumed else None)
         end = cfg.train.iterations if stop_at is None else min(stop_at, cfg.train.iterations)
         bar = None
         if main and cfg.train.progress:
@@ -424,6 +479,10 @@ class Trainer:
         D.barrier()
         selected = "final"
         if self.best_iteration is not None and os.path.isfile(best_path):
+            _, saved_at = read_header(best_path)
+            if saved_at != self.best_iteration:  # only after a non-exact resume (data.num_workers > 0)
+                raise CheckpointError(f"{best_path} holds iteration {saved_at}, but this run selected iteration "
+                                      f"{self.best_iteration}; delete it and re-run from the last checkpoint")
             self.model.load_state_dict(load_checkpoint_file(best_path, self.device)["model"])
             selected = f"best@{self.best_iteration}"
         val = self.evaluate(self.val_set)

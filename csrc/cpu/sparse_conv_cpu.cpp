@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -300,6 +301,7 @@ struct ConvShape {
   std::vector<uint8_t> row_live;      // [row groups][taps], see Plan
   std::vector<uint8_t> live_vectors;  // [column tiles][taps][2], see Plan
   std::vector<uint8_t> tap_used;      // [taps]: live in some tile; the other taps' non-zeros are dropped
+  bool skips = false;                 // some (tap, tile) reads only zero padding and is skipped
   // Block layout (choose_layout): tap-major blocks of cb channels of one tap, whose dead taps tiles skip,
   // or channel-major blocks of cb channels x all taps (fewer, longer segments, and the plan is one
   // direct pass; tiles run every block whole).
@@ -362,6 +364,27 @@ void find_live_taps(ConvShape& s, int64_t OH, int64_t OW, int64_t L) {
     }
   }
   for (int64_t t = 0; t < taps; ++t) s.tap_used[t] = any_row[t] && any_col[t];
+  s.skips = std::find(s.row_live.begin(), s.row_live.end(), 0) != s.row_live.end();
+  for (int64_t i = 0; i < tiles && !s.skips; ++i) {
+    const int64_t nv = (std::min(s.cols, OW - i * s.cols) + L - 1) / L;
+    for (int64_t t = 0; t < taps; ++t)
+      s.skips |= s.live_vectors[(i * taps + t) * 2] != 0 || s.live_vectors[(i * taps + t) * 2 + 1] != nv;
+  }
+}
+
+// Every tap live in every tile: nothing is skipped (the rerun for non-finite weights, see run_conv).
+void make_all_live(ConvShape& s, int64_t OW, int64_t L) {
+  const int64_t tiles = (OW + s.cols - 1) / s.cols, taps = s.KH * s.KW;
+  std::fill(s.row_live.begin(), s.row_live.end(), 1);
+  std::fill(s.tap_used.begin(), s.tap_used.end(), 1);
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t nv = (std::min(s.cols, OW - i * s.cols) + L - 1) / L;
+    for (int64_t t = 0; t < taps; ++t) {
+      s.live_vectors[(i * taps + t) * 2] = 0;
+      s.live_vectors[(i * taps + t) * 2 + 1] = uint8_t(nv);
+    }
+  }
+  s.skips = false;
 }
 
 // Cost model of the two block layouts, in vector multiply-adds, measured on the 2-core EPYC: a tile's
@@ -429,8 +452,11 @@ std::vector<uint8_t> needed_rows(const ConvShape& s, int64_t OH, int64_t Hp, int
 }
 
 // pack(P, n0, count) writes images [n0, n0 + count) of the input into P (in_batch elements each).
+// Returns false, computing nothing, when the plan would skip zero padding that a non-finite weight reads:
+// the op's semantics (adapmtl/ops/sparse_conv.py) treat padding as real zeros, so 0 * inf = NaN must reach
+// the output; the caller then reruns with nothing skipped (make_all_live). Finite weights never rerun.
 template <typename T, typename Pack>
-void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
               const c10::optional<at::Tensor>& bias, at::Tensor& out, const ConvShape& s, int64_t in_batch,
               const Pack& pack) {
   constexpr int64_t L = Vec<T>::kLanes;
@@ -471,6 +497,10 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   std::vector<int32_t> seg(OC * (blocks + 1));
   std::vector<T> val(in_place ? 0 : nnz);
   std::vector<uint8_t> unsorted(OC, 0);  // rows the direct pass leaves to the counting sort
+  // Rows holding an inf/NaN value, checked only where something is skipped: tap-major tiles skipping dead
+  // (tap, tile) pairs, or channel-major blocks without the taps dead everywhere.
+  std::vector<uint8_t> nonfinite(OC, 0);
+  const bool check_finite = s.tap_major ? s.skips : !all_used;
   const auto check_col = [&](int32_t col, int64_t k) {
     TORCH_CHECK_VALUE(col >= 0 && col < ncols, op, ": argument 'col_idx' entries must lie in [0, ", ncols,
                       "), got ", col, " at position ", k);
@@ -480,10 +510,13 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
     const int32_t* c = ci + k0;
     int32_t* sg = seg.data() + oc * (blocks + 1);
     std::fill(sg, sg + blocks + 1, 0);
+    bool bad = false;
     for (int64_t j = 0; j < n; ++j) {
       check_col(c[j], k0 + j);
       sg[col_block[c[j]] + 1] += col_used[c[j]];
+      if (check_finite) bad |= !std::isfinite(vals[k0 + j]);
     }
+    nonfinite[oc] |= bad;
     sg[0] = int32_t(k0);
     for (int64_t b = 1; b <= blocks; ++b) sg[b] += sg[b - 1];
     cursor.assign(sg, sg + blocks);
@@ -517,12 +550,15 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
       // non-zero is overwritten by the next one; the last write may land on an entry past the row's kept
       // ones, which no segment covers).
       int64_t b = 0, k = k0;
+      bool bad = false;
       for (int64_t j = 0; j < n; ++j) {
         while (b <= col_block[c[j]]) sg[b++] = int32_t(k);
         off[k] = col_off[c[j]];
         if (!in_place) val[k] = vals[k0 + j];
+        if (check_finite) bad |= !std::isfinite(vals[k0 + j]);
         k += col_used[c[j]];
       }
+      nonfinite[oc] = bad;
       while (b <= blocks) sg[b++] = int32_t(k);
     }
   });
@@ -534,6 +570,7 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
         if (unsorted[oc]) group_row(oc, val.data(), cursor);
     });
   }
+  if (check_finite && std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end()) return false;
   // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
   std::vector<uint8_t> all_rows, all_vectors;
   if (!s.tap_major) {
@@ -575,16 +612,18 @@ void run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
     g.out = out.data_ptr<T>() + n0 * OC * OH * OW;
     pack(P.data_ptr<T>(), n0, count);
     const int64_t items = count * ((OH + rows - 1) / rows) * ((OW + cols - 1) / cols) * ((OC + g.oc_chunk - 1) / g.oc_chunk);
-    const int64_t work = nnz * OH * OW * count;  // multiply-adds
-    const int64_t per_item = std::max<int64_t>(1, work / std::max<int64_t>(1, items));
+    const double work = double(nnz) * double(OH) * double(OW) * double(count);  // multiply-adds (may exceed int64)
+    const double per_item = std::max(1.0, work / double(std::max<int64_t>(1, items)));
     // Below ~1M multiply-adds everything runs on the calling thread (parallel_for runs a range no larger than
     // its grain inline): waking the pool costs more than such a call. Otherwise ~256k multiply-adds per task.
-    const int64_t grain = work < (int64_t(1) << 20) ? items : std::max<int64_t>(1, (int64_t(1) << 18) / per_item);
+    const int64_t grain = work < double(int64_t(1) << 20) ? items
+                                                           : std::max<int64_t>(1, int64_t(double(1 << 18) / per_item));
     at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch(scratch_len);
       run_items<T>(g, begin, end, scratch.data());
     });
   }
+  return true;
 }
 
 // Pad + copy images [n0, n0 + count) of x into P, any input strides (NCHW, channels-last, views): the rows
@@ -658,12 +697,14 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   TORCH_CHECK_VALUE(ph >= 0 && pw >= 0, op, ": argument 'padding' must be non-negative, got ", padding);
   check_csr(op, x, row_ptr, col_idx, values, bias, OC);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-  const int64_t OH = (Hp - dh * (KH - 1) - 1) / sh + 1;
-  const int64_t OW = (Wp - dw * (KW - 1) - 1) / sw + 1;
-  TORCH_CHECK_VALUE(Hp >= dh * (KH - 1) + 1 && Wp >= dw * (KW - 1) + 1, op, ": input of size ", H, "x", W,
-                    " (padded ", Hp, "x", Wp, ") is smaller than the dilated kernel ", dh * (KH - 1) + 1, "x",
-                    dw * (KW - 1) + 1);
+  const int64_t Hp = checked_add(op, "the padded input height", H, checked_mul(op, "2 * padding", 2, ph));
+  const int64_t Wp = checked_add(op, "the padded input width", W, checked_mul(op, "2 * padding", 2, pw));
+  const int64_t span_h = checked_mul(op, "the dilated kernel height", dh, KH - 1) + 1;
+  const int64_t span_w = checked_mul(op, "the dilated kernel width", dw, KW - 1) + 1;
+  TORCH_CHECK_VALUE(Hp >= span_h && Wp >= span_w, op, ": input of size ", H, "x", W, " (padded ", Hp, "x", Wp,
+                    ") is smaller than the dilated kernel ", span_h, "x", span_w);
+  const int64_t OH = (Hp - span_h) / sh + 1;
+  const int64_t OW = (Wp - span_w) / sw + 1;
   // A 1x1, stride-1, unpadded conv is a 1 x (H * W) conv: one long output row per channel, so vectors run
   // across row ends instead of idling at each row's tail (41 columns fill 41 of 48 lanes): ~15% faster.
   if (KH == 1 && KW == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && H > 1) {
@@ -690,7 +731,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   std::vector<std::pair<int64_t, int64_t>> copies;  // (phase p, shift sigma)
   std::vector<int64_t> copy_of(KW), skip(KW);
   for (int64_t kw = 0; kw < KW; ++kw) {
-    const int64_t p = (kw * dw) % sw, q = (kw * dw) / sw;
+    const int64_t reach = kw * dw;  // < span_w: no overflow
+    const int64_t p = reach % sw, q = reach / sw;
     const std::pair<int64_t, int64_t> key{p, q % L};
     copy_of[kw] = std::find(copies.begin(), copies.end(), key) - copies.begin();
     if (copy_of[kw] == int64_t(copies.size())) copies.push_back(key);
@@ -699,22 +741,30 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   const int64_t U = copies.size();
   // Whole-vector loads of a tile reach round_up(OW, L) + skip: the row length (a whole number of vectors).
   const int64_t Wrow = round_up(OW, L) + *std::max_element(skip.begin(), skip.end());
-  s.plane = Hp * U * Wrow;
-  s.row_step = sh * U * Wrow;
+  // The kernel addresses one image of P with int32 offsets: refuse larger ones before allocating anything.
+  s.plane = checked_mul(op, "the padded input plane", checked_mul(op, "the padded input plane", Hp, U), Wrow);
+  const int64_t in_batch = checked_mul(op, "the padded input image", C, s.plane);
+  TORCH_CHECK_VALUE(in_batch <= std::numeric_limits<int32_t>::max(), op, ": one image of the padded input holds ",
+                    in_batch, " elements (padding ", padding, ", dilation ", dilation, ", stride ", stride,
+                    "), more than the CPU kernel's int32 offsets address; use backend='torch'");
+  s.row_step = OH > 1 ? sh * U * Wrow : 0;  // with two or more output rows sh < Hp, so this is < plane
   s.tap.resize(KH * KW);
   for (int64_t kh = 0; kh < KH; ++kh)
     for (int64_t kw = 0; kw < KW; ++kw) s.tap[kh * KW + kw] = (kh * dh * U + copy_of[kw]) * Wrow + skip[kw];
   s.H = H, s.W = W, s.KH = KH, s.KW = KW, s.sh = sh, s.sw = sw, s.ph = ph, s.pw = pw, s.dh = dh, s.dw = dw;
   find_live_taps(s, OH, OW, L);
-  choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-  const std::vector<uint8_t> needed = needed_rows(s, OH, Hp, U, copy_of);
-  const int64_t in_batch = C * s.plane;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
-    run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
-                       [&](scalar_t* P, int64_t n0, int64_t count) {
-                         pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies, needed);
-                       });
-  });
+  bool done = false;
+  while (!done) {  // at most twice: the second pass skips nothing (run_conv)
+    choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+    const std::vector<uint8_t> needed = needed_rows(s, OH, Hp, U, copy_of);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
+      done = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
+                                [&](scalar_t* P, int64_t n0, int64_t count) {
+                                  pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies, needed);
+                                });
+    });
+    if (!done) make_all_live(s, OW, L);
+  }
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
@@ -740,10 +790,10 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.C = in_features, s.taps = 1, s.plane = Wrow, s.row_step = Wrow, s.tap = {0};
   s.rows = 1, s.cols = std::min<int64_t>(kMaxVectors, Wrow / L) * L;
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
-  find_live_taps(s, 1, B, L);
+  find_live_taps(s, 1, B, L);  // no padding: nothing is skipped, so run_conv never asks for a rerun
   choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
-    run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_features * Wrow,
+    run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, checked_mul(op, "the packed input", in_features, Wrow),
                        [&](scalar_t* P, int64_t, int64_t) {
                          auto p = at::from_blob(P, {in_features, Wrow}, x.options());
                          p.narrow(1, B, Wrow - B).zero_();

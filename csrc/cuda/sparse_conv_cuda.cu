@@ -135,10 +135,11 @@ __global__ void __launch_bounds__(kConvThreads)
         for (int k = 0; k < kPix; ++k) {
           const int ih = ih0[k] + e.dy;
           const int iw = iw0[k] + e.dx;
-          // unsigned compare: also rejects negative coordinates (zero padding)
-          if (static_cast<unsigned>(ih) < static_cast<unsigned>(H) && static_cast<unsigned>(iw) < static_cast<unsigned>(W)) {
-            acc[k] += e.val * static_cast<A>(x[base[k] + e.off]);
-          }
+          // unsigned compare: also rejects negative coordinates. Zero padding is a real zero (the op's NaN/inf
+          // semantics, adapmtl/ops/sparse_conv.py: 0 * inf = NaN as in F.conv2d), so only the load is skipped.
+          const bool inside =
+              static_cast<unsigned>(ih) < static_cast<unsigned>(H) && static_cast<unsigned>(iw) < static_cast<unsigned>(W);
+          acc[k] += e.val * (inside ? static_cast<A>(x[base[k] + e.off]) : A(0));
         }
       }
     }

@@ -1,0 +1,118 @@
+"""The checkpoint file format: atomic, checksummed, verified before anything is unpickled.
+
+A checkpoint file is a 64-byte header then a `torch.save` payload:
+    magic b"ADAPMTL-CKPT-v1\n" (16 B) | SHA-256 of the payload (32 B) | payload length (8 B, LE)
+    | iteration (8 B, LE, signed; -1 when not a training state)
+so truncation, flipped bytes and foreign files are caught before unpickling (which is `weights_only=True`
+as well). Files are written to a temp file in the same folder, fsynced and renamed. Rotation and resume
+live in adapmtl.train.checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import tempfile
+
+import torch
+
+MAGIC = b"ADAPMTL-CKPT-v1\n"
+_HEADER = struct.Struct("<16s32sqq")  # magic, sha256, payload length, iteration
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or not an adapmtl checkpoint (the message names it)."""
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through (torch.save streams into it)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.sha.update(b)
+        self.size += len(b)
+        return self.fh.write(b)
+
+
+def atomic_save(obj, path: str, iteration: int = -1) -> None:
+    """Write `obj` as a checksummed checkpoint file: a reader (or a crash at any moment) sees either the
+    old complete file or the new complete file, never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w+b") as fh:
+            fh.write(b"\0" * _HEADER.size)
+            writer = _HashingWriter(fh)
+            torch.save(obj, writer)
+            fh.seek(0)
+            fh.write(_HEADER.pack(MAGIC, writer.sha.digest(), writer.size, int(iteration)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary output file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def is_adapmtl_checkpoint(path: str) -> bool:
+    """Whether the file starts with this format's magic (reads 16 bytes)."""
+    with open(path, "rb") as fh:
+        return fh.read(len(MAGIC)) == MAGIC
+
+
+def read_header(path: str) -> tuple[int, int]:
+    """(payload length, iteration) of a checkpoint file, reading only its header."""
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:16] != MAGIC:
+        raise CheckpointError(f"checkpoint {path!r} is not an adapmtl checkpoint (bad header; truncated, corrupt, "
+                              "or written by another program)")
+    _, _, size, iteration = _HEADER.unpack(head)
+    return size, iteration
+
+
+def load_checkpoint_file(path: str, map_location="cpu") -> dict:
+    """Verify a checkpoint file's checksum and load it (weights_only). CheckpointError names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: no file at {path!r}")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < _HEADER.size or data[:16] != MAGIC:
+        raise CheckpointError(f"checkpoint {path!r} is not an adapmtl checkpoint (bad header; truncated, corrupt, "
+                              "or written by another program)")
+    _, digest, size, _ = _HEADER.unpack(data[:_HEADER.size])
+    payload = memoryview(data)[_HEADER.size:]
+    if len(payload) != size:
+        raise CheckpointError(f"checkpoint {path!r} is truncated or padded: {len(payload)} payload bytes, the header "
+                              f"says {size}")
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its SHA-256 does not match the one it was written with")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a verified payload that still fails: report it against the file
+        raise CheckpointError(f"checkpoint {path!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(state).__name__}, expected a dict")
+    return state
