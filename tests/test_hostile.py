@@ -419,8 +419,12 @@ def test_fuzz_sparse_conv_against_f_conv2d(data):
     if data.draw(st.booleans()):
         x = x.contiguous(memory_format=torch.channels_last)
     try:
-        ref = F.conv2d(x, weight if oc else torch.zeros(1, c, kh, kw, dtype=dtype), None if not oc else bias,
-                       stride, padding, dilation)[:, :oc]  # F.conv2d refuses a weight with 0 output channels
+        # NCHW and the bias added after: torch's CPU F.conv2d can segfault on channels-last input with a bias
+        # (found by this test; adapmtl.ops.sparse_conv._dense_conv2d); and it refuses 0 output channels.
+        ref = F.conv2d(x.contiguous(), weight if oc else torch.zeros(1, c, kh, kw, dtype=dtype), None,
+                       stride, padding, dilation)[:, :oc]
+        if bias is not None:
+            ref = ref + bias.reshape(1, -1, 1, 1)
     except RuntimeError:
         ref = None  # e.g. the input is smaller than the dilated kernel
     os.environ["ADAPMTL_CPU_SPARSE_LAYOUT"] = layout

@@ -225,7 +225,7 @@ def sparse_conv2d(
     if groups > 1 or which == "torch":
         if not bool(torch.isfinite(x).all()):  # structural zeros (module docstring): stored weights only
             return _conv2d_stored_only(x, sw, bias, stride, padding, dilation, groups)
-        return F.conv2d(x, sw.to_dense(), bias, stride, padding, dilation, groups)
+        return _dense_conv2d(x, sw.to_dense(), bias, stride, padding, dilation, groups)
     if which == "torch_csr":
         return _conv2d_torch_csr(x, sw, bias, stride, padding, dilation)
     args = (x, sw.row_ptr, sw.col_idx, sw.values, bias, list(sw.shape), list(stride), list(padding), list(dilation))
@@ -267,6 +267,17 @@ def _conv2d_torch_csr(x, sw, bias, stride, padding, dilation):
     if bias is not None:
         out = out + bias[:, None]
     return out.reshape(n, c_out, oh, ow)
+
+
+def _dense_conv2d(x, weight, bias, stride, padding, dilation, groups):
+    """F.conv2d on NCHW input with the bias added after: torch 2.14's CPU F.conv2d segfaults on some
+    channels-last inputs with a bias (tests/test_hostile.py found e.g. x [2,4,8,1], w [1,4,2,1], stride
+    (3,2), padding (5,3), dilation (2,5)); the output keeps x's memory format."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = F.conv2d(x.contiguous(), weight, None, stride, padding, dilation, groups)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def _conv2d_stored_only(x, sw, bias, stride, padding, dilation, groups):
