@@ -82,14 +82,19 @@ def is_adapmtl_checkpoint(path: str) -> bool:
         return fh.read(len(MAGIC)) == MAGIC
 
 
+def _parse_header(data: bytes, path: str) -> tuple[bytes, int, int]:
+    """(sha256, payload length, iteration) from the first bytes of a file, or CheckpointError."""
+    if len(data) < _HEADER.size or data[:len(MAGIC)] != MAGIC:
+        raise CheckpointError(f"checkpoint {path!r} is not an adapmtl checkpoint (bad header; truncated, corrupt, "
+                              "or written by another program)")
+    _, digest, size, iteration = _HEADER.unpack(data[:_HEADER.size])
+    return digest, size, iteration
+
+
 def read_header(path: str) -> tuple[int, int]:
     """(payload length, iteration) of a checkpoint file, reading only its header."""
     with open(path, "rb") as fh:
-        head = fh.read(_HEADER.size)
-    if len(head) < _HEADER.size or head[:16] != MAGIC:
-        raise CheckpointError(f"checkpoint {path!r} is not an adapmtl checkpoint (bad header; truncated, corrupt, "
-                              "or written by another program)")
-    _, _, size, iteration = _HEADER.unpack(head)
+        _, size, iteration = _parse_header(fh.read(_HEADER.size), path)
     return size, iteration
 
 
@@ -99,10 +104,7 @@ def load_checkpoint_file(path: str, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint: no file at {path!r}")
     with open(path, "rb") as fh:
         data = fh.read()
-    if len(data) < _HEADER.size or data[:16] != MAGIC:
-        raise CheckpointError(f"checkpoint {path!r} is not an adapmtl checkpoint (bad header; truncated, corrupt, "
-                              "or written by another program)")
-    _, digest, size, _ = _HEADER.unpack(data[:_HEADER.size])
+    digest, size, _ = _parse_header(data, path)
     payload = memoryview(data)[_HEADER.size:]
     if len(payload) != size:
         raise CheckpointError(f"checkpoint {path!r} is truncated or padded: {len(payload)} payload bytes, the header "

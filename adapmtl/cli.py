@@ -143,9 +143,7 @@ def compare_table(rows: list[dict], directions: dict) -> tuple[list[str], list[l
 
 def cmd_compare(args) -> int:
     from adapmtl.train import Trainer
-    from adapmtl.train.config import apply_override
-
-    from adapmtl.train.config import METHODS
+    from adapmtl.train.config import METHODS, apply_override
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

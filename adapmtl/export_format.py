@@ -281,9 +281,7 @@ class _Loader:
     def value(self, v, nodes: dict, where: str, depth: int = 0):
         if depth > _MAX_DEPTH:
             self.fail(where, f"argument values nested deeper than {_MAX_DEPTH}")
-        if v is None or isinstance(v, (bool, int, str)):
-            return v
-        if isinstance(v, float):
+        if v is None or isinstance(v, (bool, int, float, str)):
             return v
         if isinstance(v, list):
             return [self.value(i, nodes, where, depth + 1) for i in v]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, int_pair, sparse_conv2d, sparse_linear
@@ -32,11 +31,11 @@ class _SparseBase(nn.Module):
     def _set_weight(self, op: str, sw: SparseWeight, bias: Optional[Tensor], backend: str) -> None:
         if not isinstance(sw, SparseWeight):
             raise TypeError(f"{op}: argument 'sw' must be a SparseWeight, got {type(sw).__name__}")
-        if bias is not None:
-            if not isinstance(bias, Tensor) or tuple(bias.shape) != (sw.shape[0],) or bias.dtype != sw.dtype:
-                raise ValueError(f"{op}: argument 'bias' must be a [{sw.shape[0]}] tensor of dtype {sw.dtype}, got "
-                                 f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}"
-                                 f"{' ' + str(bias.dtype) if isinstance(bias, Tensor) else ''}")
+        if bias is not None and not isinstance(bias, Tensor):
+            raise TypeError(f"{op}: argument 'bias' must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias is not None and (tuple(bias.shape) != (sw.shape[0],) or bias.dtype != sw.dtype):
+            raise ValueError(f"{op}: argument 'bias' must be a [{sw.shape[0]}] tensor of dtype {sw.dtype}, got "
+                             f"{tuple(bias.shape)} {bias.dtype}")
         if backend not in SPARSE_BACKENDS:
             raise ValueError(f"{op}: argument 'backend' must be one of {SPARSE_BACKENDS}, got {backend!r}")
         self.register_buffer("row_ptr", sw.row_ptr)

@@ -136,7 +136,7 @@ class Config:
             bad("data.val_fraction", "in [0, 1)", self.data.val_fraction)
         for key in ("data.batch_size", "data.eval_batch_size", "data.crop_size", "train.iterations", "train.log_every",
                     "train.val_every", "train.ckpt_every", "optim.step_size", "loss_weights.window", "prune.rounds",
-                    "prune.score_batches", "prune.update_every", "data.n_test", "data.image_size",
+                    "prune.score_batches", "prune.update_every", "data.n_train", "data.n_test", "data.image_size",
                     "train.keep_checkpoints"):
             section, name = key.split(".")
             v = getattr(getattr(self, section), name)
@@ -150,8 +150,6 @@ class Config:
             bad("optim.lr", "> 0", self.optim.lr)
         if not 0 < self.optim.gamma <= 1:
             bad("optim.gamma", "in (0, 1] (the StepLR factor)", self.optim.gamma)
-        if self.data.n_train < 1:
-            bad("data.n_train", "an int >= 1", self.data.n_train)
         if not 0 <= self.model.dropout < 1:
             bad("model.dropout", "in [0, 1)", self.model.dropout)
         if self.model.head_channels is not None and self.model.head_channels < 1:

@@ -264,18 +264,20 @@ class Trainer:
         factors = self.loss_weights.combined()
         total = sum(factors[i].to(losses[t].dtype) * losses[t] for i, t in enumerate(self.tasks))
         self.optimizer.zero_grad(set_to_none=True)
-        # One flag for all ranks (all-reduced), so every rank stops or skips together.
-        finite = D.all_reduce_mean(torch.isfinite(total.detach()).double().reshape(1))
-        if float(finite) < 1.0:
+        # One all-reduce gives the logged loss means and the finiteness of every rank's total, so all ranks
+        # stop or skip together (a NaN anywhere makes the mean NaN).
+        reduced = D.all_reduce_mean(torch.stack([losses[t].detach().double() for t in self.tasks]
+                                                + [total.detach().double()]))
+        loss_vec = reduced[:-1]
+        if not bool(torch.isfinite(reduced).all()):
             if self.cfg.train.on_nonfinite == "stop":
+                per_task = ", ".join(f"{t}={float(v):.4g}" for t, v in zip(self.tasks, loss_vec))
                 raise NonFiniteLossError(
-                    f"train: the loss is not finite at iteration {it + 1} "
-                    f"({', '.join(f'{t}={float(losses[t].detach()):.4g}' for t in self.tasks)}); stopping. The checkpoints in "
+                    f"train: the loss is not finite at iteration {it + 1} ({per_task}); stopping. The checkpoints in "
                     f"{self.out_dir} are from before it (lower optim.lr, or set train.on_nonfinite=skip)")
             self.skipped_steps += 1  # skip: no update, the schedule and the data move on
             self.scheduler.step()
             self.iteration += 1
-            loss_vec = torch.stack([losses[t].detach().double() for t in self.tasks])
             return {"losses": loss_vec, "total": total.detach(), "factors": factors, "skipped": True}
         self.scaler.scale(total).backward()
         extra = self.method.after_backward(self, it)
@@ -283,7 +285,6 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.method.after_step(self, it)
-        loss_vec = D.all_reduce_mean(torch.stack([losses[t].detach().double() for t in self.tasks]))
         self.loss_weights.update(it, loss_vec)
         self.iteration += 1
         return {"losses": loss_vec, "total": total.detach(), "factors": factors, **extra}
@@ -353,7 +354,9 @@ class Trainer:
     def save(self, name: str = "latest.pt") -> str | None:
         """Write a checkpoint (rank 0). "latest.pt" rotates, keeping train.keep_checkpoints files to fall back
         to. Weights that are no longer finite are never written: the last good checkpoint stays."""
-        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        names, params = zip(*self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).tolist()  # one host sync
+        bad = [n for n, ok in zip(names, finite) if not ok]
         if bad:
             raise NonFiniteLossError(f"train: parameter {bad[0]!r} (and {len(bad) - 1} more) is not finite at iteration "
                                      f"{self.iteration}; not writing {name}, the checkpoints in {self.out_dir} are the "

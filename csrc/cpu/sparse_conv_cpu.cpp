@@ -326,6 +326,11 @@ int64_t channel_block(const ConvShape& s, int64_t nnz, int64_t OC, int64_t eleme
   return std::min(s.C, std::max(fit, dense_enough));
 }
 
+// Vectors of L columns in column tile i of an OW-wide output cut into tiles of `cols` columns.
+inline int64_t tile_vectors(int64_t i, int64_t cols, int64_t OW, int64_t L) {
+  return (std::min(cols, OW - i * cols) + L - 1) / L;
+}
+
 // Whether input index o * stride + k * dilation - pad of output position o lands in [0, size).
 inline bool reads_input(int64_t o, int64_t k, int64_t size, int64_t stride, int64_t pad, int64_t dilation) {
   const int64_t at = o * stride + k * dilation - pad;
@@ -366,7 +371,7 @@ void find_live_taps(ConvShape& s, int64_t OH, int64_t OW, int64_t L) {
   for (int64_t t = 0; t < taps; ++t) s.tap_used[t] = any_row[t] && any_col[t];
   s.skips = std::find(s.row_live.begin(), s.row_live.end(), 0) != s.row_live.end();
   for (int64_t i = 0; i < tiles && !s.skips; ++i) {
-    const int64_t nv = (std::min(s.cols, OW - i * s.cols) + L - 1) / L;
+    const int64_t nv = tile_vectors(i, s.cols, OW, L);
     for (int64_t t = 0; t < taps; ++t)
       s.skips |= s.live_vectors[(i * taps + t) * 2] != 0 || s.live_vectors[(i * taps + t) * 2 + 1] != nv;
   }
@@ -378,7 +383,7 @@ void make_all_live(ConvShape& s, int64_t OW, int64_t L) {
   std::fill(s.row_live.begin(), s.row_live.end(), 1);
   std::fill(s.tap_used.begin(), s.tap_used.end(), 1);
   for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t nv = (std::min(s.cols, OW - i * s.cols) + L - 1) / L;
+    const int64_t nv = tile_vectors(i, s.cols, OW, L);
     for (int64_t t = 0; t < taps; ++t) {
       s.live_vectors[(i * taps + t) * 2] = 0;
       s.live_vectors[(i * taps + t) * 2 + 1] = uint8_t(nv);
@@ -416,7 +421,7 @@ void choose_layout(ConvShape& s, int64_t nnz, int64_t OC, int64_t OH, int64_t OW
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t R = std::min(s.rows, OH - g * s.rows);
     for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t NV = (std::min(s.cols, OW - i * s.cols) + L - 1) / L;
+      const int64_t NV = tile_vectors(i, s.cols, OW, L);
       visits_all += double(blocks_all);
       for (int64_t t = 0; t < taps; ++t) {
         if (!s.tap_used[t]) continue;
@@ -579,7 +584,7 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
     all_vectors.resize(tiles * 2);
     for (int64_t i = 0; i < tiles; ++i) {
       all_vectors[2 * i] = 0;
-      all_vectors[2 * i + 1] = uint8_t((std::min(cols, OW - i * cols) + L - 1) / L);
+      all_vectors[2 * i + 1] = uint8_t(tile_vectors(i, cols, OW, L));
     }
   }
 
