@@ -144,21 +144,22 @@ def test_optimizer_scheduler_and_threshold_params(syn_root, tmp_path):
     assert type(opt) is torch.optim.Adam
     g = opt.param_groups[0]
     assert g["betas"] == (0.5, 0.999) and g["weight_decay"] == 1e-3 and not g.get("decoupled_weight_decay", False)
-    ids = {id(p) for p in g["params"]}
+    ids = {id(p) for group in opt.param_groups for p in group["params"]}
     ths = adapmtl.threshold_parameters(tr.model)
     assert len(ths) == 1 + len(tr.tasks)  # backbone + one per head
-    assert all(id(s) in ids for s in ths)
+    assert all(id(s) in ids for s in ths)  # every threshold is trained (their group: test_sparsity_control.py)
     data = tr._train_batches(0)
     lrs = []
     for _ in range(5):
         tr.train_step(next(data))
         lrs.append(opt.param_groups[0]["lr"])
+        assert opt.param_groups[1]["lr"] == lrs[-1]
     assert lrs == pytest.approx([2e-3 * 0.5 ** ((k + 1) // 2) for k in range(5)])
 
 
 def test_cap_freezes_thresholds_over_all_components(syn_root, tmp_path):
     # s0 = -4 prunes ~some weights at once; target 1% is below that: the cap must fire every step
-    tr = Trainer(tiny_cfg(syn_root, tmp_path, **{"prune.s0": -4.0, "prune.target_sparsity": 0.01}))
+    tr = Trainer(tiny_cfg(syn_root, tmp_path, **{"prune.control": "paper", "prune.s0": -4.0, "prune.target_sparsity": 0.01}))
     before = [s.detach().clone() for s in adapmtl.threshold_parameters(tr.model)]
     w_before = tr.model.backbone.stages[0][0].weight.detach().clone()
     data = tr._train_batches(0)
@@ -172,7 +173,8 @@ def test_cap_freezes_thresholds_over_all_components(syn_root, tmp_path):
         assert not tr.optimizer.state.get(s)
     assert not torch.equal(tr.model.backbone.stages[0][0].weight.detach(), w_before)  # weights still train
 
-    tr2 = Trainer(tiny_cfg(syn_root, tmp_path / "b", **{"prune.s0": -4.0, "prune.target_sparsity": 0.99}))
+    tr2 = Trainer(tiny_cfg(syn_root, tmp_path / "b", **{"prune.control": "paper", "prune.s0": -4.0,
+                                                        "prune.target_sparsity": 0.99}))
     before = [s.detach().clone() for s in adapmtl.threshold_parameters(tr2.model)]
     out = tr2.train_step(next(tr2._train_batches(0)))
     assert out["cap"] == 0.0
@@ -180,7 +182,7 @@ def test_cap_freezes_thresholds_over_all_components(syn_root, tmp_path):
 
 
 def test_cap_decision_uses_exact_overall_sparsity(syn_root, tmp_path):
-    tr = Trainer(tiny_cfg(syn_root, tmp_path, **{"prune.s0": -4.5}))
+    tr = Trainer(tiny_cfg(syn_root, tmp_path, **{"prune.control": "paper", "prune.s0": -4.5}))
     batch = next(tr._train_batches(0))
     tr.compute_losses(batch)
     exact = adapmtl.sparsity_report(tr.model).overall
@@ -249,8 +251,10 @@ def test_atomic_save_never_leaves_a_corrupt_file(tmp_path, monkeypatch):
 
 
 def test_fit_writes_logs_plots_results_and_selects_on_val(syn_root, tmp_path):
+    # every checkpoint eligible (select_sparsity_tol 1): the selection below is on the val score alone
     cfg = tiny_cfg(syn_root, tmp_path, **{"train.plots": True, "train.tensorboard": True,
-                                          "prune.target_sparsity": 0.05, "prune.s0": -4.0})
+                                          "prune.target_sparsity": 0.05, "prune.s0": -4.0,
+                                          "train.select_sparsity_tol": 1.0})
     res = Trainer(cfg).fit()
     for name in ("latest.pt", "best.pt", "log.jsonl", "log.csv", "results.json", "sparsity.txt", "config.yaml",
                  "sparsity_components.png", "task_weights.png", "layer_sparsity.png"):

@@ -2,7 +2,8 @@
 
 The trainer calls the hooks in this order: `setup` (may convert the model; before the optimizer
 exists), `on_train_start` (fresh runs only, never on resume), then per iteration
-`before_iteration`, forward/backward, `after_backward`, optimizer step, `after_step`.
+`before_iteration`, forward/backward, `after_backward`, optimizer step, `after_step`. `param_groups`
+is asked once, after `setup`, for the optimizer.
 `state_dict` / `load_state_dict` carry whatever the method needs for exact resume.
 """
 from __future__ import annotations
@@ -22,6 +23,10 @@ class Method:
     def on_train_start(self, trainer) -> None:
         pass
 
+    def param_groups(self, model) -> list[dict]:
+        """The optimizer's parameter groups (settings not given here come from cfg.optim)."""
+        return [{"params": list(model.parameters())}]
+
     def before_iteration(self, trainer, it: int, batch: dict) -> None:
         pass
 
@@ -31,6 +36,10 @@ class Method:
 
     def after_step(self, trainer, it: int) -> None:
         pass
+
+    def log_scalars(self) -> dict:
+        """The method's state at the latest step, logged with the training scalars."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

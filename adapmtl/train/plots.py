@@ -17,8 +17,9 @@ def _series(records, prefix):
     return out
 
 
-def make_plots(out_dir: str, final_layers: dict[str, float] | None = None) -> list[str]:
-    """sparsity per component over time, task weights over time, per-layer final sparsity."""
+def make_plots(out_dir: str, final_layers: dict[str, float] | None = None, target: float | None = None) -> list[str]:
+    """sparsity per component over time (with the controller's schedule and the target, when there are),
+    task weights over time, per-layer final sparsity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,6 +40,11 @@ def make_plots(out_dir: str, final_layers: dict[str, float] | None = None) -> li
             overall = _series(records, "sparsity/")
             if "overall" in overall:
                 ax.plot(*overall["overall"], "k--", label="overall")
+            schedule = _series(records, "control/").get("schedule")
+            if schedule:
+                ax.plot(*schedule, ":", color="tab:gray", lw=2, label="required (schedule)")
+            if target is not None:
+                ax.axhline(target, color="tab:red", lw=0.8, label=f"target {target:g}")
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)

@@ -1,8 +1,8 @@
 """The training loop shared by AdapMTL, its ablations and the pruning baselines (SPEC §3, §7).
 
 One iteration: method.before_iteration -> forward (optional autocast) -> per-task losses ->
-Σ_t p_t w_t L_t -> backward -> method.after_backward (AdapMTL: target-sparsity cap; masks: grad
-masks) -> Adam step -> StepLR step -> method.after_step -> adaptive weights update.
+Σ_t p_t w_t L_t -> backward -> method.after_backward (AdapMTL: sparsity controller or the paper's cap;
+masks: grad masks) -> Adam step -> StepLR step -> method.after_step -> adaptive weights update.
 
 Data order is a pure function of (seed, iteration) and every RNG is checkpointed, so a run resumed
 from `latest.pt` continues bit for bit as if it had never stopped (with `data.num_workers: 0`; with
@@ -179,8 +179,8 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         o = cfg.optim
-        # coupled L2 decay on every parameter, thresholds included (Adam's weight_decay, not AdamW)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
+        # coupled L2 decay (Adam's weight_decay, not AdamW); the method may give its thresholds their own group
+        self.optimizer = torch.optim.Adam(self.method.param_groups(self.model), lr=o.lr, betas=tuple(o.betas),
                                           weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
@@ -412,6 +412,7 @@ class Trainer:
             s.update({f"threshold/{k}": v for k, v in self.thresholds().items()})
         if "cap" in out:
             s["cap"] = out["cap"]
+        s.update(self.method.log_scalars())
         if self.skipped_steps:
             s["train/skipped_nonfinite_steps"] = float(self.skipped_steps)
         return s
@@ -420,7 +421,8 @@ class Trainer:
         result = self.evaluate(self.val_set)
         score, extra = self.score(result)
         sp = adapmtl.sparsity_report(self.model).overall
-        eligible = (not self.method.prunes) or sp >= self.cfg.prune.target_sparsity - self.cfg.train.select_sparsity_tol
+        # matched sparsity (SPEC §7): within ± select_sparsity_tol of the target, on both sides
+        eligible = (not self.method.prunes) or abs(sp - self.cfg.prune.target_sparsity) <= self.cfg.train.select_sparsity_tol
         scalars = {f"val/{t}/{m}": v for t, ms in result["metrics"].items() for m, v in ms.items()}
         scalars |= {f"val/loss/{t}": v for t, v in result["loss"].items()} | extra
         scalars |= {"val/score": score, "val/sparsity": sp, "val/eligible": float(eligible)}
@@ -510,5 +512,5 @@ class Trainer:
                 fh.write(rep.table() + "\n")
             if self.cfg.train.plots:
                 from adapmtl.train.plots import make_plots
-                make_plots(self.out_dir, results["sparsity"]["layers"])
+                make_plots(self.out_dir, results["sparsity"]["layers"], results["target_sparsity"] or None)
         return results
