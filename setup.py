@@ -75,6 +75,7 @@ setup(
     # The Triton kernels live in the top-level triton_kernels/ folder but ship as adapmtl.triton_kernels,
     # so we never install a top-level package of that (commonly used) name.
     package_dir={"adapmtl": "adapmtl", "adapmtl.triton_kernels": "triton_kernels"},
+    package_data={"adapmtl": ["configs/*.yaml"]},  # `adapmtl train -c demo` from any folder
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,4 +1,4 @@
-"""`adapmtl` command line: train | eval | export | bench | compare (also `python -m adapmtl`).
+"""`adapmtl` command line: train | eval | export | bench | compare | configs (also `python -m adapmtl`).
 
 Every config value can be overridden: `--set optim.lr=1e-4` or just `optim.lr=1e-4` after the
 command (values are parsed as YAML; unknown keys and wrong types are rejected, naming the key).
@@ -104,16 +104,42 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    # benchmarks/ are part of a source checkout, not of the package: next to an editable install, or the
+    # checkout the command is run from
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    scripts = sorted(glob.glob(os.path.join(here, "benchmarks", "bench_*.py")))
+    scripts = sorted(glob.glob(os.path.join(here, "benchmarks", "bench_*.py"))) or sorted(
+        glob.glob(os.path.join("benchmarks", "bench_*.py")))
     names = {os.path.basename(s)[len("bench_"):-3]: s for s in scripts}
     if not names:
-        print("no benchmarks/ scripts found next to the package (a source checkout has them)", file=sys.stderr)
+        print("no benchmarks/bench_*.py found: run this from a source checkout of adapmtl", file=sys.stderr)
         return 2
     if args.name not in names:
         print(f"unknown benchmark {args.name!r}; available: {sorted(names)}", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, names[args.name], *args.bench_args])
+
+
+def cmd_configs(args) -> int:
+    from adapmtl.train.config import bundled_configs, resolve_config
+
+    if args.name is None:
+        for name, path in bundled_configs().items():
+            with open(path) as fh:
+                first = fh.readline().lstrip("# ").strip()
+            print(f"{name:<22} {first}")
+        print("\nuse one with `adapmtl train -c <name>`; `adapmtl configs <name> --out my.yaml` writes a copy to edit")
+        return 0
+    with open(resolve_config(args.name)) as fh:
+        text = fh.read()
+    if args.out is None:
+        print(text, end="")
+        return 0
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    print(f"written {args.out}; train with `adapmtl train -c {args.out}`")
+    return 0
 
 
 def _fmt(v, digits=2):
@@ -202,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp, required=True):
-        sp.add_argument("--config", "-c", required=required, help="YAML config (configs/*.yaml)")
+        sp.add_argument("--config", "-c", required=required,
+                        help="a YAML file, or a bundled config by name (demo, nyuv2_resnet34, ...: `adapmtl configs`)")
         sp.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config value")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides")
 
@@ -229,13 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--reuse", action="store_true", help="reuse finished runs' results.json")
     c.add_argument("--directions", default=None, help="'nyuv2' or 'taskonomy' metric set (default: per task kind)")
+    g = sub.add_parser("configs", help="list the bundled configs, print one, or write a copy to edit")
+    g.add_argument("name", nargs="?", help="a bundled config (omit to list them)")
+    g.add_argument("--out", help="write the config here instead of printing it")
+    g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
-               "compare": cmd_compare}[args.command]
+               "compare": cmd_compare, "configs": cmd_configs}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install adapmtl, with what it needs, into the current Python environment.
 #
-#   bash scripts/install.sh          # the library
-#   bash scripts/install.sh --test   # plus the test dependencies
+#   bash scripts/install.sh                  # editable, for a development checkout (the README's quick start)
+#   bash scripts/install.sh --test           # plus the test dependencies
+#   bash scripts/install.sh --wheel [--test] # as users get it: sdist -> wheel -> a regular install (CI)
 #
 # torch: kept if already installed; otherwise torch==2.14.1 (override with ADAPMTL_TORCH=...), whose
 # CUDA build lets the CUDA extension compile wherever nvcc is found, GPU or not.
@@ -12,8 +13,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+extras="" wheel=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="[test]" ;;
+    --wheel) wheel=1 ;;
+    *) echo "install.sh: unknown option $arg (use --test, --wheel)" >&2; exit 2 ;;
+  esac
+done
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
@@ -23,6 +30,18 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "${ADAPMTL_TORCH:-torch==2.14.1}"
 fi
 "$PY" -m pip install setuptools wheel ninja pybind11
-# --no-build-isolation: build against the torch installed above instead of downloading another one.
-"$PY" -m pip install --no-build-isolation -e ".${extras}"
-"$PY" -c "import adapmtl, adapmtl.ops as o; print('adapmtl', adapmtl.__version__, 'CPU backends:', o.available_backends('cpu'))"
+# --no-build-isolation everywhere: build against the torch installed above instead of downloading another one.
+if [ "$wheel" = 1 ]; then
+  "$PY" -m pip install build
+  rm -rf dist
+  "$PY" -m build --sdist --no-isolation --outdir dist .
+  # the wheel is built from the sdist, so a file missing from the sdist fails here, not on a user's machine
+  "$PY" -m pip wheel --no-build-isolation --no-deps --wheel-dir dist dist/adapmtl-*.tar.gz
+  whl=$(ls dist/adapmtl-*.whl)
+  "$PY" -m pip install --force-reinstall --no-deps "$whl"
+  "$PY" -m pip install "${whl}${extras}"
+else
+  "$PY" -m pip install --no-build-isolation -e ".${extras}"
+fi
+# from another folder, so that a regular install is checked, not the source tree beside it
+(cd "${TMPDIR:-/tmp}" && "$PY" -c "import adapmtl, adapmtl.ops as o; print('adapmtl', adapmtl.__version__, 'from', adapmtl.__file__, '- CPU backends:', o.available_backends('cpu'))")

@@ -85,7 +85,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
+    p.add_argument("-c", "--config", default="demo", help="a config file or bundled name (default: demo)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
     p.add_argument("--s0", type=float, nargs="+", default=[-15.0, -6.0])
     p.add_argument("--controls", nargs="+", default=["controlled", "paper"])
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                       f"({100 * (r['sparsity'] - target):+.2f} pp, {r['selected']})", flush=True)
     components = list(rows[0]["components"])
     os.makedirs(args.out, exist_ok=True)
-    meta = {"config": os.path.relpath(args.config, ROOT), "cpu": cpu_name(), "seconds": round(time.time() - t0),
+    meta = {"config": args.config, "cpu": cpu_name(), "seconds": round(time.time() - t0),
             "command": "python3 -m adapmtl train -c <config> prune.control=<control> "
                        "prune.target_sparsity=<target> prune.s0=<s0>"}
     with open(os.path.join(args.out, "sparsity_control.json"), "w") as fh:

@@ -261,10 +261,9 @@ def test_config_rejects_bad_control_settings():
 
 def test_demo_config_is_controlled_and_paper_configs_are_not():
     from adapmtl.train import load_config
-    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    assert load_config(os.path.join(configs, "demo.yaml")).prune.control == "controlled"
-    for name in ("nyuv2_resnet34.yaml", "nyuv2_mobilenetv2.yaml", "taskonomy_resnet34.yaml"):
-        assert load_config(os.path.join(configs, name)).prune.control == "paper"
+    assert load_config("demo").prune.control == "controlled"
+    for name in ("nyuv2_resnet34", "nyuv2_mobilenetv2", "taskonomy_resnet34"):
+        assert load_config(name).prune.control == "paper"
 
 
 def test_grid_script_writes_partial_grids_beside_the_runs(tmp_path, monkeypatch):

@@ -13,7 +13,9 @@ from adapmtl.train import AdaptiveLossWeights, Config, Trainer, config_from_dict
 from adapmtl.train.checkpoint import atomic_save, load_checkpoint_file
 from adapmtl.train.config import apply_override
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from adapmtl.train.config import bundled_configs
+
+CONFIGS = bundled_configs()  # inside the package under test (adapmtl/configs), installed or editable
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +67,22 @@ def test_config_rejects_unknown_keys_and_bad_values():
     assert cfg.loss_weights.priorities == {"depth": 2}
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))), ids=os.path.basename)
-def test_shipped_configs_load(path):
-    cfg = load_config(path)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shipped_configs_load(name):
+    assert set(CONFIGS) >= {"demo", "nyuv2_resnet34", "nyuv2_mobilenetv2", "taskonomy_resnet34"}
+    cfg = load_config(name)
+    assert load_config(CONFIGS[name]) == cfg == load_config(f"{name}.yaml")
     assert cfg.method in ("adapmtl",)
     assert cfg.optim.betas == [0.5, 0.999]
 
 
 def test_paper_settings_in_configs():
-    r34 = load_config(os.path.join(CONFIGS, "nyuv2_resnet34.yaml"))
+    r34 = load_config("nyuv2_resnet34")
     assert (r34.train.iterations, r34.data.batch_size, r34.data.crop_size) == (20000, 16, 321)
     assert (r34.optim.lr, r34.optim.step_size, r34.optim.gamma, r34.prune.s0) == (1e-3, 4000, 0.5, -15.0)
-    mb = load_config(os.path.join(CONFIGS, "nyuv2_mobilenetv2.yaml"))
+    mb = load_config("nyuv2_mobilenetv2")
     assert mb.model.backbone == "mobilenetv2" and mb.prune.s0 == -18.0
-    tk = load_config(os.path.join(CONFIGS, "taskonomy_resnet34.yaml"))
+    tk = load_config("taskonomy_resnet34")
     assert (tk.train.iterations, tk.data.crop_size, tk.optim.lr, tk.optim.step_size, tk.optim.gamma) == \
         (100000, 224, 1e-4, 12000, 0.3)
     for cfg in (r34, mb, tk):

@@ -6,7 +6,9 @@ config or on the command line never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -262,10 +264,31 @@ def config_from_dict(data: dict | None) -> Config:
     return cfg.validate()
 
 
+def bundled_configs() -> dict[str, str]:
+    """{name: path} of the configs shipped inside the package (adapmtl/configs/*.yaml): `-c demo` works from
+    any folder, with or without a source checkout."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return {os.path.basename(p)[:-len(".yaml")]: p for p in sorted(glob.glob(os.path.join(folder, "*.yaml")))}
+
+
+def resolve_config(name_or_path: str) -> str:
+    """The YAML file meant by `-c`: an existing file, else a bundled config name (`demo`, `demo.yaml`)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    bundled = bundled_configs()
+    stem = name_or_path.removeprefix("configs/").removesuffix(".yaml")  # also the source tree's old spelling
+    if stem in bundled:
+        return bundled[stem]
+    raise FileNotFoundError(f"config: {name_or_path!r} is neither a file nor a bundled config; bundled: "
+                            f"{', '.join(bundled)} (`adapmtl configs` lists them)")
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Config from a YAML file (or the defaults) with `key.sub=value` overrides (values parsed as YAML)."""
+    """Config from a YAML file or bundled config name (or the defaults) with `key.sub=value` overrides
+    (values parsed as YAML)."""
     data = {}
     if path is not None:
+        path = resolve_config(path)
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):
