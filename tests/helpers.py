@@ -43,3 +43,24 @@ def tolerances(dtype):
 
 def param_backends(pairs):
     return pytest.mark.parametrize("backend,device", pairs, ids=[f"{b}-{d}" for b, d in pairs])
+
+
+def tiny_run_config(root, out_dir, settings: dict, overrides: dict | None = None):
+    """A Config for a short run of the tiny model on synthetic scenes at `root` (32 px, no progress bar,
+    TensorBoard or plots): a common base, the test file's `settings` merged in per section, then
+    `key.sub=value` overrides."""
+    from adapmtl.train import config_from_dict
+    from adapmtl.train.config import apply_override
+
+    base = {
+        "method": "adapmtl", "out_dir": str(out_dir),
+        "data": {"dataset": "synthetic", "root": root, "image_size": 32, "crop_size": 32},
+        "model": {"backbone": "tiny"},
+        "train": {"progress": False, "tensorboard": False, "plots": False},
+    }
+    for key, value in settings.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+    cfg = config_from_dict(base)
+    for k, v in (overrides or {}).items():
+        apply_override(cfg, f"{k}={v}")
+    return cfg.validate()

@@ -3,11 +3,9 @@ checkpoints, dataset indexes and CLI calls. Every case must give a clean error (
 reference's answer: never code execution, a crash, a hang or a silently wrong result."""
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -18,11 +16,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-import adapmtl
 from adapmtl.export import export_sparse
 from adapmtl.export_format import METADATA_KEY, load_exported, save_exported
 from adapmtl.ops import SparseWeight
 from adapmtl.ops.sparse_conv import available_sparse_backends, sparse_conv2d, sparse_linear
+from helpers import tiny_run_config
 
 CPU_BACKENDS = [b for b in available_sparse_backends("cpu")]
 
@@ -559,22 +557,13 @@ def scenes(tmp_path_factory):
 
 
 def _cfg(root, out_dir, **over):
-    from adapmtl.train import config_from_dict
-    from adapmtl.train.config import apply_override
-
-    cfg = config_from_dict({
-        "method": "adapmtl", "out_dir": str(out_dir),
-        "data": {"dataset": "synthetic", "root": root, "n_train": 12, "n_test": 4, "image_size": 32, "crop_size": 32,
-                 "batch_size": 4, "eval_batch_size": 4, "val_fraction": 0.25},
-        "model": {"backbone": "tiny", "head_channels": 4},
+    return tiny_run_config(root, out_dir, {
+        "data": {"n_train": 12, "n_test": 4, "batch_size": 4, "eval_batch_size": 4, "val_fraction": 0.25},
+        "model": {"head_channels": 4},
         "prune": {"s0": -4.0, "target_sparsity": 0.5},
         "loss_weights": {"start": 1, "window": 2},
-        "train": {"iterations": 6, "log_every": 1, "val_every": 3, "ckpt_every": 1, "progress": False,
-                  "tensorboard": False, "plots": False},
-    })
-    for k, v in over.items():
-        apply_override(cfg, f"{k}={v}")
-    return cfg.validate()
+        "train": {"iterations": 6, "log_every": 1, "val_every": 3, "ckpt_every": 1},
+    }, over)
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(scenes, tmp_path):

@@ -13,6 +13,7 @@ from adapmtl.train import Trainer, config_from_dict
 from adapmtl.train.checkpoint import load_checkpoint_file
 from adapmtl.train.config import apply_override
 from adapmtl.train.sparsity_control import MAX_PUSH, SparsityController, plant_gain_floor
+from helpers import tiny_run_config
 
 
 # ------------------------------------------------------------------ the controller alone
@@ -124,20 +125,15 @@ def syn_root(tmp_path_factory):
 
 
 def run_cfg(root, out_dir, **over):
-    cfg = config_from_dict({
-        "method": "adapmtl", "seed": 1, "out_dir": str(out_dir),
-        "data": {"dataset": "synthetic", "root": root, "n_train": 24, "n_test": 6, "image_size": 32, "crop_size": 32,
-                 "batch_size": 4, "eval_batch_size": 8, "val_fraction": 0.25},
-        "model": {"backbone": "tiny", "head_channels": 8},
+    return tiny_run_config(root, out_dir, {
+        "seed": 1,
+        "data": {"n_train": 24, "n_test": 6, "batch_size": 4, "eval_batch_size": 8, "val_fraction": 0.25},
+        "model": {"head_channels": 8},
         "prune": {"s0": -15.0, "target_sparsity": 0.9},
         "optim": {"lr": 2e-3, "weight_decay": 5e-4, "step_size": 100, "gamma": 0.5},
         "loss_weights": {"start": 20, "window": 10},
-        "train": {"iterations": 160, "log_every": 10, "val_every": 40, "ckpt_every": 1000, "progress": False,
-                  "tensorboard": False, "plots": False},
-    })
-    for k, v in over.items():
-        apply_override(cfg, f"{k}={v}")
-    return cfg.validate()
+        "train": {"iterations": 160, "log_every": 10, "val_every": 40, "ckpt_every": 1000},
+    }, over)
 
 
 @pytest.mark.parametrize("target,s0", [(0.5, -20.0), (0.8, -6.0), (0.9, -15.0), (0.95, -4.0), (0.99, -10.0)])

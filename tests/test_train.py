@@ -11,9 +11,8 @@ import torch
 import adapmtl
 from adapmtl.train import AdaptiveLossWeights, Config, Trainer, config_from_dict, load_config
 from adapmtl.train.checkpoint import atomic_save, load_checkpoint_file
-from adapmtl.train.config import apply_override
-
-from adapmtl.train.config import bundled_configs
+from adapmtl.train.config import apply_override, bundled_configs
+from helpers import tiny_run_config
 
 CONFIGS = bundled_configs()  # inside the package under test (adapmtl/configs), installed or editable
 
@@ -28,21 +27,15 @@ def syn_root(tmp_path_factory):
 
 
 def tiny_cfg(root, out_dir, **over) -> Config:
-    base = {
-        "method": "adapmtl", "seed": 3, "out_dir": str(out_dir),
-        "data": {"dataset": "synthetic", "root": root, "n_train": 20, "n_test": 6, "image_size": 32, "crop_size": 32, "batch_size": 4, "eval_batch_size": 8,
-                 "val_fraction": 0.2},
-        "model": {"backbone": "tiny", "head_channels": 4},
+    return tiny_run_config(root, out_dir, {
+        "seed": 3,
+        "data": {"n_train": 20, "n_test": 6, "batch_size": 4, "eval_batch_size": 8, "val_fraction": 0.2},
+        "model": {"head_channels": 4},
         "prune": {"s0": -5.0, "target_sparsity": 0.9},
         "optim": {"lr": 2e-3, "weight_decay": 1e-3, "step_size": 3, "gamma": 0.5},
         "loss_weights": {"start": 1, "window": 2},
-        "train": {"iterations": 6, "log_every": 2, "val_every": 3, "ckpt_every": 2, "progress": False,
-                  "tensorboard": False, "plots": False},
-    }
-    cfg = config_from_dict(base)
-    for k, v in over.items():
-        apply_override(cfg, f"{k}={v}")
-    return cfg.validate()
+        "train": {"iterations": 6, "log_every": 2, "val_every": 3, "ckpt_every": 2},
+    }, over)
 
 
 # ------------------------------------------------------------------ config
