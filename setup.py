@@ -3,7 +3,9 @@
 Environment overrides:
   ADAPMTL_FORCE_CUDA=1   build the CUDA extension (fails loudly if it cannot)
   ADAPMTL_NO_CUDA=1      never build it
-  TORCH_CUDA_ARCH_LIST   architectures (default "8.0;9.0+PTX": A100 and H100, PTX for newer GPUs)
+  TORCH_CUDA_ARCH_LIST   architectures (default: those of this machine's GPUs; without a GPU "8.0;9.0+PTX",
+                         A100 and H100 with PTX for newer GPUs)
+  MAX_JOBS               parallel compile jobs (scripts/install.sh sets it to the number of cores)
 
 Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
 """
@@ -56,8 +58,17 @@ ext_modules = [
 ]
 
 cuda_sources = _sources("cuda/*.cu") + _sources("cuda/*.cpp")
+def _default_arch_list() -> str:
+    """The GPUs of this machine when it has any (a faster build, for where it will run); else A100 and H100
+    with PTX for newer GPUs. TORCH_CUDA_ARCH_LIST overrides both."""
+    if torch.cuda.is_available():
+        archs = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in archs) + "+PTX"
+    return "8.0;9.0+PTX"
+
+
 if cuda_sources and _build_cuda():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
     ext_modules.append(
         CUDAExtension(
             "adapmtl._C_cuda",

@@ -56,13 +56,20 @@ def atomic_save(obj, path: str, iteration: int = -1) -> None:
             fh.write(_HEADER.pack(MAGIC, writer.sha.digest(), writer.size, int(iteration)))
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary output file
+        os.chmod(tmp, output_mode())  # mkstemp makes 0600; a checkpoint is an ordinary output file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def output_mode() -> int:
+    """The mode open() would give a new file: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(directory: str) -> None:

@@ -44,27 +44,10 @@ def _print_results(results: dict) -> None:
 
 
 def _model_from_checkpoint(path: str):
-    """Rebuild the model of a trainer checkpoint (converted the way its method did) and load it."""
-    import torch
+    from adapmtl.train import load_trained
 
-    from adapmtl.baselines import build_method
-    from adapmtl.train.build import build_model_from_config
-    from adapmtl.train.checkpoint import load_checkpoint_file
-    from adapmtl.train.config import config_from_dict
-
-    state = load_checkpoint_file(path)
-    if "config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not an adapmtl trainer checkpoint (no 'config'/'model' entries)")
-    cfg = config_from_dict(state["config"])
-
-    class _Holder:  # the small part of the trainer interface that Method.setup uses
-        pass
-
-    holder = _Holder()
-    holder.model = build_model_from_config(cfg)
-    build_method(cfg).setup(holder)
-    holder.model.load_state_dict(state["model"])
-    return cfg, holder.model.to(torch.device("cpu"))
+    trained = load_trained(path)
+    return trained.config, trained.model
 
 
 def cmd_eval(args) -> int:
@@ -223,40 +206,58 @@ def cmd_compare(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option that has a default says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adapmtl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from adapmtl import __version__
+
+    p = argparse.ArgumentParser(prog="adapmtl", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"adapmtl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
 
     def with_config(sp, required=True):
         sp.add_argument("--config", "-c", required=required,
                         help="a YAML file, or a bundled config by name (demo, nyuv2_resnet34, ...: `adapmtl configs`)")
-        sp.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config value")
-        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides")
+        sp.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
+                        help="override a config value (repeatable), e.g. optim.lr=1e-4")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, without --set")
 
-    t = sub.add_parser("train", help="train one method (AdapMTL, an ablation or a baseline)")
+    t = command("train", "train one method (AdapMTL, an ablation or a baseline)")
     with_config(t)
-    e = sub.add_parser("eval", help="evaluate a trainer checkpoint on a split")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--split", choices=("val", "test", "train"), default="test")
-    e.add_argument("--out", help="write the results JSON here")
-    e.add_argument("--set", "-s", action="append", metavar="KEY=VALUE")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    x = sub.add_parser("export", help="export a trained model with sparse layers to one .safetensors file")
-    x.add_argument("--checkpoint", required=True)
+    e = command("eval", "evaluate a trainer checkpoint on a split")
+    e.add_argument("--checkpoint", required=True, help="a trainer checkpoint (runs/<run>/latest.pt or best.pt)")
+    e.add_argument("--split", choices=("val", "test", "train"), default="test", help="the split to evaluate")
+    e.add_argument("--out", help="also write the results JSON here")
+    e.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
+                   help="override a value of the checkpoint's config (e.g. data.root=...)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, without --set")
+    x = command("export", "export a trained model with sparse layers to one .safetensors file")
+    x.add_argument("--checkpoint", required=True, help="a trainer checkpoint (runs/<run>/latest.pt or best.pt)")
     x.add_argument("--out", required=True, help="the .safetensors file to write")
     x.add_argument("--min-sparsity", type=float, default=0.5, help="layers below this sparsity stay dense")
     x.add_argument("--backend", default="auto", help="sparse kernel backend (auto, cpp, cuda, triton, torch)")
-    b = sub.add_parser("bench", help="run a benchmarks/bench_<name>.py script")
-    b.add_argument("name", help="e.g. soft_threshold")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    c = sub.add_parser("compare", help="dense, every baseline and AdapMTL at one sparsity -> Markdown + CSV table")
+    b = command("bench", "run a benchmarks/bench_<name>.py script")
+    b.add_argument("name", help="the benchmark, e.g. soft_threshold or sparse_conv")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --quick, --help)")
+    c = command("compare", "dense, every baseline and AdapMTL at one sparsity -> Markdown + CSV table")
     with_config(c)
-    c.add_argument("--sparsity", type=float, default=0.9)
-    c.add_argument("--methods", default=",".join(COMPARE_METHODS))
-    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--sparsity", type=float, default=0.9, help="the target overall sparsity of every pruned run")
+    c.add_argument("--methods", default=",".join(COMPARE_METHODS), help="comma-separated methods to run")
+    c.add_argument("--out", default="runs/compare", help="folder for the runs and table.md / table.csv")
     c.add_argument("--reuse", action="store_true", help="reuse finished runs' results.json")
     c.add_argument("--directions", default=None, help="'nyuv2' or 'taskonomy' metric set (default: per task kind)")
-    g = sub.add_parser("configs", help="list the bundled configs, print one, or write a copy to edit")
+    g = command("configs", "list the bundled configs, print one, or write a copy to edit")
     g.add_argument("name", nargs="?", help="a bundled config (omit to list them)")
     g.add_argument("--out", help="write the config here instead of printing it")
     g.add_argument("--force", action="store_true", help="overwrite --out if it exists")

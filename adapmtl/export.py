@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear
-from adapmtl.ops.sparse_conv import SPARSE_BACKENDS
+from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
 
 POLICIES = ("time", "crossover")
 
@@ -119,6 +119,11 @@ def export_sparse(
         raise ValueError(f"export_sparse: argument 'min_sparsity' must be a number in [0, 1], got {min_sparsity!r}")
     if backend not in SPARSE_BACKENDS:
         raise ValueError(f"export_sparse: argument 'backend' must be one of {SPARSE_BACKENDS}, got {backend!r}")
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if backend != "auto" and backend not in available_sparse_backends(device):
+        raise ValueError(f"export_sparse: backend {backend!r} cannot run on {device} here (available: "
+                         f"{available_sparse_backends(device)}); export with backend='auto' (it picks the best backend "
+                         "of whatever device runs the model) or export on a machine where it runs")
     if policy is None:
         policy = "time" if example_input is not None else "crossover"
     if policy not in POLICIES:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from adapmtl.checkpoint_io import output_mode
 from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear
 from adapmtl.ops.sparse_weight import SparseWeight
 
@@ -262,6 +263,7 @@ def save_exported(model: nn.Module, path, concrete_args: Optional[dict] = None) 
     # safetensors stores each tensor once, contiguous, on the CPU.
     flat = {k: v.contiguous().cpu().clone() for k, v in tensors.items()}
     save_file(flat, str(path), metadata={METADATA_KEY: json.dumps(config)})
+    os.chmod(path, output_mode())  # safetensors creates 0600; an export is an ordinary file to share
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,11 +476,19 @@ def _short(v, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def load_exported(path, map_location="cpu") -> fx.GraphModule:
+def load_exported(path, map_location="cpu", backend: Optional[str] = None) -> fx.GraphModule:
     """Load a model saved by `save_exported` as a `torch.fx.GraphModule` on `map_location`.
+
+    `backend`: the sparse layers' kernel backend. None keeps what the file says where that backend runs
+    on `map_location`, and picks "auto" (the best one there) where it does not (a model exported for
+    CUDA loaded on a CPU); a name sets every sparse layer to it.
 
     Safe on untrusted files (module docstring): a file can only describe a graph of the listed
     functions, methods and module classes; anything else raises ValueError naming the file."""
+    from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
+
+    if backend is not None and backend not in SPARSE_BACKENDS:
+        raise ValueError(f"load_exported: argument 'backend' must be None or one of {SPARSE_BACKENDS}, got {backend!r}")
     from safetensors import SafetensorError, safe_open
 
     path_str = os.fspath(path)
@@ -567,4 +577,12 @@ def load_exported(path, map_location="cpu") -> fx.GraphModule:
     except Exception as exc:  # noqa: BLE001 - fx reports inconsistent graphs in several ways
         loader.fail("graph", f"is inconsistent ({type(exc).__name__}: {exc})")
     gm.eval()
-    return gm.to(map_location)
+    gm = gm.to(map_location)
+    runnable = set(available_sparse_backends(map_location)) | {"auto"}
+    for m in gm.modules():
+        if isinstance(m, (SparseConv2d, SparseLinear)):
+            if backend is not None:
+                m.backend = backend
+            elif m.backend not in runnable:  # exported for another device: use what runs here
+                m.backend = "auto"
+    return gm

@@ -90,8 +90,9 @@ def main(argv=None):
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model case")
     parser.add_argument("--backends", nargs="*", help="subset of backends (torch, torch.compile, cpp, cuda, triton)")
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="small sizes, 3 repetitions (a smoke test)")
-    parser.add_argument("--out-dir", default=None, help="where to write the JSON (default benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 3 repetitions (a smoke test, written to runs/bench)")
+    parser.add_argument("--out-dir", default=None, help="where to write the JSON (default benchmarks/results; "
+                        "runs/bench with --quick)")
     args = parser.parse_args(argv)
 
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -136,7 +137,7 @@ def main(argv=None):
         path = write_results("soft_threshold", info, {
             "dtype": "float32", "grad": "exact", "bytes_per_element": BYTES_PER_ELEMENT,
             "copy_bandwidth_gbps": copy_bw, "rows": rows,
-        }, args.out_dir)
+        }, args.out_dir, smoke=args.quick)
         print(f"wrote {path}")
 
 

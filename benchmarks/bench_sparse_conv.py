@@ -185,7 +185,8 @@ def main(argv=None):
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model timing")
     parser.add_argument("--quick", action="store_true", help="head shapes of resnet34, batch 1, 0.9/0.95, 3 reps")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; runs/bench "
+                        "with --quick)")
     parser.add_argument("--name", default=None, help="result file stem (default sparse_conv[_quick])")
     args = parser.parse_args(argv)
     if args.threads:
@@ -245,7 +246,7 @@ def main(argv=None):
                           f"layers sparse, max rel err {p['max_rel_err']:.1e}", flush=True)
         name = args.name or ("sparse_conv_quick" if args.quick else "sparse_conv")
         path = write_results(name, info, {"backends": backends, "rows": rows, "crossover": cross, "end_to_end": e2e,
-                                          "args": vars(args)}, args.out)
+                                          "args": vars(args)}, args.out, smoke=args.quick)
         png = path.with_suffix(".png")
         plot(rows, png, f"sparse conv speedup vs dense, {info['device']} ({info['threads']} threads)")
         print(f"wrote {path} and {png}")

@@ -110,8 +110,12 @@ def device_tag(info: dict) -> str:
     return f"{info['kind']}-" + "".join(c if c.isalnum() or c in "-." else "-" for c in name).strip("-")
 
 
-def write_results(name: str, info: dict, payload: dict, out_dir: Path | None = None) -> Path:
-    out_dir = Path(out_dir or RESULTS_DIR)
+SMOKE_DIR = Path("runs") / "bench"  # smoke runs (--quick) land here, never over the committed results
+
+
+def write_results(name: str, info: dict, payload: dict, out_dir: Path | None = None, smoke: bool = False) -> Path:
+    """Write the JSON to out_dir (default: benchmarks/results/, or runs/bench/ for a smoke run)."""
+    out_dir = Path(out_dir or (SMOKE_DIR if smoke else RESULTS_DIR))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}_{device_tag(info)}.json"
     tmp = path.with_suffix(".json.tmp")

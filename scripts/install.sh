@@ -30,6 +30,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "${ADAPMTL_TORCH:-torch==2.14.1}"
 fi
 "$PY" -m pip install setuptools wheel ninja pybind11
+export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}  # compile every source file in parallel
 # --no-build-isolation everywhere: build against the torch installed above instead of downloading another one.
 if [ "$wheel" = 1 ]; then
   "$PY" -m pip install build
@@ -40,6 +41,10 @@ if [ "$wheel" = 1 ]; then
   whl=$(ls dist/adapmtl-*.whl)
   "$PY" -m pip install --force-reinstall --no-deps "$whl"
   "$PY" -m pip install "${whl}${extras}"
+elif "$PY" scripts/editable_up_to_date.py; then
+  # an editable install of this checkout whose extensions are newer than every source: no rebuild, only
+  # what the extras add (e.g. the second quick-start command after the first)
+  "$PY" scripts/editable_up_to_date.py --requirements "${extras}" | xargs -r "$PY" -m pip install
 else
   "$PY" -m pip install --no-build-isolation -e ".${extras}"
 fi

@@ -122,3 +122,56 @@ def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "adapmtl", "bench", "no_such_bench"], capture_output=True, text=True,
                        cwd=REPO)
     assert r.returncode == 2 and "soft_threshold" in r.stderr
+
+
+def test_version_and_every_option_documented(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"adapmtl {adapmtl.__version__}"
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"adapmtl {name} {action.option_strings or action.dest}: no help text"
+        text = command.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 0.9)" in sub.choices["compare"].format_help()
+
+
+def test_bench_smoke_runs_never_write_into_the_committed_results(tmp_path, monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(REPO, "benchmarks", "common.py"))
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(common.RESULTS_DIR))
+    info = {"kind": "cpu", "device": "Test CPU (2 cores)"}
+    path = common.write_results("soft_threshold", info, {"rows": []}, smoke=True)
+    assert path.resolve().parent == (tmp_path / "runs" / "bench").resolve()
+    assert sorted(os.listdir(common.RESULTS_DIR)) == before
+    assert common.write_results("x", info, {}, out_dir=tmp_path / "o").parent == tmp_path / "o"
+
+
+def test_load_trained_returns_the_model_as_trained(cfg_file):
+    from adapmtl.train import TrainedModel, Trainer, load_config, load_trained
+
+    path, d = cfg_file
+    trainer = Trainer(load_config(path, ["train.iterations=3", f"out_dir={d / 'lt'}"]))
+    trainer.fit()
+    trained = load_trained(str(d / "lt" / "latest.pt"))
+    assert isinstance(trained, TrainedModel) and trained.method == "adapmtl" and trained.iteration == 3
+    assert trained.config.to_dict() == trainer.cfg.to_dict()
+    assert not trained.model.training and adapmtl.str_layers(trained.model)  # STR layers and thresholds back
+    want = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+    got = trained.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    x = torch.randn(1, 3, 32, 32)
+    trainer.model.eval()
+    with torch.no_grad():
+        a, b = trainer.model(x), trained.model(x)
+    assert all(torch.equal(a[t], b[t]) for t in a)
+    (d / "not_a_checkpoint.pt").write_bytes(b"junk")
+    with pytest.raises(Exception, match="not_a_checkpoint"):
+        load_trained(str(d / "not_a_checkpoint.pt"))

@@ -1,5 +1,6 @@
 """export_sparse (layer replacement policy, outputs vs the finalized dense model) and save/load."""
 import copy
+import os
 import json
 
 import pytest
@@ -181,3 +182,55 @@ def test_export_bad_arguments(tmp_path):
         export_sparse(model, backend="fast")
     with pytest.raises(ValueError, match="cannot be traced"):
         save_exported(Branchy(), tmp_path / "b.safetensors")
+
+
+def test_backend_is_checked_at_export_and_chosen_per_device_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from adapmtl.ops.sparse_conv import available_sparse_backends
+
+    model = _prune_(Classifier(), 0.02, seed=3).eval()
+    missing = [b for b in ("cuda", "triton", "cpp") if b not in available_sparse_backends("cpu")]
+    for backend in missing:  # e.g. cuda on a CPU-only machine: refused before a file exists
+        with pytest.raises(ValueError, match=f"backend '{backend}' cannot run on cpu"):
+            export_sparse(model, min_sparsity=0.0, policy="crossover", backend=backend)
+    exported = export_sparse(model, min_sparsity=0.0, policy="crossover", backend="torch")
+    path = tmp_path / "c.safetensors"
+    save_exported(exported, path)
+    # the same file as if it had been exported for CUDA elsewhere
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()[METADATA_KEY])
+    for record in config["modules"].values():
+        if record["class"].startswith("adapmtl.Sparse"):  # init is a tagged dict: {"__dict__": [[key, value]]}
+            record["init"]["__dict__"] = [[k, "cuda" if k == "backend" else v] for k, v in record["init"]["__dict__"]]
+    cuda_path = tmp_path / "cuda.safetensors"
+    save_file(load_file(str(path)), str(cuda_path), metadata={METADATA_KEY: json.dumps(config)})
+    x = torch.randn(2, 3, 11, 10)
+    with torch.no_grad():
+        ref = model(x)
+        loaded = load_exported(cuda_path)
+        backends = {m.backend for m in loaded.modules() if isinstance(m, (SparseConv2d, SparseLinear))}
+        assert backends == ({"cuda"} if torch.cuda.is_available() else {"auto"})
+        _close(loaded(x.to(next(loaded.parameters(), torch.empty(0)).device)).cpu(), ref)
+        forced = load_exported(path, backend="torch_csr")
+        assert {m.backend for m in forced.modules() if isinstance(m, (SparseConv2d, SparseLinear))} == {"torch_csr"}
+        _close(forced(x), ref)
+    with pytest.raises(ValueError, match="argument 'backend'"):
+        load_exported(path, backend="gpu")
+
+
+def test_written_files_have_ordinary_permissions(tmp_path):
+    from adapmtl.checkpoint_io import atomic_save
+
+    old = os.umask(0o022)
+    try:
+        save_exported(export_sparse(_prune_(Classifier(), 0.02), min_sparsity=0.0, policy="crossover"),
+                      tmp_path / "m.safetensors")
+        atomic_save({"x": 1}, str(tmp_path / "latest.pt"))
+        os.umask(0o077)
+        atomic_save({"x": 1}, str(tmp_path / "private.pt"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "latest.pt").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "private.pt").st_mode & 0o777 == 0o600  # the umask is respected

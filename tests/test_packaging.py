@@ -98,3 +98,15 @@ def test_the_tests_import_the_installed_package():
     assert "site-packages" in package or "dist-packages" in package
     from adapmtl.ops import available_backends
     assert "cpp" in available_backends("cpu")
+
+
+
+def test_install_script_reads_the_extras_as_pip_does():
+    spec = importlib.util.spec_from_file_location("up", os.path.join(REPO, "scripts", "editable_up_to_date.py"))
+    up = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(up)
+    declared = importlib.metadata.requires("adapmtl")
+    for extra in ("test", "triton"):
+        want = sorted(r.split(";")[0].strip() for r in declared if f'extra == "{extra}"' in r)
+        assert sorted(up.extras_requirements(f"[{extra}]")) == want
+    assert up.extras_requirements("") == []

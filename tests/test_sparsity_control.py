@@ -183,7 +183,8 @@ def test_plot_draws_the_schedule_and_target(tmp_path, monkeypatch):
 
     from adapmtl.train.plots import make_plots
     records = [{"step": i, "kind": "train", "sparsity/overall": i / 10, "sparsity/component/backbone": i / 12,
-                "control/schedule": i / 9} for i in range(1, 9)]
+                "control/schedule": i / 9, "loss/depth": 1 / i} for i in range(1, 9)]
+    records += [{"step": i, "kind": "val", "val/loss/depth": 1.5 / i} for i in (4, 8)]
     with open(tmp_path / "log.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     labels = []
@@ -192,6 +193,7 @@ def test_plot_draws_the_schedule_and_target(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, *a, **k: labels.append(k.get("label")) or real_axhline(self, *a, **k))
     make_plots(str(tmp_path), target=0.8)
     assert "required (schedule)" in labels and "target 0.8" in labels and "overall" in labels
+    assert "depth" in labels and "depth (val)" in labels  # the loss plot has the validation curve
 
 
 def test_resume_mid_ramp_equals_an_uninterrupted_run(syn_root, tmp_path):

@@ -26,10 +26,14 @@ class AdapMTLMethod(Method):
         self.controller = None
         self.last_control = None
 
-    def setup(self, trainer):
+    def prepare_model(self, model):
         p = self.cfg.prune
-        adapmtl.sparsify(trainer.model, init=p.s0, mode=self.mode, grad=p.grad, backend=p.backend)
-        self.thresholds = adapmtl.threshold_parameters(trainer.model)
+        adapmtl.sparsify(model, init=p.s0, mode=self.mode, grad=p.grad, backend=p.backend)
+        self.thresholds = adapmtl.threshold_parameters(model)
+
+    def setup(self, trainer):
+        self.prepare_model(trainer.model)
+        p = self.cfg.prune
         if p.control == "controlled":
             # the share of the prunable weights each threshold acts on: weights of the mean threshold
             pruned = {id(s): 0 for s in self.thresholds}

@@ -7,14 +7,45 @@ import os
 import random
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from adapmtl.checkpoint_io import TMP_PREFIX, CheckpointError, atomic_save, load_checkpoint_file, read_header
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint_file", "load_newest_good", "read_header",
-           "remove_orphan_temps", "rng_state", "save_rotating", "set_rng_state"]
+__all__ = ["CheckpointError", "TrainedModel", "atomic_save", "load_checkpoint_file", "load_newest_good", "load_trained",
+           "read_header", "remove_orphan_temps", "rng_state", "save_rotating", "set_rng_state"]
+
+
+# ---------------------------------------------------------------------------------------------- trained models
+@dataclass
+class TrainedModel:
+    """A model as it was trained: `model` (STR layers and thresholds for the soft-threshold methods, in eval
+    mode), the run's `config`, its `method` and the `iteration` the checkpoint was written at."""
+
+    model: torch.nn.Module
+    config: object  # adapmtl.train.Config
+    method: str
+    iteration: int
+
+
+def load_trained(path: str, map_location="cpu") -> TrainedModel:
+    """The model of a trainer checkpoint (`runs/<run>/latest.pt` or `best.pt`), rebuilt from the checkpoint's
+    config, converted the way its method trained it and loaded (checksum verified)."""
+    from adapmtl.baselines import build_method  # late: the baselines sit above this module
+    from adapmtl.train.build import build_model_from_config
+    from adapmtl.train.config import config_from_dict
+
+    state = load_checkpoint_file(path, map_location="cpu")
+    missing = [k for k in ("config", "model") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not an adapmtl trainer checkpoint (no {missing} entries)")
+    cfg = config_from_dict(state["config"])
+    model = build_model_from_config(cfg)
+    build_method(cfg).prepare_model(model)
+    model.load_state_dict(state["model"])
+    return TrainedModel(model.to(map_location).eval(), cfg, cfg.method, int(state.get("iteration", -1)))
 
 # ---------------------------------------------------------------------------------------------- rotation
 _ROTATED = re.compile(r"^latest-(\d+)\.pt$")

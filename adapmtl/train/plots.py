@@ -25,11 +25,13 @@ def make_plots(out_dir: str, final_layers: dict[str, float] | None = None, targe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if r.get("kind") == "train"]
+    log = read_log(os.path.join(out_dir, "log.jsonl"))
+    records = [r for r in log if r.get("kind") == "train"]
+    val_records = [r for r in log if r.get("kind") == "val"]
     written = []
     for name, prefix, ylabel in (("sparsity_components.png", "sparsity/component/", "sparsity"),
                                  ("task_weights.png", "loss_weight/", "adaptive weight w_t"),
-                                 ("losses.png", "loss/", "training loss")):
+                                 ("losses.png", "loss/", "loss (lines: train, dashed: val)")):
         series = _series(records, prefix)
         if not series:
             continue
@@ -45,6 +47,10 @@ def make_plots(out_dir: str, final_layers: dict[str, float] | None = None, targe
                 ax.plot(*schedule, ":", color="tab:gray", lw=2, label="required (schedule)")
             if target is not None:
                 ax.axhline(target, color="tab:red", lw=0.8, label=f"target {target:g}")
+        if prefix == "loss/":  # the held-out curve beside the training one, same colour per task
+            for i, (label, (xs, ys)) in enumerate(_series(val_records, "val/loss/").items()):
+                color = next((ln.get_color() for ln in ax.get_lines() if ln.get_label() == label), f"C{i}")
+                ax.plot(xs, ys, "o--", color=color, ms=3, label=f"{label} (val)")
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
@@ -55,10 +61,10 @@ def make_plots(out_dir: str, final_layers: dict[str, float] | None = None, targe
         plt.close(fig)
         written.append(path)
     if final_layers:
-        fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(final_layers))))
+        fig, ax = plt.subplots(figsize=(9, max(3, 0.24 * len(final_layers) + 1)))
         names = list(final_layers)
         ax.barh(range(len(names)), [final_layers[n] for n in names])
-        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("final sparsity")
         ax.set_xlim(0, 1)
