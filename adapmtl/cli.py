@@ -75,14 +75,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import adapmtl
+    import torch
 
-    _, model = _model_from_checkpoint(args.checkpoint)
+    import adapmtl
+    from adapmtl.interchange import export_onnx, export_pt2
+
+    cfg, model = _model_from_checkpoint(args.checkpoint)
+    size = args.input_size or cfg.data.crop_size
+    example = torch.randn(1, 3, size, size)
+    if args.format == "onnx":  # dense: ONNX has no sparse convolution
+        export_onnx(model, example, args.out)
+        print(f"exported the finalized dense model to {args.out} (input 1x3x{size}x{size}); run it with onnxruntime")
+        return 0
     exported = adapmtl.export_sparse(model.eval(), min_sparsity=args.min_sparsity, backend=args.backend)
-    adapmtl.save_exported(exported, args.out)
     sparse = sum(1 for d in exported.sparse_export_report if d.get("sparse"))
-    print(f"exported to {args.out} ({sparse} of {len(exported.sparse_export_report)} layers sparse); "
-          f"load it with adapmtl.load_exported({args.out!r})")
+    if args.format == "pt2":
+        export_pt2(exported, example, args.out)
+        how = f"torch.export.load({args.out!r}) after `import adapmtl`"
+    else:
+        adapmtl.save_exported(exported, args.out)
+        how = f"adapmtl.load_exported({args.out!r})"
+    print(f"exported to {args.out} ({sparse} of {len(exported.sparse_export_report)} layers sparse); load it with {how}")
     return 0
 
 
@@ -242,11 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
                    help="override a value of the checkpoint's config (e.g. data.root=...)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, without --set")
-    x = command("export", "export a trained model with sparse layers to one .safetensors file")
+    x = command("export", "export a trained model: sparse layers in our safetensors format or a torch.export "
+                          ".pt2, or the dense finalized model as ONNX")
     x.add_argument("--checkpoint", required=True, help="a trainer checkpoint (runs/<run>/latest.pt or best.pt)")
-    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--out", required=True, help="the file to write")
+    x.add_argument("--format", choices=("safetensors", "pt2", "onnx"), default="safetensors",
+                   help="safetensors: adapmtl.load_exported, safe on untrusted files; pt2: torch.export program "
+                        "(AOTInductor's input); onnx: dense, for other runtimes")
+    x.add_argument("--input-size", type=int, help="H = W of the example input that pt2/onnx trace with "
+                   "(default: the config's data.crop_size)")
     x.add_argument("--min-sparsity", type=float, default=0.5, help="layers below this sparsity stay dense")
-    x.add_argument("--backend", default="auto", help="sparse kernel backend (auto, cpp, cuda, triton, torch)")
+    x.add_argument("--backend", default="auto", help="sparse kernel backend: auto (the best where the file is loaded), "
+                   "torch, torch_csr, cpp, cuda or triton (must run on this machine)")
     b = command("bench", "run a benchmarks/bench_<name>.py script")
     b.add_argument("name", help="the benchmark, e.g. soft_threshold or sparse_conv")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --quick, --help)")

@@ -39,6 +39,7 @@ from torch import Tensor, fx, nn
 
 from adapmtl.checkpoint_io import output_mode
 from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear
+from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
 from adapmtl.ops.sparse_weight import SparseWeight
 
 FORMAT = "adapmtl-sparse-export"
@@ -485,12 +486,10 @@ def load_exported(path, map_location="cpu", backend: Optional[str] = None) -> fx
 
     Safe on untrusted files (module docstring): a file can only describe a graph of the listed
     functions, methods and module classes; anything else raises ValueError naming the file."""
-    from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
+    from safetensors import SafetensorError, safe_open
 
     if backend is not None and backend not in SPARSE_BACKENDS:
         raise ValueError(f"load_exported: argument 'backend' must be None or one of {SPARSE_BACKENDS}, got {backend!r}")
-    from safetensors import SafetensorError, safe_open
-
     path_str = os.fspath(path)
     if not os.path.isfile(path_str):
         raise FileNotFoundError(f"load_exported: no file at {path_str!r}")

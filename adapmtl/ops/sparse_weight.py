@@ -70,7 +70,8 @@ class SparseWeight:
         if row_ptr.is_meta or col_idx.is_meta or values.is_meta:
             raise ValueError("SparseWeight: the arrays must hold data (got meta tensors)")
         row_ptr, col_idx = row_ptr.contiguous(), col_idx.contiguous()
-        _check_csr(row_ptr, col_idx, cols)
+        if not _is_traced(row_ptr):  # torch.export / compile trace fake tensors: contents checked when made
+            _check_csr(row_ptr, col_idx, cols)
         self._row_ptr = row_ptr
         self._col_idx = col_idx
         self._values = values.contiguous()
@@ -183,6 +184,12 @@ class SparseWeight:
             f"SparseWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.4f}, "
             f"dtype={self.dtype}, device={self.device})"
         )
+
+
+def _is_traced(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 def _check_csr(row_ptr: Tensor, col_idx: Tensor, cols: int) -> None:

@@ -1,0 +1,80 @@
+"""The ecosystem's model formats, beside our own safetensors export (adapmtl.export_format):
+
+- **pt2** (`export_pt2`): a `torch.export` ExportedProgram (`torch.export.save`). Sparse layers stay sparse:
+  they are calls of the registered `torch.ops.adapmtl.sparse_conv2d` / `sparse_linear` ops (with fake
+  kernels, so tracing needs no data), which run after `import adapmtl` on whatever device the program
+  is moved to. It is the input of AOTInductor (`torch._inductor.aoti_compile_and_package`), which
+  compiles it to a shared library with the same custom-op calls (benchmarks/bench_export.py).
+  Loading a .pt2 uses torch's own deserializer: treat it as trusted input.
+- **onnx** (`export_onnx`): the finalized dense model (soft thresholds baked into plain Conv2d /
+  Linear weights: ONNX has no sparse convolution), via `torch.onnx.export(dynamo=True)`, for
+  onnxruntime and other runtimes. Needs `pip install onnx onnxscript`.
+
+Which to use: safetensors (`adapmtl export`, the default) for our sparse kernels from eager PyTorch on
+untrusted files; pt2 to deploy through torch.export / AOTInductor; onnx for runtimes outside PyTorch.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapmtl.checkpoint_io import output_mode
+from adapmtl.nn.str_layers import STR_LAYER_TYPES
+
+FORMATS = ("safetensors", "pt2", "onnx")
+
+
+def _example_args(example_input: Any) -> tuple:
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, tuple) and all(isinstance(t, torch.Tensor) for t in example_input):
+        return example_input
+    raise TypeError("argument 'example_input' must be a tensor or a tuple of tensors, got "
+                    f"{type(example_input).__name__}")
+
+
+def export_pt2(model: nn.Module, example_input: Any, path) -> torch.export.ExportedProgram:
+    """Trace `model` (eval mode; e.g. the result of `adapmtl.export_sparse`) with `torch.export` on
+    `example_input` and save the ExportedProgram to `path`. Load it with `torch.export.load(path)` after
+    `import adapmtl` (which registers the sparse ops)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_pt2: argument 'model' must be an nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, STR_LAYER_TYPES) for m in model.modules()):
+        raise ValueError("export_pt2: the model still has training-time STR layers; export "
+                         "adapmtl.export_sparse(model) (sparse) or adapmtl.finalize(model) (dense) instead")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, _example_args(example_input))
+    finally:
+        model.train(was)
+    torch.export.save(program, os.fspath(path))
+    os.chmod(path, output_mode())
+    return program
+
+
+def export_onnx(model: nn.Module, example_input: Any, path, output_names: list[str] | None = None) -> None:
+    """Write the dense, finalized form of `model` (a copy: STR layers baked into plain layers) as ONNX.
+    Outputs are named `output_names`, default the keys of a dict-returning model (its tasks)."""
+    from adapmtl.sparsify import finalize
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx: argument 'model' must be an nn.Module, got {type(model).__name__}")
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("export_onnx needs `pip install onnx onnxscript` (onnxruntime to run the file)") from exc
+    dense = finalize(copy.deepcopy(model)).eval()
+    args = _example_args(example_input)
+    with torch.no_grad():
+        out = dense(*args)
+    if output_names is None and isinstance(out, dict):
+        output_names = list(out)
+    torch.onnx.export(dense, args, os.fspath(path), dynamo=True, output_names=output_names)
+    os.chmod(path, output_mode())
