@@ -284,3 +284,15 @@ def test_grid_script_writes_partial_grids_beside_the_runs(tmp_path, monkeypatch)
     runs = json.loads((tmp_path / "results" / "sparsity_control.json").read_text())["runs"]
     assert [(r["control"], r["target"], r["s0"]) for r in runs] == [("controlled", 0.8, -6.0)]
     assert (tmp_path / "results" / "sparsity_control.png").stat().st_size > 0
+
+
+def test_a_long_hold_against_a_steady_error_stays_checkpointable():
+    # an error the push cannot remove (e.g. weights pinned at the threshold): the integral stops at the push
+    # bound instead of winding up past what load_state_dict accepts
+    ctl = SparsityController(0.5, 100)
+    for t in range(5000):
+        ctl.step(t, 0.491, 0.0)
+    assert ctl.integral == MAX_PUSH
+    restored = SparsityController(0.5, 100)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.state_dict() == ctl.state_dict()

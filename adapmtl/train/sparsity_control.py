@@ -15,9 +15,9 @@ The paper's trainer sets the final sparsity only indirectly (s0, weight decay, s
 - hold: after the ramp the thresholds' own updates stop (the cap: the split is final) and the push
   alone keeps the overall sparsity on the target, with an integral term against steady drifts.
 
-The controller is plain host arithmetic on one float per step (the all-reduced overall sparsity from
-the kernels' non-zero counts), so every DDP rank takes the same decision and its whole state fits in
-the checkpoint.
+The controller is plain host arithmetic on two floats per step (the all-reduced overall sparsity from
+the kernels' non-zero counts and the weighted mean threshold parameter), so every DDP rank takes the
+same decision and its whole state fits in the checkpoint.
 """
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ class SparsityController:
         error = self.schedule(t + 1) - sparsity  # the push acts on the next forward
         g = max(self.plant_gain, plant_gain_floor(sparsity))
         if phase == "hold" and abs(error) < INTEGRAL_BAND:
-            self.integral += INTEGRAL * (self.gain / 0.5) ** 2 * error / g
+            # bounded like the push it feeds: beyond that it only winds up (and the checkpoint refuses it)
+            self.integral = max(-MAX_PUSH, min(MAX_PUSH, self.integral + INTEGRAL * (self.gain / 0.5) ** 2 * error / g))
         push = max(-MAX_PUSH, min(MAX_PUSH, self.gain * error / g + self.integral))
         self.shift += push
         return ControlStep(phase, self.schedule(t), error, push, phase == "hold")
