@@ -75,8 +75,8 @@ def main(argv=None) -> None:
     model = pruned_model(args.backbone, args.head_channels, args.sparsity)
     x = torch.randn(args.batch, 3, args.size, args.size)
     rep = adapmtl.sparsity_report(model)
-    dense = adapmtl.finalize(pruned_model(args.backbone, args.head_channels, args.sparsity))
-    sparse = adapmtl.export_sparse(pruned_model(args.backbone, args.head_channels, args.sparsity), min_sparsity=0.5)
+    sparse = adapmtl.export_sparse(model, min_sparsity=0.5)  # a copy: `model` stays as it is
+    dense = adapmtl.finalize(model)
     layers = sum(1 for d in sparse.sparse_export_report if d.get("sparse"))
     flops = conv_flops(dense, x)
 
