@@ -64,3 +64,10 @@ def tiny_run_config(root, out_dir, settings: dict, overrides: dict | None = None
     for k, v in (overrides or {}).items():
         apply_override(cfg, f"{k}={v}")
     return cfg.validate()
+
+
+def tiny_demo_overrides(data_root) -> list[str]:
+    """CLI overrides that shrink `-c demo` to a 2-iteration run on 8 small synthetic scenes at data_root."""
+    return [f"data.root={data_root}", "data.n_train=8", "data.n_test=2", "data.image_size=32", "data.crop_size=32",
+            "data.batch_size=4", "data.val_fraction=0.25", "train.iterations=2", "train.val_every=2",
+            "train.ckpt_every=2", "train.progress=false", "train.tensorboard=false", "train.plots=false"]

@@ -13,6 +13,7 @@ from torch import nn
 import adapmtl
 from adapmtl.interchange import export_onnx, export_pt2
 from adapmtl.models import build_model
+from helpers import tiny_demo_overrides
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 
@@ -77,10 +78,7 @@ def test_cli_export_formats(tmp_path, monkeypatch):
     from adapmtl.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "-c", "demo", f"data.root={tmp_path / 'data'}", "data.n_train=8", "data.n_test=2",
-                 "data.image_size=32", "data.crop_size=32", "data.batch_size=4", "data.val_fraction=0.25",
-                 "train.iterations=2", "train.val_every=2", "train.ckpt_every=2", "train.progress=false",
-                 "train.tensorboard=false", "train.plots=false", "prune.s0=-3"]) == 0
+    assert main(["train", "-c", "demo", *tiny_demo_overrides(tmp_path / "data"), "prune.s0=-3"]) == 0
     ckpt = str(tmp_path / "runs" / "demo" / "latest.pt")
     assert main(["export", "--checkpoint", ckpt, "--out", "m.pt2", "--format", "pt2", "--min-sparsity", "0"]) == 0
     program = torch.export.load("m.pt2")

@@ -15,6 +15,7 @@ import pytest
 import adapmtl
 from adapmtl.cli import main
 from adapmtl.train.config import bundled_configs, resolve_config
+from helpers import tiny_demo_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +56,7 @@ def test_configs_command_lists_prints_and_writes(tmp_path, monkeypatch, capsys):
 
 def test_train_with_a_bundled_name_from_an_empty_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = main(["train", "-c", "demo", f"data.root={tmp_path / 'data'}", "data.n_train=8", "data.n_test=2",
-               "data.image_size=32", "data.crop_size=32", "data.batch_size=4", "data.val_fraction=0.25",
-               "train.iterations=2", "train.val_every=2", "train.ckpt_every=2", "train.progress=false",
-               "train.tensorboard=false", "train.plots=false"])
+    rc = main(["train", "-c", "demo", *tiny_demo_overrides(tmp_path / "data")])
     assert rc == 0
     assert json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())["method"] == "adapmtl"
     assert sorted(os.listdir(tmp_path)) == ["data", "runs"]  # nothing else written into the working folder
