@@ -6,14 +6,11 @@ command (values are parsed as YAML; unknown keys and wrong types are rejected, n
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import os
 import subprocess
 import sys
-
-COMPARE_METHODS = ("dense", "snip", "lth", "imp", "disparse", "single_threshold", "adapmtl")
 
 
 def _config(args):
@@ -138,84 +135,34 @@ def cmd_configs(args) -> int:
     return 0
 
 
-def _fmt(v, digits=2):
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def compare_table(rows: list[dict], directions: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the paper-style table: test metrics, per-component sparsity, ΔT_i, ΔT."""
-    tasks = list(directions)
-    metric_cols = [(t, m) for t in tasks for m in directions[t]]
-    comps = list(dict.fromkeys(c for r in rows for c in r["sparsity"]["components"]))
-    header = (["method"] + [f"{t}/{m}" for t, m in metric_cols] + [f"sparsity {c} %" for c in comps]
-              + ["sparsity overall %"] + [f"ΔT_{t}" for t in tasks] + ["ΔT"])
-    body = []
-    for r in rows:
-        dt = r.get("delta_t_test") or {"per_task": {t: 0.0 for t in tasks}, "mean": 0.0}
-        line = [r["method"]]
-        for t, m in metric_cols:
-            v = r["test"][t][m]
-            line.append(_fmt(v, 3 if abs(v) < 1 else 2))
-        line += [_fmt(100 * r["sparsity"]["components"].get(c, float("nan"))) for c in comps]
-        line.append(_fmt(100 * r["sparsity"]["overall"]))
-        line += [f"{dt['per_task'][t]:+.2f}" if t in dt["per_task"] else "–" for t in tasks] + [f"{dt['mean']:+.2f}"]
-        body.append(line)
-    return header, body
-
-
 def cmd_compare(args) -> int:
-    from adapmtl.train import Trainer
-    from adapmtl.train.config import METHODS, apply_override
+    from adapmtl.metrics import directions as metric_directions
+    from adapmtl.train.compare import ABLATIONS, compare
+    from adapmtl.train.config import apply_override
+    from adapmtl.train.trainer import delta_t_miou
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:  # before the first run starts, not after the dense one
-        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {METHODS}")
-    if not 0 < args.sparsity < 1:
-        raise ValueError(f"--sparsity must be in (0, 1), got {args.sparsity}")
-    if "dense" not in methods:
-        methods = ["dense"] + methods
-    base_out = args.out
-    os.makedirs(base_out, exist_ok=True)
-    rows, dense_path, trainer = [], os.path.join(base_out, "dense", "results.json"), None
-    for method in ["dense"] + [m for m in methods if m != "dense"]:
-        cfg = _config(args)
-        apply_override(cfg, f"method={method}")
-        apply_override(cfg, f"out_dir={os.path.join(base_out, method)}")
-        apply_override(cfg, f"prune.target_sparsity={args.sparsity}")
-        if method != "dense":
-            apply_override(cfg, f"train.dense_results={dense_path}")
-        cfg.validate()
-        results_path = os.path.join(cfg.out_dir, "results.json")
-        if args.reuse and os.path.isfile(results_path):
-            with open(results_path) as fh:
-                results = json.load(fh)
-        else:
-            print(f"=== {method} ===", flush=True)
-            trainer = Trainer(cfg)
-            results = trainer.fit()
-        rows.append(results)
-    from adapmtl.metrics import directions as _dirs
-
-    tasks = list(rows[0]["test"])
-    dirs = _dirs(tasks if args.directions is None else args.directions)
-    header, body = compare_table(rows, dirs)
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
-    note = (f"\nTest split; models selected on the held-out validation split. Target overall sparsity "
-            f"{100 * args.sparsity:.0f}% (dense: none). ΔT_i sums the signed relative changes of task i's "
-            f"metrics vs dense (SPEC §6); ΔT is their mean. mIoU: mean over classes with TP > 0.\n")
-    skipped = sorted({m for r in rows for m in (r.get("delta_t_test") or {}).get("skipped_metrics", [])})
-    if skipped:
-        note += (f"ΔT leaves out {', '.join(skipped)}: the dense value is 0, so the relative change is "
-                 f"undefined.\n")
-    with open(os.path.join(base_out, "table.md"), "w") as fh:
-        fh.write("\n".join(md) + "\n" + note)
-    with open(os.path.join(base_out, "table.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(body)
-    print("\n".join(md))
-    print(f"written {os.path.join(base_out, 'table.md')} and table.csv")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be an int >= 1, got {args.jobs}")
+    cfg = _config(args)
+    flags = {"compare.sparsities": None if args.sparsity is None else f"[{args.sparsity}]",
+             "compare.methods": None if args.methods is None else "[" + args.methods + "]",
+             "compare.seeds": args.seeds, "compare.start": args.start, "compare.start_iterations": args.start_iterations,
+             "out_dir": args.out}
+    for key, value in flags.items():
+        if value is not None:
+            apply_override(cfg, f"{key}={value}")
+    if args.adaptive_weights_for_all:
+        cfg.compare.adaptive_weights_for_all = True
+    if args.ablations:
+        cfg.compare.methods += [m for m in ABLATIONS if m not in cfg.compare.methods]
+    if "dense" not in cfg.compare.methods:
+        cfg.compare.methods.insert(0, "dense")
+    cfg.validate()
+    out = compare(cfg, jobs=args.jobs, reuse=args.reuse,
+                  directions=None if args.directions is None else metric_directions(args.directions, delta_t_miou(cfg)))
+    with open(os.path.join(cfg.out_dir, "table.md")) as fh:
+        print(fh.read())
+    print(f"written {cfg.out_dir}/results.json ({len(out['runs'])} runs), table.md, table.csv")
     return 0
 
 
@@ -270,11 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     b = command("bench", "run a benchmarks/bench_<name>.py script")
     b.add_argument("name", help="the benchmark, e.g. soft_threshold or sparse_conv")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --quick, --help)")
-    c = command("compare", "dense, every baseline and AdapMTL at one sparsity -> Markdown + CSV table")
+    c = command("compare", "dense, the pruning baselines and AdapMTL at matched sparsity over seeds -> results.json, "
+                           "Markdown + CSV tables, a ΔT-vs-sparsity plot (docs/compare.md)")
     with_config(c)
-    c.add_argument("--sparsity", type=float, default=0.9, help="the target overall sparsity of every pruned run")
-    c.add_argument("--methods", default=",".join(COMPARE_METHODS), help="comma-separated methods to run")
-    c.add_argument("--out", default="runs/compare", help="folder for the runs and table.md / table.csv")
+    c.add_argument("--sparsity", help="target overall sparsities, comma-separated, e.g. 0.8,0.9,0.95 "
+                   "(default: the config's compare.sparsities, 0.9)")
+    c.add_argument("--methods", help="comma-separated methods and ablations (default: compare.methods: "
+                   "dense,snip,lth,imp,disparse,single_threshold,adapmtl)")
+    c.add_argument("--ablations", action="store_true", help="add the ablations: adapmtl_fixed_weights, "
+                   "single_threshold_adaptive, str, adapmtl_ste")
+    c.add_argument("--seeds", type=int, help="run everything for this many seeds (default: compare.seeds)")
+    c.add_argument("--start", choices=("dense", "scratch"), help="every method from one dense model per seed, "
+                   "or from scratch (default: compare.start, dense)")
+    c.add_argument("--start-iterations", type=int, help="training of the dense start (default: "
+                   "compare.start_iterations, else train.iterations)")
+    c.add_argument("--adaptive-weights-for-all", action="store_true",
+                   help="a separate experiment: adaptive task weights for every method, not AdapMTL's only")
+    c.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with "
+                   "its share of the CPU threads")
+    c.add_argument("--out", help="folder for the runs and results (default: the config's out_dir)")
     c.add_argument("--reuse", action="store_true", help="reuse finished runs' results.json")
     c.add_argument("--directions", default=None, help="'nyuv2' or 'taskonomy' metric set (default: per task kind)")
     g = command("configs", "list the bundled configs, print one, or write a copy to edit")

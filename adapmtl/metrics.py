@@ -322,15 +322,21 @@ class MultiTaskMetrics:
         return {name: m.compute() for name, m in self.meters.items()}
 
 
-def directions(tasks="nyuv2") -> dict[str, dict[str, bool]]:
+def directions(tasks="nyuv2", miou: str = "mIoU") -> dict[str, dict[str, bool]]:
     """{task: {metric: lower_is_better}} for the metrics the paper's tables report (those ΔT sums).
 
     `tasks`: "nyuv2", "taskonomy", or a list of TaskSpec / names (per kind: segmentation -> mIoU,
     pixel_acc (ce_err when class-weighted); normal -> the 5 angle metrics; depth -> abs, rel, 3 deltas;
-    dense_l1 -> l1_err)."""
+    dense_l1 -> l1_err). `miou`: "mIoU" (TP > 0, the paper's) or "mIoU_all" in its place."""
+    if miou not in ("mIoU", "mIoU_all"):
+        raise ValueError(f"directions: argument 'miou' must be 'mIoU' or 'mIoU_all', got {miou!r}")
+
+    def swap(ms):
+        return tuple(miou if m == "mIoU" else m for m in ms)
+
     if isinstance(tasks, str) and tasks in PAPER_METRICS:
         table = PAPER_METRICS[tasks]
-        return {t: {m: METRIC_DIRECTIONS[m] for m in ms} for t, ms in table.items()}
+        return {t: {m: METRIC_DIRECTIONS[m] for m in swap(ms)} for t, ms in table.items()}
     out = {}
     for spec in resolve_tasks(tasks):
         if spec.kind == "segmentation":
@@ -341,7 +347,7 @@ def directions(tasks="nyuv2") -> dict[str, dict[str, bool]]:
             ms = PAPER_METRICS["nyuv2"]["depth"]
         else:
             ms = ("l1_err",)
-        out[spec.name] = {m: METRIC_DIRECTIONS[m] for m in ms}
+        out[spec.name] = {m: METRIC_DIRECTIONS[m] for m in swap(ms)}
     return out
 
 

@@ -11,23 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+from benchmarks.common import device_description  # noqa: E402
 
 
 def run(config: str, out_dir: str, overrides: list[str]) -> dict:
@@ -110,7 +101,7 @@ def main(argv=None) -> int:
                       f"({100 * (r['sparsity'] - target):+.2f} pp, {r['selected']})", flush=True)
     components = list(rows[0]["components"])
     os.makedirs(args.out, exist_ok=True)
-    meta = {"config": args.config, "cpu": cpu_name(), "seconds": round(time.time() - t0),
+    meta = {"config": args.config, "cpu": device_description("cpu")["device"], "seconds": round(time.time() - t0),
             "command": "python3 -m adapmtl train -c <config> prune.control=<control> "
                        "prune.target_sparsity=<target> prune.s0=<s0>"}
     with open(os.path.join(args.out, "sparsity_control.json"), "w") as fh:

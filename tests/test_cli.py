@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adapmtl
-from adapmtl.cli import _model_from_checkpoint, build_parser, compare_table, main
+from adapmtl.cli import _model_from_checkpoint, build_parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,38 +82,26 @@ def test_bad_config_key_is_reported(cfg_file, capsys):
 def test_compare_writes_table(cfg_file):
     path, d = cfg_file
     out = d / "cmp"
-    assert main(["compare", "-c", path, "--sparsity", "0.5", "--methods", "snip,adapmtl", "--out", str(out)]) == 0
+    argv = ["compare", "-c", path, "--sparsity", "0.5", "--methods", "snip,adapmtl", "--out", str(out),
+            "--start-iterations", "2", "train.select_sparsity_tol=1"]
+    assert main(argv) == 0
     md = (out / "table.md").read_text()
-    rows = list(csv.reader(open(out / "table.csv")))
-    header = rows[0]
-    assert [r[0] for r in rows[1:]] == ["dense", "snip", "adapmtl"]
-    for col in ("segment_semantic/mIoU", "normal/angle_mean", "depth/abs_err", "sparsity backbone %",
-                "sparsity overall %", "ΔT_segment_semantic", "ΔT"):
-        assert col in header, col
-    assert rows[1][header.index("ΔT")] == "+0.00"
-    snip_sp = float(rows[2][header.index("sparsity overall %")])
-    assert snip_sp == pytest.approx(50.0, abs=0.01)
-    assert "| method |" in md
-    # the ΔT column is the mean of the ΔT_i columns
-    dts = [rows[2][header.index(f"ΔT_{t}")] for t in ("segment_semantic", "normal", "depth")]
-    dts = [float(v) for v in dts if v != "–"]  # a task is left out only when every dense metric is 0
-    assert dts and float(rows[2][header.index("ΔT")]) == pytest.approx(sum(dts) / len(dts), abs=0.011)
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [(r["method"], r["seed"]) for r in rows] == [("dense", "0"), ("snip", "0"), ("adapmtl", "0")]
+    for col in ("segment_semantic/mIoU", "segment_semantic/mIoU_all", "normal/angle_mean", "depth/abs_err",
+                "sparsity", "delta_t_segment_semantic", "delta_t", "selected", "at_target"):
+        assert col in rows[0], col
+    assert float(rows[0]["delta_t"]) == 0.0
+    assert float(rows[1]["sparsity"]) == pytest.approx(0.5, abs=1e-4) and rows[1]["at_target"] == "True"
+    assert "| method |" in md and "| snip | 1 |" in md
+    # ΔT is the mean of the ΔT_i
+    dts = [float(rows[1][f"delta_t_{t}"]) for t in ("segment_semantic", "normal", "depth") if rows[1][f"delta_t_{t}"]]
+    assert dts and float(rows[1]["delta_t"]) == pytest.approx(sum(dts) / len(dts), abs=1e-9)
     # --reuse does not retrain
-    mtime = os.path.getmtime(out / "snip" / "results.json")
-    assert main(["compare", "-c", path, "--sparsity", "0.5", "--methods", "snip", "--out", str(out), "--reuse"]) == 0
-    assert os.path.getmtime(out / "snip" / "results.json") == mtime
-
-
-def test_compare_table_formatting():
-    dirs = {"a": {"mIoU": False}, "b": {"abs_err": True}}
-    rows = [{"method": "dense", "test": {"a": {"mIoU": 20.0}, "b": {"abs_err": 0.5}},
-             "sparsity": {"overall": 0.0, "components": {"backbone": 0.0}}},
-            {"method": "x", "test": {"a": {"mIoU": 22.0}, "b": {"abs_err": 0.55}},
-             "sparsity": {"overall": 0.9, "components": {"backbone": 0.8}},
-             "delta_t_test": {"per_task": {"a": 10.0, "b": -10.0}, "mean": 0.0}}]
-    header, body = compare_table(rows, dirs)
-    assert header == ["method", "a/mIoU", "b/abs_err", "sparsity backbone %", "sparsity overall %", "ΔT_a", "ΔT_b", "ΔT"]
-    assert body[1] == ["x", "22.00", "0.550", "80.00", "90.00", "+10.00", "-10.00", "+0.00"]
+    done = out / "seed0" / "sparsity50" / "snip" / "results.json"
+    mtime = os.path.getmtime(done)
+    assert main(argv + ["--reuse"]) == 0
+    assert os.path.getmtime(done) == mtime
 
 
 def test_python_dash_m_entry_point():
@@ -137,7 +125,7 @@ def test_version_and_every_option_documented(capsys):
             assert action.help, f"adapmtl {name} {action.option_strings or action.dest}: no help text"
         text = command.format_help()
         assert "(default: None)" not in text and "(default: False)" not in text
-    assert "(default: 0.9)" in sub.choices["compare"].format_help()
+    assert "(default: 1)" in sub.choices["compare"].format_help()
 
 
 def test_bench_smoke_runs_never_write_into_the_committed_results(tmp_path, monkeypatch):

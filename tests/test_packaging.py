@@ -32,7 +32,7 @@ def test_a_file_wins_over_a_bundled_name_and_unknown_names_are_listed(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").write_text("seed: 5\n")
     assert resolve_config("demo") == "demo"
-    with pytest.raises(FileNotFoundError, match="bundled: demo, "):
+    with pytest.raises(FileNotFoundError, match="bundled: compare_synthetic, demo, "):
         resolve_config("no_such_config")
     with pytest.raises(FileNotFoundError, match="neither a file"):
         resolve_config(str(tmp_path / "sub" / "demo.yaml"))  # a path is never taken for a name

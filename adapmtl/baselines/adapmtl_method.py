@@ -11,7 +11,8 @@ from adapmtl.train.sparsity_control import SparsityController
 
 class AdapMTLMethod(Method):
     """Soft-threshold pruning. mode "component" is AdapMTL, "global" the single-threshold ablation
-    (which also turns off the adaptive loss weights), "layer" the original STR.
+    (which also turns off the adaptive loss weights), "layer" per-layer thresholds as in STR (with the
+    adaptive weights: it ablates only the threshold granularity). `loss_weights.adaptive` overrides.
 
     `prune.control` decides how the thresholds reach `prune.target_sparsity`: "paper" (SPEC §3: the
     coupled weight decay pushes them up, the cap stops them once the sparsity reaches the target) or

@@ -12,7 +12,7 @@ from __future__ import annotations
 class Method:
     name = "dense"
     prunes = False  # whether the run must reach the target sparsity (best-checkpoint eligibility)
-    adaptive_weights = True
+    adaptive_weights = False  # the paper's baselines sum their task losses (loss_weights.adaptive overrides)
 
     def __init__(self, cfg):
         self.cfg = cfg  # the full run Config

@@ -23,6 +23,11 @@ WALL, FLOOR, CEILING = 0, 1, 21
 BOX_CLASSES = (2, 16, 28)  # cabinet, dresser, box
 SPHERE_CLASSES = (17, 39)  # pillow, otherprop
 CYLINDER_CLASSES = (34, 38)  # lamp, otherfurniture
+# more classes (n_classes > 10): extra object classes, (object kind 0 box / 1 sphere / 2 cylinder, class),
+# added in this order; scenes with them also hold more objects (3-9 instead of 2-6)
+EXTRA_CLASSES = ((0, 3), (1, 36), (2, 4), (0, 6), (1, 20), (2, 35))  # bed, bag, chair, table, clothes, bathtub
+DEMO_CLASSES = 10
+MAX_CLASSES = DEMO_CLASSES + len(EXTRA_CLASSES)
 PARAMS_NAME = "synthetic.json"
 _PALETTE = np.random.default_rng(12345).uniform(0.15, 0.95, size=(40, 3))
 
@@ -104,8 +109,22 @@ def _ellipses(rng, h, w, count, max_frac=0.15):
     return mask
 
 
-def render_scene(rng: np.random.Generator, size=(64, 64)) -> dict:
-    """One scene -> dict rgb uint8 HxWx3, seg uint8 HxW, normal float 3xHxW, normal/depth validity, depth."""
+def object_classes(n_classes: int = DEMO_CLASSES) -> tuple[tuple, tuple, tuple]:
+    """The classes of boxes, spheres and cylinders in scenes with n_classes classes in all."""
+    if not isinstance(n_classes, int) or isinstance(n_classes, bool) or not DEMO_CLASSES <= n_classes <= MAX_CLASSES:
+        raise ValueError(f"synthetic scenes: argument 'n_classes' must be an int in [{DEMO_CLASSES}, {MAX_CLASSES}], "
+                         f"got {n_classes!r}")
+    kinds = [list(BOX_CLASSES), list(SPHERE_CLASSES), list(CYLINDER_CLASSES)]
+    for kind, cls in EXTRA_CLASSES[:n_classes - DEMO_CLASSES]:
+        kinds[kind].append(cls)
+    return tuple(tuple(k) for k in kinds)
+
+
+def render_scene(rng: np.random.Generator, size=(64, 64), n_classes: int = DEMO_CLASSES) -> dict:
+    """One scene -> dict rgb uint8 HxWx3, seg uint8 HxW, normal float 3xHxW, normal/depth validity, depth.
+    n_classes > 10: more object classes (told apart by colour only within a shape) and more objects."""
+    box_classes, sphere_classes, cylinder_classes = object_classes(n_classes)
+    lo, hi = (2, 7) if n_classes == DEMO_CLASSES else (3, 10)
     h, w = size
     f = 0.81 * w
     cam_h = rng.uniform(1.1, 1.6)  # camera height above the floor (floor at y = +cam_h)
@@ -123,21 +142,21 @@ def render_scene(rng: np.random.Generator, size=(64, 64)) -> dict:
         (*_plane(o, d, np.array([1.0, 0.0, 0.0]), -room_l), WALL, "stripes"),
         (*_plane(o, d, np.array([1.0, 0.0, 0.0]), room_r), WALL, "stripes"),
     ]
-    for _ in range(rng.integers(2, 7)):
+    for _ in range(rng.integers(lo, hi)):
         kind = rng.integers(0, 3)
         x, z = rng.uniform(-room_l + 0.4, room_r - 0.4), rng.uniform(1.5, room_d - 0.4)
         if kind == 0:
             half = rng.uniform([0.2, 0.15, 0.2], [0.6, 0.7, 0.6])
             t, n = _box(o, d, np.array([x, cam_h - half[1], z]), half, rng.uniform(0, np.pi))
-            cls = BOX_CLASSES[rng.integers(len(BOX_CLASSES))]
+            cls = box_classes[rng.integers(len(box_classes))]
         elif kind == 1:
             r = rng.uniform(0.15, 0.45)
             t, n = _sphere(o, d, np.array([x, cam_h - r, z]), r)
-            cls = SPHERE_CLASSES[rng.integers(len(SPHERE_CLASSES))]
+            cls = sphere_classes[rng.integers(len(sphere_classes))]
         else:
             r, ht = rng.uniform(0.1, 0.35), rng.uniform(0.3, 1.4)
             t, n = _cylinder(o, d, np.array([x, cam_h, z]), r, ht)
-            cls = CYLINDER_CLASSES[rng.integers(len(CYLINDER_CLASSES))]
+            cls = cylinder_classes[rng.integers(len(cylinder_classes))]
         prims.append((t, n, cls, "noise"))
 
     ts = np.stack([p[0] for p in prims])  # [P, N]
@@ -175,10 +194,13 @@ def render_scene(rng: np.random.Generator, size=(64, 64)) -> dict:
     return {"rgb": rgb, "seg": seg, "normal": normal, "valid": geo_valid, "depth": depth}
 
 
-def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, seed: int = 0) -> dict:
+def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, seed: int = 0,
+                          n_classes: int = DEMO_CLASSES) -> dict:
     """Render n_train + n_test scenes of `size` (int or (H, W)) into `root` in the NYUv2 layout
     (`nyu_v2_3task.json`, img/*.png, seg/*.png, normal/*.png, depth/*.npy). Returns the JSON dict.
-    Deterministic given the seed; `adapmtl.data.NYUv2(root, ...)` reads the result unchanged."""
+    Deterministic given the seed; `adapmtl.data.NYUv2(root, ...)` reads the result unchanged.
+    `n_classes` (10..16): semantic classes in the scenes (above 10: harder, busier scenes)."""
+    object_classes(n_classes)  # checks it
     for arg, v in (("n_train", n_train), ("n_test", n_test), ("seed", seed)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"make_synthetic_scenes: argument '{arg}' must be an int >= 0, got {v!r}")
@@ -193,7 +215,7 @@ def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, s
     meta = {"train": [], "test": []}
     for split, n, split_id in (("train", n_train, 0), ("test", n_test, 1)):
         for i in range(n):
-            scene = render_scene(np.random.default_rng([seed, split_id, i]), size)
+            scene = render_scene(np.random.default_rng([seed, split_id, i]), size, n_classes)
             stem = f"{split}_{i:05d}"
             paths = [f"img/{stem}.png", f"seg/{stem}.png", f"normal/{stem}.png", f"depth/{stem}.npy"]
             Image.fromarray(scene["rgb"], "RGB").save(os.path.join(root, paths[0]))
@@ -202,16 +224,20 @@ def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, s
             np.save(os.path.join(root, paths[3]), scene["depth"])
             meta[split].append(paths)
     with open(os.path.join(root, PARAMS_NAME), "w") as fh:
-        json.dump(synthetic_params(n_train, n_test, size, seed), fh)
+        json.dump(synthetic_params(n_train, n_test, size, seed, n_classes), fh)
     with open(os.path.join(root, JSON_NAME), "w") as fh:  # last: its presence means the folder is complete
         json.dump(meta, fh, indent=1)
     return meta
 
 
-def synthetic_params(n_train: int, n_test: int, size, seed: int) -> dict:
-    """What a folder of scenes was generated with (stored beside them as synthetic.json)."""
+def synthetic_params(n_train: int, n_test: int, size, seed: int, n_classes: int = DEMO_CLASSES) -> dict:
+    """What a folder of scenes was generated with (stored beside them as synthetic.json; n_classes only
+    when not the demo's 10, so folders written before it existed still match)."""
     size = [size, size] if isinstance(size, int) else list(size)
-    return {"n_train": n_train, "n_test": n_test, "size": size, "seed": seed}
+    params = {"n_train": n_train, "n_test": n_test, "size": size, "seed": seed}
+    if n_classes != DEMO_CLASSES:
+        params["n_classes"] = n_classes
+    return params
 
 
 def read_synthetic_params(root) -> dict | None:

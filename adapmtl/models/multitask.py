@@ -66,13 +66,16 @@ class MultiTaskModel(nn.Module):
         return {name: self.heads[name](features) for name in names}
 
 
-def build_backbone(name: str) -> nn.Module:
+def build_backbone(name: str, channels=None) -> nn.Module:
+    """`channels`: the tiny backbone's 4 stage widths (default 16, 32, 64, 64); only for "tiny"."""
+    if channels is not None and name != "tiny":
+        raise ValueError(f"build_backbone: argument 'channels' is for the tiny backbone only, not {name!r}")
     if name == "resnet34":
         return DeepLabResNet34()
     if name == "mobilenetv2":
         return MobileNetV2Backbone()
     if name == "tiny":
-        return TinyBackbone()
+        return TinyBackbone() if channels is None else TinyBackbone(tuple(channels))
     raise ValueError(f"build_backbone: argument 'backbone' must be one of {BACKBONES}, got {name!r}")
 
 
@@ -84,6 +87,7 @@ def build_model(
     dilations=None,
     dropout: float = 0.5,
     dataset: str = "nyuv2",
+    channels=None,
 ) -> MultiTaskModel:
     """Backbone + one head per task.
 
@@ -94,6 +98,7 @@ def build_model(
         head_channels: ASPP width; default 1024 (paper), 32 for "tiny".
         dilations: ASPP dilations; default (6, 12, 18, 24) (paper), (1, 2, 3, 4) for "tiny" (its 8x8
             feature maps at 64x64 input would otherwise see mostly padding).
+        channels: the tiny backbone's 4 stage widths (default 16, 32, 64, 64).
     """
     from adapmtl.tasks import NYUV2_TASKS
 
@@ -101,7 +106,7 @@ def build_model(
     if head not in HEADS:
         raise ValueError(f"build_model: argument 'head' must be one of {HEADS}, got {head!r}")
     tiny = backbone == "tiny"
-    net = build_backbone(backbone)
+    net = build_backbone(backbone, channels)
     hc = head_channels if head_channels is not None else (32 if tiny else 1024)
     dil = tuple(dilations) if dilations is not None else ((1, 2, 3, 4) if tiny else (6, 12, 18, 24))
     heads = {t.name: ASPPHead(net.out_channels, t.out_channels, hc, dil, dropout) for t in specs}

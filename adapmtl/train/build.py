@@ -14,15 +14,17 @@ def _synthetic_root(cfg) -> str:
 
     d = cfg.data
     base = os.path.expanduser(d.root)
-    wanted = synthetic_params(d.n_train, d.n_test, d.image_size, 0)
+    wanted = synthetic_params(d.n_train, d.n_test, d.image_size, 0, d.n_classes)
     root = base
     if read_synthetic_params(base) != wanted:
-        root = os.path.join(base, f"scenes-train{d.n_train}-test{d.n_test}-size{d.image_size}-seed0")
+        classes = "" if "n_classes" not in wanted else f"-classes{d.n_classes}"
+        root = os.path.join(base, f"scenes-train{d.n_train}-test{d.n_test}-size{d.image_size}{classes}-seed0")
     if not os.path.isfile(os.path.join(root, "nyu_v2_3task.json")):
         if D.is_main():
             from adapmtl.data import make_synthetic_scenes
             tmp = root.rstrip("/") + f".tmp{os.getpid()}"
-            make_synthetic_scenes(tmp, n_train=d.n_train, n_test=d.n_test, size=d.image_size, seed=0)
+            make_synthetic_scenes(tmp, n_train=d.n_train, n_test=d.n_test, size=d.image_size, seed=0,
+                                  n_classes=d.n_classes)
             try:  # publish the whole folder at once so a concurrent reader never sees half of it
                 os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
                 os.replace(tmp, root)
@@ -33,7 +35,7 @@ def _synthetic_root(cfg) -> str:
     found = read_synthetic_params(root)
     if found != wanted:
         raise ValueError(f"data.root: {root!r} holds synthetic scenes generated with {found}, but the config asks for "
-                         f"{wanted} (data.n_train / n_test / image_size); remove the folder or choose another data.root")
+                         f"{wanted} (data.n_train / n_test / image_size / n_classes); remove the folder or choose another data.root")
     return root
 
 
@@ -65,4 +67,4 @@ def build_model_from_config(cfg):
         from adapmtl.tasks import NYUV2_TASKS, TASKONOMY_TASKS
         tasks = [t.name for t in (TASKONOMY_TASKS if dataset == "taskonomy" else NYUV2_TASKS)]
     return build_model(backbone=m.backbone, tasks=list(tasks), head_channels=m.head_channels,
-                       dilations=m.dilations, dropout=m.dropout, dataset=dataset)
+                       dilations=m.dilations, dropout=m.dropout, dataset=dataset, channels=m.channels)

@@ -20,6 +20,9 @@ AMP = ("none", "bf16", "fp16")
 SELECT = ("auto", "delta_t", "val_loss", "last")
 ON_NONFINITE = ("stop", "skip")
 CONTROL = ("controlled", "paper")
+# `adapmtl compare`'s default methods, in the order of its table
+COMPARE_METHODS = ("dense", "snip", "lth", "imp", "disparse", "single_threshold", "adapmtl")
+DELTA_T_MIOU = ("auto", "mIoU", "mIoU_all")
 
 
 @dataclass
@@ -35,12 +38,14 @@ class DataConfig:
     n_train: int = 200  # synthetic only
     n_test: int = 50
     image_size: int = 64
+    n_classes: int = 10  # synthetic only: semantic classes in the scenes (10, the demo's, up to 16)
     allow_outside_root: bool = False  # index entries may point outside data.root (absolute paths, ..)
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "tiny"
+    channels: list | None = None  # tiny backbone only: its 4 stage widths (default 16, 32, 64, 64)
     head_channels: int | None = None
     dilations: list | None = None
     dropout: float = 0.5
@@ -80,7 +85,9 @@ class OptimConfig:
 
 @dataclass
 class LossWeightConfig:
-    adaptive: bool = True
+    # None: the method's own choice (on for adapmtl and str, off for the baselines and single_threshold,
+    # which sum their task losses as in the paper); true / false: on / off for every method
+    adaptive: bool | None = None
     start: int = 5000
     window: int = 500
     normalize: bool = True  # Σ w_t = T
@@ -97,6 +104,9 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint path, or "auto" (out_dir/latest.pt if it exists)
     select: str = "auto"  # auto: ΔT vs dense_results when given, else val loss
     dense_results: str | None = None  # JSON of the dense model's val/test metrics
+    # the mIoU that ΔT sums: "auto" = mIoU_all (every class) on synthetic data, where a model that stops
+    # predicting a class would otherwise gain from it, and the paper's TP > 0 mIoU elsewhere
+    delta_t_miou: str = "auto"
     select_sparsity_tol: float = 0.005  # pruning runs: only checkpoints within ± this of the target are "best"
     tensorboard: bool = True
     plots: bool = True
@@ -104,6 +114,17 @@ class TrainConfig:
     max_val_batches: int | None = None
     on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error; checkpoints stay the last good ones) or "skip" the step
     keep_checkpoints: int = 3  # latest.pt plus this many - 1 older ones (latest-<iteration>.pt) to fall back to
+
+
+@dataclass
+class CompareConfig:
+    """`adapmtl compare`'s experiment (adapmtl/train/compare.py, docs/compare.md); train ignores it."""
+    methods: list = field(default_factory=lambda: list(COMPARE_METHODS))  # and ablations (compare.ABLATIONS)
+    sparsities: list = field(default_factory=lambda: [0.9])  # target overall sparsities
+    seeds: int = 1  # seeds seed, seed + 1, ...: init, data order and the dense start
+    start: str = "dense"  # "dense": every method continues from one dense model per seed; "scratch"
+    start_iterations: int | None = None  # the dense start's training (default: train.iterations)
+    adaptive_weights_for_all: bool = False  # a separate experiment: adaptive task weights for every method
 
 
 @dataclass
@@ -119,6 +140,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss_weights: LossWeightConfig = field(default_factory=LossWeightConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,6 +161,28 @@ class Config:
             bad("prune.grad", "'exact' or 'ste'", self.prune.grad)
         if self.train.on_nonfinite not in ON_NONFINITE:
             bad("train.on_nonfinite", f"one of {ON_NONFINITE}", self.train.on_nonfinite)
+        if self.train.delta_t_miou not in DELTA_T_MIOU:
+            bad("train.delta_t_miou", f"one of {DELTA_T_MIOU}", self.train.delta_t_miou)
+        if self.data.dataset == "synthetic" and not 10 <= self.data.n_classes <= 16:
+            bad("data.n_classes", "an int in [10, 16] (synthetic scenes)", self.data.n_classes)
+        ch = self.model.channels
+        if ch is not None and (len(ch) != 4 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                                       for c in ch)):
+            bad("model.channels", "4 ints >= 1 (the tiny backbone's stage widths) or null", ch)
+        if ch is not None and self.model.backbone != "tiny":
+            bad("model.channels", "null unless model.backbone is tiny", ch)
+        c = self.compare
+        if c.start not in ("dense", "scratch"):
+            bad("compare.start", "'dense' or 'scratch'", c.start)
+        if not c.methods or not all(isinstance(m, str) and m for m in c.methods) or len(set(c.methods)) != len(c.methods):
+            bad("compare.methods", "a non-empty list of distinct method names", c.methods)
+        if not c.sparsities or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+                                       for v in c.sparsities):
+            bad("compare.sparsities", "a non-empty list of numbers in (0, 1)", c.sparsities)
+        if c.seeds < 1:
+            bad("compare.seeds", "an int >= 1", c.seeds)
+        if c.start_iterations is not None and c.start_iterations < 1:
+            bad("compare.start_iterations", "an int >= 1 or null", c.start_iterations)
         if self.prune.control not in CONTROL:
             bad("prune.control", f"one of {CONTROL}", self.prune.control)
         if not 0.0 <= self.prune.ramp_start < self.prune.ramp_end <= 1.0:

@@ -67,6 +67,13 @@ def safe_delta_t(results: dict, dense: dict, directions: dict) -> tuple[dict, fl
     return per_task, dt, skipped
 
 
+def delta_t_miou(cfg: Config) -> str:
+    """The segmentation mIoU that ΔT sums for this run (train.delta_t_miou, "auto" resolved)."""
+    if cfg.train.delta_t_miou != "auto":
+        return cfg.train.delta_t_miou
+    return "mIoU_all" if cfg.data.dataset == "synthetic" else "mIoU"
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
@@ -161,7 +168,7 @@ class Trainer:
         self.metrics_factory = metrics_factory
         if directions is None:
             from adapmtl.metrics import directions as _dirs
-            directions = _dirs(task_list)
+            directions = _dirs(task_list, miou=delta_t_miou(cfg))
         self.directions = directions
 
         if cfg.model.init_from:  # from-dense start: the thresholds then start at s0 (sparsify's init)
@@ -186,9 +193,9 @@ class Trainer:
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         lw = cfg.loss_weights
-        self.loss_weights = AdaptiveLossWeights(
-            self.tasks, lw.start, lw.window, lw.normalize, enabled=lw.adaptive and self.method.adaptive_weights,
-            priorities=lw.priorities).to(self.device)
+        adaptive = self.method.adaptive_weights if lw.adaptive is None else lw.adaptive
+        self.loss_weights = AdaptiveLossWeights(self.tasks, lw.start, lw.window, lw.normalize, enabled=adaptive,
+                                                priorities=lw.priorities).to(self.device)
         self.iteration = 0
         self.best_score = -math.inf
         self.best_iteration = None
