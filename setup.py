@@ -14,6 +14,7 @@ import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.editable_wheel import editable_wheel
 
 try:
     import torch
@@ -81,6 +82,40 @@ if cuda_sources and _build_cuda():
         )
     )
 
+class _ImportHookFirst:
+    """Wraps setuptools' editable strategy: the same files, but the .pth puts its import hook first."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    def __call__(self, wheel, files, mapping):
+        for name, content in self.strategy.get_implementation():
+            words = content.decode("ascii", "replace").split(";")[0].split()
+            if name.endswith(".pth") and len(words) == 2 and words[0] == "import":  # "import <finder>; <finder>.install()"
+                hook = words[1]
+                content = (f"import {hook}, sys; {hook}.install(); sys.meta_path.insert(0, sys.meta_path.pop("
+                           f"sys.meta_path.index({hook}._EditableFinder)))\n").encode("ascii")
+            wheel.writestr(name, content)
+
+    def __enter__(self):
+        self.strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.strategy.__exit__(*exc)
+
+
+class EditableHookFirst(editable_wheel):
+    """`pip install -e .` maps triton_kernels/ to adapmtl.triton_kernels with an import hook that setuptools
+    appends to sys.meta_path, after the path finder: from a folder holding a folder named adapmtl (the parent
+    of a clone), `import adapmtl` then found that folder as an empty namespace package (pypa/setuptools#3557).
+    The hook goes first instead; compat and strict modes (a plain .pth, no hook) are left as they are."""
+
+    def _select_strategy(self, name, tag, build_lib):
+        strategy = super()._select_strategy(name, tag, build_lib)
+        return _ImportHookFirst(strategy) if hasattr(strategy, "get_implementation") else strategy
+
+
 setup(
     packages=find_packages(include=["adapmtl", "adapmtl.*"]) + ["adapmtl.triton_kernels"],
     # The Triton kernels live in the top-level triton_kernels/ folder but ship as adapmtl.triton_kernels,
@@ -88,5 +123,5 @@ setup(
     package_dir={"adapmtl": "adapmtl", "adapmtl.triton_kernels": "triton_kernels"},
     package_data={"adapmtl": ["configs/*.yaml"]},  # `adapmtl train -c demo` from any folder
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "editable_wheel": EditableHookFirst},
 )

@@ -99,6 +99,20 @@ def test_the_tests_import_the_installed_package():
 
 
 
+def test_import_from_the_parent_folder_of_a_clone(tmp_path):
+    # the folder of a clone named adapmtl, seen from its parent: a directory without __init__.py, which the path
+    # finder takes for a namespace package unless the installed package is found first (editable or wheel)
+    clone = tmp_path / "adapmtl"
+    (clone / "adapmtl").mkdir(parents=True)
+    (clone / "setup.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}  # '' on sys.path
+    probe = ("import sys, importlib.util, adapmtl, adapmtl.models; assert sys.path[0] == '', sys.path[:2]; "
+             "print(adapmtl.__file__); assert importlib.util.find_spec('adapmtl.triton_kernels') is not None")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(r.stdout.strip()) and not r.stdout.strip().startswith(str(clone))
+
+
 def test_install_script_reads_the_extras_as_pip_does():
     spec = importlib.util.spec_from_file_location("up", os.path.join(REPO, "scripts", "editable_up_to_date.py"))
     up = importlib.util.module_from_spec(spec)
