@@ -61,8 +61,9 @@ def cmd_eval(args) -> int:
     split = {"val": trainer.val_set, "test": trainer.test_set, "train": trainer.train_set}[args.split]
     result = trainer.evaluate(split)
     rep = adapmtl.sparsity_report(trainer.model)
-    out = {"split": args.split, "metrics": result["metrics"], "loss": result["loss"], "sparsity": rep.overall,
-           "components": {k: c.sparsity for k, c in rep.components.items()}}
+    fractions = rep.fractions()
+    out = {"split": args.split, "metrics": result["metrics"], "loss": result["loss"], "sparsity": fractions["overall"],
+           "components": fractions["components"]}
     print(rep.table(per_layer=False))
     print(json.dumps(out, indent=1))
     if args.out:

@@ -17,15 +17,14 @@ Saving and loading the result: `adapmtl.export_format` (`save_exported` / `load_
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
+from adapmtl.timing import interleaved_median_ms
 
 POLICIES = ("time", "crossover")
 
@@ -65,23 +64,6 @@ def _weight_sparsity(layer: nn.Module) -> float:
 def _to_sparse(layer: nn.Module, backend: str) -> nn.Module:
     cls = SparseLinear if isinstance(layer, nn.Linear) else SparseConv2d
     return cls.from_dense(layer, backend=backend).to(layer.weight.device)
-
-
-def _median_times(fns: Sequence[Callable[[], Any]], repeats: int, device: torch.device) -> list[float]:
-    """Median seconds of each function, timed in alternation (one call of each per round) so that
-    drifting machine speed hits all of them alike; synchronised on CUDA."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns:
-        fn()  # warm-up: first-call allocations and lazy initialisation
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -171,8 +153,9 @@ def export_sparse(
                 x = inputs[name]
                 sparse_layer = _to_sparse(layer, backend)
                 with torch.no_grad():
-                    entry["dense_s"], entry["sparse_s"] = _median_times(
-                        [lambda: layer(x), lambda: sparse_layer(x)], repeats, x.device)
+                    dense_ms, sparse_ms = interleaved_median_ms([lambda: layer(x), lambda: sparse_layer(x)], x.device,
+                                                                reps=repeats)
+                entry["dense_s"], entry["sparse_s"] = dense_ms / 1e3, sparse_ms / 1e3
                 use = entry["sparse_s"] < entry["dense_s"]
             else:
                 use, sparse_layer = False, None

@@ -392,3 +392,21 @@ def delta_t(results: dict, dense_results: dict, directions: dict) -> tuple[dict[
             total += sign * (m - d) / d * 100.0
         per_task[task] = total
     return per_task, sum(per_task.values()) / len(per_task)
+
+
+def safe_delta_t(results: dict, dense: dict, directions: dict) -> tuple[dict, float, list[str]]:
+    """`delta_t` over the metrics whose dense value is a non-zero number (a relative change
+    against 0 is undefined: tiny demo runs can have e.g. 0% of normals within 11.25°). Returns
+    ({task: ΔT_i}, ΔT, ["task/metric" skipped])."""
+    kept, skipped = {}, []
+    for task, metrics in directions.items():
+        for metric, lower in metrics.items():
+            d = dense.get(task, {}).get(metric)
+            if d is None or d == 0 or d != d:
+                skipped.append(f"{task}/{metric}")
+            else:
+                kept.setdefault(task, {})[metric] = lower
+    if not kept:
+        raise ValueError("delta_t: no metric has a usable (non-zero) dense value")
+    per_task, dt = delta_t(results, dense, kept)
+    return per_task, dt, skipped

@@ -166,6 +166,13 @@ class LiveSparsity:
     nnz: Tensor
     numel: int
 
+    def fractions(self) -> dict:
+        """As SparsityReport.fractions(), in floats (one host sync)."""
+        values = torch.stack([self.overall, *self.components.values(), *self.layers.values()]).tolist()
+        n = len(self.components)
+        return {"overall": values[0], "components": dict(zip(self.components, values[1:1 + n])),
+                "layers": dict(zip(self.layers, values[1 + n:]))}
+
 
 def live_sparsity(model: nn.Module) -> LiveSparsity:
     """Sparsity of the STR layers' effective weights at their last forward, without reading weights or
@@ -222,6 +229,12 @@ class SparsityReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def fractions(self) -> dict:
+        """{"overall": float, "components": {name: sparsity}, "layers": {name: sparsity}}: the summary that
+        results files and logs hold."""
+        return {"overall": self.overall, "components": {k: c.sparsity for k, c in self.components.items()},
+                "layers": {r.name: r.sparsity for r in self.layers}}
 
     def table(self, per_layer: bool = True) -> str:
         lines = []

@@ -4,68 +4,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from adapmtl.timing import interleaved_median_ms, median_time_ms  # noqa: F401 - the benchmarks use them from here
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_once_ms(fn, device: torch.device) -> float:
-    """Wall time of one `fn()` call in ms: CUDA events on GPU (the work queued by fn), perf_counter on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def median_time_ms(fn, device, *, warmup: int = 2, reps: int = 10, min_time_s: float = 0.0) -> float:
-    """Median wall time of `fn()` in milliseconds (CUDA events on GPU, perf_counter on CPU).
-
-    Runs at least `reps` times and, if `min_time_s` is given, until that much time has been spent.
-    """
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start_all < min_time_s:
-        times.append(_time_once_ms(fn, device))
-        if len(times) >= 10 * reps:
-            break
-    return statistics.median(times)
-
-
-def interleaved_median_ms(fns, device, *, warmup: int = 1, reps: int = 10) -> list[float]:
-    """Median wall times (ms) of several functions timed in alternation, one call of each per round.
-
-    Used where the ratio between them is the result (sparse vs dense): on a shared or virtualised
-    machine the speed drifts over seconds, and alternating exposes every function to the same drift.
-    """
-    device = torch.device(device)
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    synchronize(device)
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, ts in zip(fns, times):
-            ts.append(_time_once_ms(fn, device))
-    return [statistics.median(ts) for ts in times]
 
 
 def copy_bandwidth_gbps(numel: int, device, dtype=torch.float32, reps: int = 10) -> float:

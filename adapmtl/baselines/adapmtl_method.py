@@ -5,8 +5,8 @@ import torch
 
 import adapmtl
 from adapmtl.baselines.base import Method
-from adapmtl.train.distributed import all_reduce_mean
-from adapmtl.train.sparsity_control import SparsityController
+from adapmtl.distributed import all_reduce_mean
+from adapmtl.baselines.sparsity_control import SparsityController
 
 
 class AdapMTLMethod(Method):
@@ -32,13 +32,13 @@ class AdapMTLMethod(Method):
         adapmtl.sparsify(model, init=p.s0, mode=self.mode, grad=p.grad, backend=p.backend)
         self.thresholds = adapmtl.threshold_parameters(model)
 
-    def setup(self, trainer):
-        self.prepare_model(trainer.model)
+    def setup(self, model):
+        self.prepare_model(model)
         p = self.cfg.prune
         if p.control == "controlled":
             # the share of the prunable weights each threshold acts on: weights of the mean threshold
             pruned = {id(s): 0 for s in self.thresholds}
-            for _, layer in adapmtl.str_layers(trainer.model):
+            for _, layer in adapmtl.str_layers(model):
                 pruned[id(layer.s)] += layer.weight.numel()
             total = sum(pruned.values())
             self.threshold_shares = torch.tensor([pruned[id(s)] / total for s in self.thresholds], dtype=torch.float64)
@@ -98,18 +98,3 @@ class AdapMTLMethod(Method):
                              f"state), this run has prune.control={self.cfg.prune.control}")
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
-
-
-def build_method(cfg) -> Method:
-    from adapmtl.baselines import METHOD_CLASSES
-
-    name = cfg.method
-    if name == "adapmtl":
-        return AdapMTLMethod(cfg, "component", True, "adapmtl")
-    if name == "single_threshold":
-        return AdapMTLMethod(cfg, "global", False, "single_threshold")
-    if name == "str":
-        return AdapMTLMethod(cfg, "layer", True, "str")
-    if name not in METHOD_CLASSES:
-        raise ValueError(f"method must be one of {sorted(METHOD_CLASSES) + ['adapmtl', 'single_threshold', 'str']}, got {name!r}")
-    return METHOD_CLASSES[name](cfg)

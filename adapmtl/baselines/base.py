@@ -1,7 +1,7 @@
 """The "method" interface shared by AdapMTL, its ablations and the pruning baselines.
 
-The trainer calls the hooks in this order: `setup` (converts the model with `prepare_model`; before the
-optimizer exists), `on_train_start` (fresh runs only, never on resume), then per iteration
+The trainer calls the hooks in this order: `setup(model)` (converts the model with `prepare_model`; before
+the optimizer exists), `on_train_start` (fresh runs only, never on resume), then per iteration
 `before_iteration`, forward/backward, `after_backward`, optimizer step, `after_step`. `param_groups`
 is asked once, after `setup`, for the optimizer.
 `state_dict` / `load_state_dict` carry whatever the method needs for exact resume.
@@ -20,8 +20,8 @@ class Method:
     def prepare_model(self, model) -> None:
         """Convert the model the way this method trains it (in place; nothing for mask methods)."""
 
-    def setup(self, trainer) -> None:
-        self.prepare_model(trainer.model)
+    def setup(self, model) -> None:
+        self.prepare_model(model)
 
     def on_train_start(self, trainer) -> None:
         pass

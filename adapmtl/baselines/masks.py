@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from adapmtl.baselines.base import Method
-from adapmtl.train.distributed import all_reduce_mean
+from adapmtl.distributed import all_reduce_mean
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from adapmtl.train import distributed as D
+from adapmtl import distributed as D
 
 
 def _synthetic_root(cfg) -> str:

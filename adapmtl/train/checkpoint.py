@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adapmtl.baselines import build_method
 from adapmtl.checkpoint_io import TMP_PREFIX, CheckpointError, atomic_save, load_checkpoint_file, read_header
 
 __all__ = ["CheckpointError", "TrainedModel", "atomic_save", "load_checkpoint_file", "load_newest_good", "load_trained",
@@ -33,7 +34,6 @@ class TrainedModel:
 def load_trained(path: str, map_location="cpu") -> TrainedModel:
     """The model of a trainer checkpoint (`runs/<run>/latest.pt` or `best.pt`), rebuilt from the checkpoint's
     config, converted the way its method trained it and loaded (checksum verified)."""
-    from adapmtl.baselines import build_method  # late: the baselines sit above this module
     from adapmtl.train.build import build_model_from_config
     from adapmtl.train.config import config_from_dict
 

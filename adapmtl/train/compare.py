@@ -149,7 +149,7 @@ def execute(runs: list[dict], jobs: int = 1, reuse: bool = False, progress: bool
 def run_records(runs: list[dict], results: dict[str, dict], directions: dict) -> list[dict]:
     """The committed per-run records: ΔT on test against the seed's dense run, the evaluated checkpoint's
     overall sparsity and whether it is at the target."""
-    from adapmtl.train.trainer import safe_delta_t
+    from adapmtl.metrics import safe_delta_t
 
     dense = {r["seed"]: results[r["name"]] for r in runs if r["kind"] == "dense"}
     records = []

@@ -24,7 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import adapmtl
-from adapmtl.train import distributed as D
+from adapmtl.baselines import Method, build_method
+from adapmtl.metrics import safe_delta_t
+from adapmtl.sparsify import REGISTRY
+from adapmtl import distributed as D
 from adapmtl.train.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -45,26 +48,6 @@ _DATA_EPOCH_SCORES = 1 << 30  # data-order "epoch" reserved for SNIP/DiSparse sc
 
 class NonFiniteLossError(ValueError):
     """Training produced a NaN/inf loss (train.on_nonfinite=stop); the checkpoints on disk are the last good ones."""
-
-
-def safe_delta_t(results: dict, dense: dict, directions: dict) -> tuple[dict, float, list[str]]:
-    """adapmtl.metrics.delta_t over the metrics whose dense value is a non-zero number (a relative change
-    against 0 is undefined: tiny demo runs can have e.g. 0% of normals within 11.25°). Returns
-    ({task: ΔT_i}, ΔT, ["task/metric" skipped])."""
-    from adapmtl.metrics import delta_t
-
-    kept, skipped = {}, []
-    for task, metrics in directions.items():
-        for metric, lower in metrics.items():
-            d = dense.get(task, {}).get(metric)
-            if d is None or d == 0 or d != d:
-                skipped.append(f"{task}/{metric}")
-            else:
-                kept.setdefault(task, {})[metric] = lower
-    if not kept:
-        raise ValueError("delta_t: no metric has a usable (non-zero) dense value")
-    per_task, dt = delta_t(results, dense, kept)
-    return per_task, dt, skipped
 
 
 def delta_t_miou(cfg: Config) -> str:
@@ -118,10 +101,11 @@ class Trainer:
         metrics_factory: `() -> accumulator` with update(preds, batch) / compute() / reset();
             default `adapmtl.metrics.MultiTaskMetrics`.
         directions: {task: {metric: lower_is_better}} for ΔT; default `adapmtl.metrics.directions`.
+        method: how the run trains and prunes (an `adapmtl.baselines.Method`); default: the one cfg.method names.
     """
 
     def __init__(self, cfg: Config, model: nn.Module | None = None, train_set=None, val_set=None, test_set=None,
-                 criterion=None, metrics_factory=None, directions=None, collate_fn=None):
+                 criterion=None, metrics_factory=None, directions=None, collate_fn=None, method: Method | None = None):
         if not isinstance(cfg, Config):
             raise TypeError(f"Trainer: argument 'cfg' must be an adapmtl.train.Config, got {type(cfg).__name__}")
         self.cfg = cfg.validate()
@@ -175,10 +159,8 @@ class Trainer:
             from adapmtl.models import load_checkpoint
             load_checkpoint(self.model, os.path.expanduser(cfg.model.init_from))
 
-        from adapmtl.baselines import build_method  # lazy: baselines import adapmtl.train too
-
-        self.method = build_method(cfg)
-        self.method.setup(self)
+        self.method = build_method(cfg) if method is None else method
+        self.method.setup(self.model)
         self.model.to(self.device)
         self.forward_model = self.model
         if self.distributed:
@@ -300,15 +282,11 @@ class Trainer:
     def sparsity(self) -> dict:
         """{"overall", "components": {...}, "layers": {...}} as floats (host sync: for logging)."""
         if adapmtl.str_layers(self.model):
-            live = adapmtl.live_sparsity(self.model)
-            return {"overall": float(live.overall), "components": {k: float(v) for k, v in live.components.items()},
-                    "layers": {k: float(v) for k, v in live.layers.items()}}
-        rep = adapmtl.sparsity_report(self.model)
-        return {"overall": rep.overall, "components": {k: c.sparsity for k, c in rep.components.items()},
-                "layers": {r.name: r.sparsity for r in rep.layers}}
+            return adapmtl.live_sparsity(self.model).fractions()
+        return adapmtl.sparsity_report(self.model).fractions()
 
     def thresholds(self) -> dict:
-        groups = getattr(self.model, "adapmtl_thresholds", None)
+        groups = getattr(self.model, REGISTRY, None)
         if groups is not None:
             return {name: float(torch.sigmoid(g.s.detach().double())) for name, g in groups.items()}
         return {name: float(torch.sigmoid(layer.s.detach().double())) for name, layer in adapmtl.str_layers(self.model)}
@@ -504,8 +482,7 @@ class Trainer:
             "method": self.cfg.method, "selected": selected, "iterations": self.iteration,
             "target_sparsity": self.cfg.prune.target_sparsity if self.method.prunes else 0.0,
             "val": val["metrics"], "val_loss": val["loss"], "test": test["metrics"], "test_loss": test["loss"],
-            "sparsity": {"overall": rep.overall, "components": {k: c.sparsity for k, c in rep.components.items()},
-                         "layers": {r.name: r.sparsity for r in rep.layers}},
+            "sparsity": rep.fractions(),
         }
         if self.dense_results:
             per_task, dt, skipped = safe_delta_t(test["metrics"], self.dense_results["test"], self.directions)
