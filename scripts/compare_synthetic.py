@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (default: 2)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     p.add_argument("--out", default="runs/compare_synthetic", help="folder of the runs (default: %(default)s)")
+    p.add_argument("--sweep-seeds", type=int, default=PARTS["sweep"]["compare.seeds"],
+                   help="seeds of the 80%% / 95%% sweep (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny data and budget, results into runs/bench/")
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
     unique = {}  # the parts share each seed's dense run (and ablations AdapMTL's): every run once
     for part in parts:
         cfg = load_config("compare_synthetic", base)
-        for key, value in PARTS[part].items():
+        settings = PARTS[part] | ({"compare.seeds": args.sweep_seeds} if part == "sweep" else {})
+        for key, value in settings.items():
             apply_override(cfg, f"{key}={json.dumps(value)}")
         cfg.validate()
         t0 = time.time()

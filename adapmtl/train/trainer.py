@@ -109,6 +109,19 @@ class Trainer:
         if not isinstance(cfg, Config):
             raise TypeError(f"Trainer: argument 'cfg' must be an adapmtl.train.Config, got {type(cfg).__name__}")
         self.cfg = cfg.validate()
+        self._setup_process()
+        class_weights = self._setup_data(train_set, val_set, test_set, collate_fn)
+        self._setup_model(model, criterion, metrics_factory, directions, class_weights)
+        self._setup_method(method)
+        self._setup_optimization()
+        self._setup_state()
+        if cfg.train.resume:
+            self._resume(cfg.train.resume)
+
+    # ---------------------------------------------------------------- construction, in this order (the RNG draws)
+    def _setup_process(self) -> None:
+        """Distributed group, device, leftovers of interrupted writes, seeds."""
+        cfg = self.cfg
         self.distributed = D.init_from_env(cfg.device if cfg.device != "auto" else
                                            ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = D.rank(), D.world_size()
@@ -120,24 +133,29 @@ class Trainer:
             remove_orphan_temps(self.out_dir)  # writes a kill interrupted: never valid checkpoints
         seed_everything(cfg.seed, cfg.deterministic)
 
+    def _setup_data(self, train_set, val_set, test_set, collate_fn):
+        """The three splits (built from cfg.data unless all are given); returns the class weights, if any."""
+        class_weights = None
         if train_set is None or val_set is None or test_set is None:
             from adapmtl.train.build import build_datasets
-            built = build_datasets(cfg)
+            built = build_datasets(self.cfg)
             train_set = train_set or built["train"]
             val_set = val_set or built["val"]
             test_set = test_set or built["test"]
             class_weights = built.get("class_weights")
-        else:
-            class_weights = None
         self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
         if collate_fn is None:
             from adapmtl.data import collate_multitask as collate_fn
         self.collate_fn = collate_fn
+        return class_weights
+
+    def _setup_model(self, model, criterion, metrics_factory, directions, class_weights) -> None:
+        """The model (built from cfg.model unless given), its tasks, loss, metrics and ΔT directions."""
         if model is None:
             from adapmtl.train.build import build_model_from_config
-            model = build_model_from_config(cfg)
+            model = build_model_from_config(self.cfg)
         self.model = model
-        self.tasks = list(getattr(model, "tasks", None) or cfg.data.tasks or [])
+        self.tasks = list(getattr(model, "tasks", None) or self.cfg.data.tasks or [])
         if not self.tasks:
             raise ValueError("Trainer: cannot tell the model's tasks (give the model a .tasks list)")
         specs = getattr(model, "task_specs", None)
@@ -152,14 +170,15 @@ class Trainer:
         self.metrics_factory = metrics_factory
         if directions is None:
             from adapmtl.metrics import directions as _dirs
-            directions = _dirs(task_list, miou=delta_t_miou(cfg))
+            directions = _dirs(task_list, miou=delta_t_miou(self.cfg))
         self.directions = directions
 
-        if cfg.model.init_from:  # from-dense start: the thresholds then start at s0 (sparsify's init)
+    def _setup_method(self, method) -> None:
+        """From-dense weights, then the method converts the model; device and DDP wrapper."""
+        if self.cfg.model.init_from:  # from-dense start: the thresholds then start at s0 (sparsify's init)
             from adapmtl.models import load_checkpoint
-            load_checkpoint(self.model, os.path.expanduser(cfg.model.init_from))
-
-        self.method = build_method(cfg) if method is None else method
+            load_checkpoint(self.model, os.path.expanduser(self.cfg.model.init_from))
+        self.method = build_method(self.cfg) if method is None else method
         self.method.setup(self.model)
         self.model.to(self.device)
         self.forward_model = self.model
@@ -167,7 +186,9 @@ class Trainer:
             self.forward_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        o = cfg.optim
+    def _setup_optimization(self) -> None:
+        """Adam, StepLR, autocast and grad scaler, task loss weights."""
+        cfg, o = self.cfg, self.cfg.optim
         # coupled L2 decay (Adam's weight_decay, not AdamW); the method may give its thresholds their own group
         self.optimizer = torch.optim.Adam(self.method.param_groups(self.model), lr=o.lr, betas=tuple(o.betas),
                                           weight_decay=o.weight_decay)
@@ -178,6 +199,10 @@ class Trainer:
         adaptive = self.method.adaptive_weights if lw.adaptive is None else lw.adaptive
         self.loss_weights = AdaptiveLossWeights(self.tasks, lw.start, lw.window, lw.normalize, enabled=adaptive,
                                                 priorities=lw.priorities).to(self.device)
+
+    def _setup_state(self) -> None:
+        """Counters, selection state, the dense reference, batches per epoch."""
+        cfg = self.cfg
         self.iteration = 0
         self.best_score = -math.inf
         self.best_iteration = None
@@ -191,14 +216,15 @@ class Trainer:
                              f"smaller than data.batch_size={cfg.data.batch_size}")
         self.resumed = False
         self.skipped_steps = 0
-        if cfg.train.resume:
-            path = cfg.train.resume
-            if path == "auto":
-                path = os.path.join(self.out_dir, "latest.pt")
-                has_any = os.path.isfile(path) or glob.glob(os.path.join(glob.escape(self.out_dir), "latest-*.pt"))
-                path = path if has_any else None
-            if path:
-                self.load(path)
+
+    def _resume(self, path: str) -> None:
+        """train.resume: a checkpoint path, or "auto" (out_dir/latest.pt or a rotated one, when there is one)."""
+        if path == "auto":
+            path = os.path.join(self.out_dir, "latest.pt")
+            has_any = os.path.isfile(path) or glob.glob(os.path.join(glob.escape(self.out_dir), "latest-*.pt"))
+            path = path if has_any else None
+        if path:
+            self.load(path)
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset, batches, generator_seed: int) -> DataLoader:
