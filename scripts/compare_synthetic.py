@@ -21,7 +21,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from adapmtl.train.compare import ABLATIONS, compare, markdown_table, plot_sweep, summarize  # noqa: E402
+from adapmtl.train.compare import (  # noqa: E402
+    ABLATIONS, compare, format_mean_std, markdown_table, mean_std, plot_sweep, summarize)
 from adapmtl.train.config import COMPARE_METHODS, apply_override, load_config  # noqa: E402
 from benchmarks.common import SMOKE_DIR, device_description  # noqa: E402
 
@@ -35,6 +36,30 @@ SMOKE = ["data.n_train=24", "data.n_test=8", "data.image_size=32", "data.crop_si
          "data.eval_batch_size=8", "data.root=runs/compare_smoke/scenes", "model.head_channels=8",
          "train.iterations=20", "train.val_every=5", "train.ckpt_every=10", "compare.start_iterations=20",
          "compare.seeds=2", "loss_weights.start=5", "loss_weights.window=4", "prune.update_every=4"]
+
+
+def noise_floor(out: str, seeds: list[int], directions: dict) -> dict:
+    """How much ΔT the choice of checkpoint alone moves: per seed, the dense run's final weights against its
+    selected checkpoint (the tables' reference), on test. Returns {seed: {"selected", "delta_t",
+    "delta_t_tasks", "final_metrics"}}."""
+    from adapmtl.metrics import safe_delta_t
+    from adapmtl.train import Trainer, load_trained
+
+    floor = {}
+    for seed in seeds:
+        run = os.path.join(out, f"seed{seed}", "dense")
+        trained = load_trained(os.path.join(run, "latest.pt"))
+        cfg = trained.config
+        cfg.train.resume = cfg.model.init_from = cfg.train.dense_results = None
+        cfg.train.progress, cfg.train.tensorboard = False, False
+        trainer = Trainer(cfg, model=trained.model)
+        final = trainer.evaluate(trainer.test_set)["metrics"]
+        with open(os.path.join(run, "results.json")) as fh:
+            selected = json.load(fh)
+        per_task, dt, _ = safe_delta_t(final, selected["test"], directions)
+        floor[seed] = {"selected": selected["selected"], "delta_t": dt, "delta_t_tasks": per_task,
+                       "final_metrics": final}
+    return floor
 
 
 def main(argv=None) -> int:
@@ -83,6 +108,9 @@ def main(argv=None) -> int:
     payload["sweep"] = [r for r in everything if r["target_sparsity"] in PARTS["sweep"]["compare.sparsities"]]
     payload["calibration"] = [r for r in everything if r["target_sparsity"] == 0.99]
     summary = summarize(everything)
+    directions = payload["protocol"]["delta_t_metrics"]
+    seeds = sorted({r["seed"] for r in payload["runs"]})
+    payload["noise_floor"] = noise_floor(out, seeds, directions) if payload["runs"] else {}
     order = list(COMPARE_METHODS) + list(ABLATIONS)
     md = [f"# Comparison on compare_synthetic ({device['device']}, torch {device['torch']})\n",
           "Produced by `python3 scripts/compare_synthetic.py`; protocol and reading: docs/compare.md. Mean ± std "
@@ -90,6 +118,24 @@ def main(argv=None) -> int:
           "same seed.\n"]
     if payload["runs"]:
         md.append("## 90% overall sparsity\n\n" + markdown_table(summarize(payload["runs"]), 0.9, order))
+    if payload["noise_floor"]:
+        from adapmtl.metrics import safe_delta_t
+        floor = payload["noise_floor"]
+        md.append("## Noise floor: the dense run against itself\n\nΔT of each seed's dense run at its *final* "
+                  "weights against its selected checkpoint (the reference of every ΔT above), and each method's ΔT "
+                  "against that final-weights dense model instead (mean ± std over seeds):\n\n"
+                  "| seed | dense selected | ΔT of dense final vs selected | " +
+                  " | ".join(f"ΔT_{t}" for t in directions) + " |\n|" + "---|" * (3 + len(directions)))
+        for seed, f in floor.items():
+            md.append(f"| {seed} | {f['selected']} | {f['delta_t']:+.2f} | " +
+                      " | ".join(f"{f['delta_t_tasks'].get(t, float('nan')):+.2f}" for t in directions) + " |")
+        rows = ["\n| method | ΔT vs dense selected | ΔT vs dense final |", "|---|---|---|"]
+        for method in COMPARE_METHODS[1:]:
+            rs = [r for r in payload["runs"] if r["method"] == method]
+            vs_final = [safe_delta_t(r["metrics"], floor[r["seed"]]["final_metrics"], directions)[1] for r in rs]
+            rows.append(f"| {method} | {format_mean_std(mean_std([r['delta_t'] for r in rs]), signed=True)} | "
+                        f"{format_mean_std(mean_std(vs_final), signed=True)} |")
+        md.append("\n".join(rows) + "\n")
     if payload["ablations"]:
         ablation = [r for r in everything if r["target_sparsity"] in (0.0, 0.9) and r["method"] in
                     ("dense", "adapmtl", *ABLATIONS)]

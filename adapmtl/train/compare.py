@@ -169,7 +169,7 @@ def run_records(runs: list[dict], results: dict[str, dict], directions: dict) ->
     return records
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
@@ -186,21 +186,21 @@ def summarize(records: list[dict], reference: str = "adapmtl") -> list[dict]:
     for (target, method), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         row = {"target_sparsity": target, "method": method, "seeds": [r["seed"] for r in rs],
-               "delta_t": _mean_std([r["delta_t"] for r in rs]),
-               "sparsity": _mean_std([r["sparsity"] for r in rs]),
-               "delta_t_tasks": {t: _mean_std([r["delta_t_tasks"][t] for r in rs if t in r["delta_t_tasks"]])
+               "delta_t": mean_std([r["delta_t"] for r in rs]),
+               "sparsity": mean_std([r["sparsity"] for r in rs]),
+               "delta_t_tasks": {t: mean_std([r["delta_t_tasks"][t] for r in rs if t in r["delta_t_tasks"]])
                                  for t in rs[0]["delta_t_tasks"]},
-               "metrics": {t: {m: _mean_std([r["metrics"][t][m] for r in rs]) for m in ms}
+               "metrics": {t: {m: mean_std([r["metrics"][t][m] for r in rs]) for m in ms}
                            for t, ms in rs[0]["metrics"].items()},
                "selected": [r["selected"] for r in rs], "missed": [r["seed"] for r in rs if not r["at_target"]]}
         ref = {r["seed"]: r["delta_t"] for r in groups.get((target, reference), [])}
         paired = [r["delta_t"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
-        row["paired_vs_reference"] = _mean_std(paired) if paired and method != reference else None
+        row["paired_vs_reference"] = mean_std(paired) if paired and method != reference else None
         out.append(row)
     return out
 
 
-def _pm(ms: tuple[float, float], digits: int = 2, signed: bool = False) -> str:
+def format_mean_std(ms: tuple[float, float], digits: int = 2, signed: bool = False) -> str:
     mean, std = ms
     head = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     return head if std != std else f"{head} ± {std:.{digits}f}"
@@ -221,14 +221,14 @@ def markdown_table(summary: list[dict], target: float, method_order: list[str], 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in rows:
         sp_mean, sp_std = s["sparsity"]
-        sparsity = _pm((100 * sp_mean, 100 * sp_std)) + (f" ⚠ off target (seeds {s['missed']})" if s["missed"] else "")
+        sparsity = format_mean_std((100 * sp_mean, 100 * sp_std)) + (f" ⚠ off target (seeds {s['missed']})" if s["missed"] else "")
         cells = [s["method"], str(len(s["seeds"])), sparsity, ", ".join(s["selected"])]
         for t, m in metrics:
             mean = s["metrics"][t][m][0]
-            cells.append(_pm(s["metrics"][t][m], 3 if abs(mean) < 1 else 2))
-        cells += [_pm(s["delta_t_tasks"][t], signed=True) if t in s["delta_t_tasks"] else "–" for t in tasks]
-        cells.append(_pm(s["delta_t"], signed=True))
-        cells.append("–" if s["paired_vs_reference"] is None else _pm(s["paired_vs_reference"], signed=True))
+            cells.append(format_mean_std(s["metrics"][t][m], 3 if abs(mean) < 1 else 2))
+        cells += [format_mean_std(s["delta_t_tasks"][t], signed=True) if t in s["delta_t_tasks"] else "–" for t in tasks]
+        cells.append(format_mean_std(s["delta_t"], signed=True))
+        cells.append("–" if s["paired_vs_reference"] is None else format_mean_std(s["paired_vs_reference"], signed=True))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
