@@ -5,8 +5,8 @@ import torch
 
 import adapmtl
 from adapmtl.baselines.base import Method
-from adapmtl.distributed import all_reduce_mean
 from adapmtl.baselines.sparsity_control import SparsityController
+from adapmtl.distributed import all_reduce_mean
 
 
 class AdapMTLMethod(Method):
