@@ -102,7 +102,7 @@ def execute(runs: list[dict], jobs: int = 1, reuse: bool = False, progress: bool
     """Train the planned runs (`jobs` at a time, each in its own process with its share of the CPU
     threads, in dependency order); a finished run's results.json is reused with `reuse`.
     Returns {run name: results}."""
-    done, pending = {}, list(runs)
+    done = {}
     for r in runs:
         path = os.path.join(r["config"]["out_dir"], "results.json")
         if reuse and os.path.isfile(path):
