@@ -8,6 +8,7 @@ never fails because an extension is missing; asking for a backend that needs one
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from functools import lru_cache
 
 _REBUILD_HINT = (
@@ -60,13 +61,17 @@ def require_cuda_extension():
 
 @lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether triton is installed and adapmtl ships its Triton kernels (found without importing either)."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return (importlib.util.find_spec("triton") is not None
+                and importlib.util.find_spec("adapmtl.triton_kernels") is not None)
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def require_triton():
     if not triton_available():
-        raise ExtensionNotBuiltError("backend 'triton' needs the triton package: `pip install triton`")
+        raise ExtensionNotBuiltError(
+            "backend 'triton' needs the triton package (`pip install triton`) and adapmtl's Triton kernels "
+            f"(adapmtl.triton_kernels); {_REBUILD_HINT}"
+        )

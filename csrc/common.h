@@ -1,8 +1,11 @@
-// Argument checks shared by the CPU and CUDA kernels. They raise TypeError/ValueError naming the
-// argument, like the Python op layer, so direct torch.ops.adapmtl calls fail just as clearly.
+// Argument checks for direct torch.ops.adapmtl calls, in one place: the CPU and CUDA kernels call them, and
+// adapmtl._C exposes them (ops.cpp) to the Triton custom ops. They raise TypeError/ValueError naming the
+// argument, like the user-facing checks of the Python op layer, so direct calls fail just as clearly. Limits
+// of one kernel (its int32 offsets, grid sizes) stay with that kernel.
 #pragma once
 #include <torch/extension.h>
 
+#include <tuple>
 #include <utility>
 
 namespace adapmtl {
@@ -70,6 +73,84 @@ inline void check_csr_arrays(const char* op, const at::Tensor& x, const at::Tens
     TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": argument 'bias' must be on the device of 'x' (",
                       x.device(), "), got ", bias->device());
   }
+}
+
+// x of a sparse kernel: float32/float64, and float16/bfloat16 where the kernel has them (`reduced`).
+inline void check_input_dtype(const char* op, const at::Tensor& x, bool reduced) {
+  const auto t = x.scalar_type();
+  const bool ok = t == at::kFloat || t == at::kDouble || (reduced && (t == at::kHalf || t == at::kBFloat16));
+  TORCH_CHECK_TYPE(ok, op, ": argument 'x' must be ", reduced ? "float32, float64, float16 or bfloat16" : "float32 or float64",
+                   ", got ", t);
+}
+
+// A 2-D convolution's geometry, validated with overflow-checked arithmetic before anything is allocated.
+struct ConvGeometry {
+  int64_t N, C, H, W;                // input
+  int64_t OC, KH, KW, cols;          // weight; cols = C * KH * KW, the length of a CSR row
+  int64_t sh, sw, ph, pw, dh, dw;    // stride, zero padding, dilation
+  int64_t Hp, Wp, span_h, span_w;    // padded input, dilated kernel
+  int64_t OH, OW;                    // output
+};
+
+inline ConvGeometry check_conv_args(const char* op, const at::Tensor& x, at::IntArrayRef weight_shape,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(weight_shape.size() == 4, op, ": argument 'weight_shape' must be [C_out, C_in, KH, KW], got ",
+                    weight_shape);
+  ConvGeometry g{};
+  g.OC = weight_shape[0], g.C = weight_shape[1], g.KH = weight_shape[2], g.KW = weight_shape[3];
+  TORCH_CHECK_VALUE(g.OC >= 0 && g.C > 0 && g.KH > 0 && g.KW > 0, op,
+                    ": argument 'weight_shape' must hold positive sizes (C_out may be 0), got ", weight_shape);
+  for (const auto& [name, v, least] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"stride", stride, 1},
+                                       {"padding", padding, 0}, {"dilation", dilation, 1}}) {
+    TORCH_CHECK_VALUE(v.size() == 2, op, ": argument '", name, "' must have 2 values, got ", v.size());
+    TORCH_CHECK_VALUE(v[0] >= least && v[1] >= least, op, ": argument '", name, "' must hold values >= ", least,
+                      ", got ", v);
+  }
+  g.cols = checked_mul(op, "the weight's row length", checked_mul(op, "the weight's row length", g.C, g.KH), g.KW);
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) == g.C, op, ": argument 'x' must have shape [N, ", g.C,
+                    ", H, W] (NCHW, C_in of 'weight_shape'), got ", x.sizes());
+  g.N = x.size(0), g.H = x.size(2), g.W = x.size(3);
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  g.Hp = checked_add(op, "the padded input height", g.H, checked_mul(op, "2 * padding", 2, g.ph));
+  g.Wp = checked_add(op, "the padded input width", g.W, checked_mul(op, "2 * padding", 2, g.pw));
+  g.span_h = checked_mul(op, "the dilated kernel height", g.dh, g.KH - 1) + 1;
+  g.span_w = checked_mul(op, "the dilated kernel width", g.dw, g.KW - 1) + 1;
+  TORCH_CHECK_VALUE(g.Hp >= g.span_h && g.Wp >= g.span_w, op, ": argument 'x' of spatial size ", g.H, "x", g.W,
+                    " (padded ", g.Hp, "x", g.Wp, ") is smaller than the dilated kernel ", g.span_h, "x", g.span_w);
+  g.OH = (g.Hp - g.span_h) / g.sh + 1;
+  g.OW = (g.Wp - g.span_w) / g.sw + 1;
+  return g;
+}
+
+// A sparse linear layer's arguments: returns the number of output features (rows of the CSR weight).
+inline int64_t check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, int64_t in_features) {
+  TORCH_CHECK_VALUE(in_features > 0, op, ": argument 'in_features' must be a positive int, got ", in_features);
+  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() >= 1, op,
+                    ": argument 'row_ptr' must be 1-D of length out_features + 1, got shape ", row_ptr.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": argument 'x' must have shape [..., ", in_features,
+                    "], got ", x.sizes());
+  return row_ptr.numel() - 1;
+}
+
+// Everything a sparse_conv2d kernel needs checked (the kernel adds its device and its own limits).
+inline ConvGeometry check_sparse_conv2d_args(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
+                                             const at::Tensor& col_idx, const at::Tensor& values,
+                                             const c10::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation, bool reduced) {
+  check_input_dtype(op, x, reduced);
+  const ConvGeometry g = check_conv_args(op, x, weight_shape, stride, padding, dilation);
+  check_csr_arrays(op, x, row_ptr, col_idx, values, bias, g.OC);
+  return g;
+}
+
+inline int64_t check_sparse_linear_args(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
+                                        const at::Tensor& col_idx, const at::Tensor& values,
+                                        const c10::optional<at::Tensor>& bias, int64_t in_features, bool reduced) {
+  check_input_dtype(op, x, reduced);
+  const int64_t rows = check_linear_args(op, x, row_ptr, in_features);
+  check_csr_arrays(op, x, row_ptr, col_idx, values, bias, rows);
+  return rows;
 }
 
 }  // namespace adapmtl

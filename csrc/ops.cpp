@@ -6,6 +6,11 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "common.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -39,4 +44,25 @@ static bool openmp_enabled() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adapmtl C++ CPU kernels (operators are registered under torch.ops.adapmtl)";
   m.def("openmp_enabled", &openmp_enabled, "whether the CPU kernels were built with OpenMP");
+  // The checks of csrc/common.h for the Triton custom ops, so that direct torch.ops calls of every backend
+  // are checked by the same code (the Triton launchers check only their own kernels' limits).
+  m.def("check_soft_threshold_args",
+        [](const std::string& op, const at::Tensor& w, const at::Tensor& s, const c10::optional<at::Tensor>& grad_out) {
+          adapmtl::check_soft_threshold_args(op.c_str(), w, s);
+          if (grad_out.has_value()) adapmtl::check_grad_out(op.c_str(), *grad_out, w);
+        });
+  m.def("check_sparse_conv2d_args",
+        [](const std::string& op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+           const at::Tensor& values, const c10::optional<at::Tensor>& bias, const std::vector<int64_t>& weight_shape,
+           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+           const std::vector<int64_t>& dilation) {
+          adapmtl::check_sparse_conv2d_args(op.c_str(), x, row_ptr, col_idx, values, bias, weight_shape, stride,
+                                            padding, dilation, /*reduced=*/true);
+        });
+  m.def("check_sparse_linear_args",
+        [](const std::string& op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+           const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t in_features) {
+          adapmtl::check_sparse_linear_args(op.c_str(), x, row_ptr, col_idx, values, bias, in_features,
+                                            /*reduced=*/true);
+        });
 }

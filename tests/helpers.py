@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from adapmtl.ops import available_backends
-from adapmtl.ops.soft_threshold import BACKEND_DTYPES
+from adapmtl.ops.backends import BACKEND_DTYPES, available
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON_KERNELS = importlib.util.find_spec("triton") is not None and (
@@ -14,22 +13,49 @@ HAS_TRITON_KERNELS = importlib.util.find_spec("triton") is not None and (
 )
 
 
-def backend_device_pairs():
-    """(backend, device) for every compiled backend that can run on this machine, plus the reference."""
-    pairs = [(b, "cpu") for b in available_backends("cpu")]
+def backend_device_pairs(op="soft_threshold"):
+    """(backend, device) for every backend of `op` that can run on this machine (the op layer's table)."""
+    pairs = [(b, "cpu") for b in available(op, "cpu")]
     if HAS_CUDA:
-        pairs += [(b, "cuda") for b in available_backends("cuda")]
+        pairs += [(b, "cuda") for b in available(op, "cuda")]
     return pairs
 
 
-def compiled_backend_device_pairs():
-    return [(b, d) for b, d in backend_device_pairs() if b != "torch"]
+def compiled_backend_device_pairs(op="soft_threshold"):
+    return [(b, d) for b, d in backend_device_pairs(op) if b not in ("torch", "torch_csr")]
 
 
 def dtypes_of(backend, device):
-    if backend == "torch":
+    """The dtypes `backend` implements (the op layer's table); for the torch backends, what tests run them in."""
+    if backend in ("torch", "torch_csr"):
         return (torch.float32, torch.float64) + ((torch.float16, torch.bfloat16) if device == "cuda" else ())
     return BACKEND_DTYPES[backend]
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def param_backend_dtypes(pairs):
+    """Parametrize (backend, device, dtype) over `pairs` and every dtype each backend implements there."""
+    cases = [(b, d, dt) for b, d in pairs for dt in dtypes_of(b, d)]
+    return pytest.mark.parametrize("backend,device,dtype", cases,
+                                   ids=[f"{b}-{d}-{dtype_name(dt)}" for b, d, dt in cases])
+
+
+def assert_close_to_reference(out, ref, torch_out, scale, factor=2.0, ulps=16, msg=""):
+    """flash-attention's bound: the largest error of `out` against the float64 reference `ref` is at most
+    `factor` times that of PyTorch's own op in out's dtype (`torch_out`), plus `ulps` units of out's dtype
+    at the largest `scale` (the magnitude of the summed terms, e.g. F.conv2d(|x|, |w|) + |b|), which
+    bounds the error where PyTorch's happens to be ~0 (float64, or a few terms)."""
+    assert out.shape == ref.shape, f"{msg}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref).abs().max().item()
+    torch_err = (torch_out.double() - ref).abs().max().item()
+    floor = ulps * torch.finfo(out.dtype).eps * scale.abs().max().item()
+    assert err <= factor * torch_err + floor, (
+        f"{msg}: max error {err:.3g} > {factor} x PyTorch's {torch_err:.3g} + {floor:.3g} ({out.dtype})")
 
 
 def tolerances(dtype):

@@ -198,29 +198,31 @@ def test_inputs_untouched():
 
 
 def test_bad_arguments_raise_clear_errors(monkeypatch):
+    """The launchers trust their arguments; direct calls of the registered ops are checked (csrc/common.h)."""
+    fwd, bwd = torch.ops.adapmtl.soft_threshold_forward_triton, torch.ops.adapmtl.soft_threshold_backward_triton
     w = make_w((10,), torch.float32, seed=12)
     s = make_s(-1.0, torch.float32)
     with pytest.raises(TypeError, match="argument 'w'.*floating"):
-        st.soft_threshold_forward(torch.ones(3, dtype=torch.int32, device=DEVICE), s)
-    with pytest.raises(TypeError, match="argument 'w'.*torch.Tensor"):
-        st.soft_threshold_forward([1.0, 2.0], s)
+        fwd(torch.ones(3, dtype=torch.int32, device=DEVICE), s, False)
+    with pytest.raises((TypeError, RuntimeError), match="'w'"):  # the op's schema refuses a list
+        fwd([1.0, 2.0], s, False)
     with pytest.raises(TypeError, match="argument 's'.*floating"):
-        st.soft_threshold_forward(w, torch.tensor(1, device=DEVICE))
+        fwd(w, torch.tensor(1, device=DEVICE), False)
     with pytest.raises(ValueError, match="argument 's'.*exactly one value"):
-        st.soft_threshold_forward(w, torch.zeros(2, device=DEVICE))
+        fwd(w, torch.zeros(2, device=DEVICE), False)
     with pytest.raises(ValueError, match="argument 'grad_out'.*shape"):
-        st.soft_threshold_backward(torch.ones(11, device=DEVICE), w, s, False)
+        bwd(torch.ones(11, device=DEVICE), w, s, False)
     with pytest.raises(TypeError, match="argument 'grad_out'.*dtype"):
-        st.soft_threshold_backward(w.double(), w, s, False)
-    with pytest.raises(TypeError, match="argument 'ste'.*bool"):
-        st.soft_threshold_backward(w, w, s, "exact")
+        bwd(w.double(), w, s, False)
+    with pytest.raises((TypeError, RuntimeError), match="'ste'"):  # the op's schema: a bool
+        bwd(w, w, s, "exact")
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="argument 'w'.*CUDA tensor"):
-            st.soft_threshold_forward(w, s)
+        with pytest.raises(ValueError, match="needs CUDA tensors.*argument 'w'"):
+            fwd(w, s, False)
     else:
         with pytest.raises(ValueError, match="same device"):
-            st.soft_threshold_forward(w, s.cpu())
+            fwd(w, s.cpu(), False)
 
 
 # ================================================================================================
@@ -228,7 +230,16 @@ def test_bad_arguments_raise_clear_errors(monkeypatch):
 
 import torch.nn.functional as F  # noqa: E402
 
-from adapmtl.triton_kernels import sparse_conv as sc  # noqa: E402
+from torch.nn.modules.utils import _pair  # noqa: E402
+
+
+def conv(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation):
+    """The registered op (checked arguments) over the Triton launcher, with int-or-pair arguments."""
+    return torch.ops.adapmtl.sparse_conv2d_triton(x, row_ptr, col_idx, values, bias, list(weight_shape),
+                                                  list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))
+
+
+linear = torch.ops.adapmtl.sparse_linear_triton
 
 SPARSE_TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -292,7 +303,7 @@ def test_sparse_conv2d_matches_conv2d(case, with_bias):
     b = randn((C_out,), dtype, seed=3) if with_bias else None
     row_ptr, col_idx, values = to_csr(w)
     assert row_ptr[2] == row_ptr[1]  # row 1 is empty
-    out = sc.sparse_conv2d(x, row_ptr, col_idx, values, b, list(w.shape), stride, padding, dilation)
+    out = conv(x, row_ptr, col_idx, values, b, list(w.shape), stride, padding, dilation)
     ref = dense_conv(x, w, b, stride, padding, dilation)
     assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, **SPARSE_TOL[dtype])
@@ -305,7 +316,7 @@ def test_sparse_conv2d_dtypes(dtype):
     x = randn((2, 4, 9, 10), dtype, seed=21)
     w = pruned_weight((5, 4, 3, 3), dtype, seed=22, keep=0.6)
     b = randn((5,), dtype, seed=23)
-    out = sc.sparse_conv2d(x, *to_csr(w), b, list(w.shape), 1, 1, 1)
+    out = conv(x, *to_csr(w), b, list(w.shape), 1, 1, 1)
     ref = dense_conv(x, w, b, 1, 1, 1)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, **SPARSE_TOL[dtype])
@@ -315,7 +326,7 @@ def test_sparse_conv2d_non_contiguous_input_and_dense_weight():
     x = randn((2, 9, 3, 11), torch.float32, seed=31).permute(0, 3, 1, 2)[:, ::2]  # [2, 6, 9, 3], strided
     assert not x.is_contiguous()
     w = randn((4, 6, 3, 3), torch.float32, seed=32)  # nothing pruned: 54 taps per row
-    out = sc.sparse_conv2d(x, *to_csr(w), None, [4, 6, 3, 3], (2, 1), (1, 2), (1, 1))
+    out = conv(x, *to_csr(w), None, [4, 6, 3, 3], (2, 1), (1, 2), (1, 1))
     ref = dense_conv(x, w, None, (2, 1), (1, 2), (1, 1))
     torch.testing.assert_close(out.double(), ref, **SPARSE_TOL[torch.float32])
 
@@ -326,11 +337,11 @@ def test_sparse_conv2d_channels_last_in_and_out(with_bias):
     x = randn((3, 4, 9, 10), torch.float32, seed=35).to(memory_format=torch.channels_last)
     w = pruned_weight((5, 4, 3, 3), torch.float32, seed=36)
     b = randn((5,), torch.float32, seed=37) if with_bias else None
-    out = sc.sparse_conv2d(x, *to_csr(w), b, [5, 4, 3, 3], 2, 1, 1)
+    out = conv(x, *to_csr(w), b, [5, 4, 3, 3], 2, 1, 1)
     ref = dense_conv(x, w, b, 2, 1, 1)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, **SPARSE_TOL[torch.float32])
-    out = sc.sparse_conv2d(x.contiguous(), *to_csr(w), b, [5, 4, 3, 3], 2, 1, 1)
+    out = conv(x.contiguous(), *to_csr(w), b, [5, 4, 3, 3], 2, 1, 1)
     assert out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, **SPARSE_TOL[torch.float32])
 
@@ -342,7 +353,7 @@ def test_sparse_conv2d_fully_pruned(with_bias):
     b = randn((4,), torch.float32, seed=42) if with_bias else None
     row_ptr, col_idx, values = to_csr(w)
     assert col_idx.numel() == 0
-    out = sc.sparse_conv2d(x, row_ptr, col_idx, values, b, [4, 2, 3, 3], 1, 1, 1)
+    out = conv(x, row_ptr, col_idx, values, b, [4, 2, 3, 3], 1, 1, 1)
     assert out.shape == (3, 4, 5, 5)
     assert torch.equal(out, dense_conv(x, w, b, 1, 1, 1).float())
 
@@ -351,10 +362,10 @@ def test_sparse_conv2d_empty_batch_and_deterministic():
     w = pruned_weight((3, 2, 3, 3), torch.float32, seed=51)
     csr = to_csr(w)
     empty = torch.empty((0, 2, 5, 5), device=DEVICE)
-    assert sc.sparse_conv2d(empty, *csr, None, [3, 2, 3, 3], 1, 1, 1).shape == (0, 3, 5, 5)
+    assert conv(empty, *csr, None, [3, 2, 3, 3], 1, 1, 1).shape == (0, 3, 5, 5)
     x = randn((2, 2, 17, 9), torch.float32, seed=52)
-    first = sc.sparse_conv2d(x, *csr, None, [3, 2, 3, 3], 1, 1, 1)
-    assert torch.equal(first, sc.sparse_conv2d(x, *csr, None, [3, 2, 3, 3], 1, 1, 1))
+    first = conv(x, *csr, None, [3, 2, 3, 3], 1, 1, 1)
+    assert torch.equal(first, conv(x, *csr, None, [3, 2, 3, 3], 1, 1, 1))
 
 
 def test_sparse_conv2d_bad_index_contributes_nothing():
@@ -366,7 +377,7 @@ def test_sparse_conv2d_bad_index_contributes_nothing():
     bad[0] = 10**6
     w_without = w.reshape(3, -1).clone()
     w_without[0, int(col_idx[0])] = 0
-    out = sc.sparse_conv2d(x, row_ptr, bad, values, None, [3, 2, 3, 3], 1, 1, 1)
+    out = conv(x, row_ptr, bad, values, None, [3, 2, 3, 3], 1, 1, 1)
     ref = dense_conv(x, w_without.reshape(w.shape), None, 1, 1, 1)
     torch.testing.assert_close(out.double(), ref, **SPARSE_TOL[torch.float32])
 
@@ -377,32 +388,32 @@ def test_sparse_conv2d_bad_arguments():
     row_ptr, col_idx, values = to_csr(w)
     shape = [3, 2, 3, 3]
     with pytest.raises(ValueError, match="'weight_shape'"):
-        sc.sparse_conv2d(x, row_ptr, col_idx, values, None, [3, 2, 3], 1, 1, 1)
+        conv(x, row_ptr, col_idx, values, None, [3, 2, 3], 1, 1, 1)
     with pytest.raises(ValueError, match="'stride'.*>= 1"):
-        sc.sparse_conv2d(x, row_ptr, col_idx, values, None, shape, 0, 1, 1)
+        conv(x, row_ptr, col_idx, values, None, shape, 0, 1, 1)
     with pytest.raises(ValueError, match="'dilation'"):
-        sc.sparse_conv2d(x, row_ptr, col_idx, values, None, shape, 1, 1, (1, 1, 1))
+        conv(x, row_ptr, col_idx, values, None, shape, 1, 1, (1, 1, 1))
     with pytest.raises(TypeError, match="'row_ptr' must be int32"):
-        sc.sparse_conv2d(x, row_ptr.long(), col_idx, values, None, shape, 1, 1, 1)
+        conv(x, row_ptr.long(), col_idx, values, None, shape, 1, 1, 1)
     with pytest.raises(TypeError, match="'col_idx' must be int32"):
-        sc.sparse_conv2d(x, row_ptr, col_idx.long(), values, None, shape, 1, 1, 1)
+        conv(x, row_ptr, col_idx.long(), values, None, shape, 1, 1, 1)
     with pytest.raises(TypeError, match="'values' must have the dtype of 'x'"):
-        sc.sparse_conv2d(x, row_ptr, col_idx, values.double(), None, shape, 1, 1, 1)
+        conv(x, row_ptr, col_idx, values.double(), None, shape, 1, 1, 1)
     with pytest.raises(TypeError, match="'x' must be float32"):
-        sc.sparse_conv2d(x.int(), row_ptr, col_idx, values, None, shape, 1, 1, 1)
+        conv(x.int(), row_ptr, col_idx, values, None, shape, 1, 1, 1)
     with pytest.raises(ValueError, match="'row_ptr' must have shape \\[4\\]"):
-        sc.sparse_conv2d(x, row_ptr[:-1], col_idx, values, None, shape, 1, 1, 1)
+        conv(x, row_ptr[:-1], col_idx, values, None, shape, 1, 1, 1)
     with pytest.raises(ValueError, match="'values' must be 1-D with the length of 'col_idx'"):
-        sc.sparse_conv2d(x, row_ptr, col_idx, values[:-1], None, shape, 1, 1, 1)
+        conv(x, row_ptr, col_idx, values[:-1], None, shape, 1, 1, 1)
     with pytest.raises(ValueError, match="'bias' must have shape \\[3\\]"):
-        sc.sparse_conv2d(x, row_ptr, col_idx, values, torch.zeros(4, device=DEVICE), shape, 1, 1, 1)
+        conv(x, row_ptr, col_idx, values, torch.zeros(4, device=DEVICE), shape, 1, 1, 1)
     with pytest.raises(TypeError, match="'bias' must have the dtype"):
         bias64 = torch.zeros(3, device=DEVICE, dtype=torch.float64)
-        sc.sparse_conv2d(x, row_ptr, col_idx, values, bias64, shape, 1, 1, 1)
+        conv(x, row_ptr, col_idx, values, bias64, shape, 1, 1, 1)
     with pytest.raises(ValueError, match="'x' must have shape \\[N, 2, H, W\\]"):
-        sc.sparse_conv2d(x[:, :1], row_ptr, col_idx, values, None, shape, 1, 1, 1)
+        conv(x[:, :1], row_ptr, col_idx, values, None, shape, 1, 1, 1)
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
-        sc.sparse_conv2d(x, row_ptr, col_idx, values, None, shape, 1, 0, 4)
+        conv(x, row_ptr, col_idx, values, None, shape, 1, 0, 4)
 
 
 # (x shape, out_features)
@@ -416,7 +427,7 @@ def test_sparse_linear_matches_linear(x_shape, out_features, with_bias):
     x = randn(x_shape, torch.float32, seed=81)
     w = pruned_weight((out_features, in_features), torch.float32, seed=82, keep=0.5)
     b = randn((out_features,), torch.float32, seed=83) if with_bias else None
-    out = sc.sparse_linear(x, *to_csr(w), b, in_features)
+    out = linear(x, *to_csr(w), b, in_features)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, **SPARSE_TOL[torch.float32])
@@ -427,7 +438,7 @@ def test_sparse_linear_dtypes_and_strided_input(dtype):
     x = randn((40, 19), dtype, seed=91)[::2, 1:]  # [20, 18], strided rows; 20 rows > BLOCK_M
     w = pruned_weight((6, 18), dtype, seed=92, keep=0.9)  # some rows with > BLOCK_K/2 entries
     b = randn((6,), dtype, seed=93)
-    out = sc.sparse_linear(x, *to_csr(w), b, 18)
+    out = linear(x, *to_csr(w), b, 18)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), F.linear(x.double(), w.double(), b.double()), **SPARSE_TOL[dtype])
 
@@ -435,12 +446,12 @@ def test_sparse_linear_dtypes_and_strided_input(dtype):
 def test_sparse_linear_long_rows_and_fully_pruned():
     x = randn((5, 300), torch.float32, seed=95)
     w = randn((3, 300), torch.float32, seed=96)  # 300 non-zeros per row: many BLOCK_K steps
-    out = sc.sparse_linear(x, *to_csr(w), None, 300)
+    out = linear(x, *to_csr(w), None, 300)
     torch.testing.assert_close(out.double(), F.linear(x.double(), w.double()), **SPARSE_TOL[torch.float32])
     zero = torch.zeros((3, 300), device=DEVICE)
     b = randn((3,), torch.float32, seed=97)
-    assert torch.equal(sc.sparse_linear(x, *to_csr(zero), b, 300), b.expand(5, 3))
-    assert torch.equal(sc.sparse_linear(x, *to_csr(zero), None, 300), torch.zeros(5, 3, device=DEVICE))
+    assert torch.equal(linear(x, *to_csr(zero), b, 300), b.expand(5, 3))
+    assert torch.equal(linear(x, *to_csr(zero), None, 300), torch.zeros(5, 3, device=DEVICE))
 
 
 def test_sparse_linear_bad_arguments():
@@ -448,10 +459,10 @@ def test_sparse_linear_bad_arguments():
     w = pruned_weight((3, 6), torch.float32, seed=98)
     row_ptr, col_idx, values = to_csr(w)
     with pytest.raises(ValueError, match="'in_features' must be a positive int"):
-        sc.sparse_linear(x, row_ptr, col_idx, values, None, 0)
+        linear(x, row_ptr, col_idx, values, None, 0)
     with pytest.raises(ValueError, match="'x' must have shape \\[..., 7\\]"):
-        sc.sparse_linear(x, row_ptr, col_idx, values, None, 7)
+        linear(x, row_ptr, col_idx, values, None, 7)
     with pytest.raises(ValueError, match="'row_ptr' must be 1-D"):
-        sc.sparse_linear(x, row_ptr[:0], col_idx, values, None, 6)
+        linear(x, row_ptr[:0], col_idx, values, None, 6)
     with pytest.raises(TypeError, match="'values' must have the dtype of 'x'"):
-        sc.sparse_linear(x, row_ptr, col_idx, values.half(), None, 6)
+        linear(x, row_ptr, col_idx, values.half(), None, 6)

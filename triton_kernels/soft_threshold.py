@@ -15,11 +15,10 @@ for float64 w); float16/bfloat16 values are exact in float32, so `|w| - g` round
 exactly like PyTorch's half-precision ops, and the forward is bit-identical to the reference.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before this
-module is imported).
+module is imported). The launchers trust their arguments: the custom ops of adapmtl.ops check them (the
+checks of csrc/common.h, as for the C++ ops) before calling here.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -124,39 +123,6 @@ def _grad_s_finish_kernel(partial_ptr, g_ptr, grad_s_ptr, num, BLOCK: tl.constex
     tl.store(grad_s_ptr, (-(g * (1.0 - g)) * total).to(grad_s_ptr.dtype.element_ty))
 
 
-def _dtype_list():
-    return ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-
-
-def _check_device(op, name, t):
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return
-    raise ValueError(
-        f"{op}: argument '{name}' must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before "
-        f"the Triton kernels are imported), got a tensor on {t.device}"
-    )
-
-
-def _check_w_s(op, w, s):
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{op}: argument 'w' must be a torch.Tensor, got {type(w).__name__}")
-    if not isinstance(s, torch.Tensor):
-        raise TypeError(f"{op}: argument 's' must be a torch.Tensor, got {type(s).__name__}")
-    if w.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: argument 'w' must be a floating-point tensor of dtype {_dtype_list()}, got {w.dtype}")
-    if not s.is_floating_point():
-        raise TypeError(f"{op}: argument 's' must be a floating-point tensor, got {s.dtype}")
-    if s.numel() != 1:
-        raise ValueError(
-            f"{op}: argument 's' must hold exactly one value (a scalar threshold), got shape {tuple(s.shape)}"
-        )
-    if w.device != s.device:
-        raise ValueError(f"{op}: arguments 'w' and 's' must be on the same device, got {w.device} and {s.device}")
-    _check_device(op, "w", w)
-
-
 def _thresholds(s, dtype):
     """g in s's dtype (for g(1 - g) in grad_s) and g rounded to w's dtype (what the reference subtracts)."""
     g = torch.sigmoid(s.detach().reshape(()))  # the reference's op, so g is bit-identical
@@ -175,7 +141,6 @@ def soft_threshold_forward(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tens
         `(out, nnz)`: `out` contiguous with `w`'s shape and dtype; `nnz` an int64 0-d tensor on `w`'s
         device counting the non-zeros of `out` (NaN counts as non-zero).
     """
-    _check_w_s("soft_threshold_forward", w, s)
     w = w.detach().contiguous()
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     n = w.numel()
@@ -207,20 +172,6 @@ def soft_threshold_backward(
         dtype, `-g(1 - g) * sum(grad_out * sign(w) * 1[|w| > g])` (exact in both modes), summed
         deterministically.
     """
-    op = "soft_threshold_backward"
-    _check_w_s(op, w, s)
-    if not isinstance(grad_out, torch.Tensor):
-        raise TypeError(f"{op}: argument 'grad_out' must be a torch.Tensor, got {type(grad_out).__name__}")
-    if grad_out.shape != w.shape:
-        raise ValueError(
-            f"{op}: argument 'grad_out' must have the shape of 'w' {tuple(w.shape)}, got {tuple(grad_out.shape)}"
-        )
-    if grad_out.dtype != w.dtype:
-        raise TypeError(f"{op}: argument 'grad_out' must have the dtype of 'w' ({w.dtype}), got {grad_out.dtype}")
-    if grad_out.device != w.device:
-        raise ValueError(f"{op}: argument 'grad_out' must be on the device of 'w' ({w.device}), got {grad_out.device}")
-    if not isinstance(ste, bool):
-        raise TypeError(f"{op}: argument 'ste' must be a bool, got {type(ste).__name__}")
     w = w.detach().contiguous()
     grad = grad_out.detach().contiguous()
     grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)

@@ -19,7 +19,6 @@ the row, of col_idx and of the weight, so a bad index contributes nothing instea
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -124,63 +123,13 @@ def _sparse_linear_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, n
 
 
 # ------------------------------------------------------------------------------------------------
-# argument checks (TypeError / ValueError naming the argument, as the C++/CUDA ops)
+# launchers: the custom ops of adapmtl.ops check the arguments (csrc/common.h's checks, as for the C++ ops)
+# before calling here; these check only what the kernels themselves cannot address.
 
 
-def _check_csr(op, x, row_ptr, col_idx, values, bias, rows, cols):
-    for name, t in (("x", x), ("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{op}: argument 'bias' must be a torch.Tensor or None, got {type(bias).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: argument 'x' must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        raise ValueError(
-            f"{op}: argument 'x' must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before the "
-            f"Triton kernels are imported), got a tensor on {x.device}"
-        )
-    if row_ptr.dtype != torch.int32:
-        raise TypeError(f"{op}: argument 'row_ptr' must be int32, got {row_ptr.dtype}")
-    if col_idx.dtype != torch.int32:
-        raise TypeError(f"{op}: argument 'col_idx' must be int32, got {col_idx.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"{op}: argument 'values' must have the dtype of 'x' ({x.dtype}), got {values.dtype}")
-    if row_ptr.dim() != 1 or row_ptr.numel() != rows + 1:
-        raise ValueError(
-            f"{op}: argument 'row_ptr' must have shape [{rows + 1}] (output channels + 1), got {tuple(row_ptr.shape)}"
-        )
-    if col_idx.dim() != 1:
-        raise ValueError(f"{op}: argument 'col_idx' must be 1-D, got shape {tuple(col_idx.shape)}")
-    if values.dim() != 1 or values.numel() != col_idx.numel():
-        raise ValueError(
-            f"{op}: argument 'values' must be 1-D with the length of 'col_idx' ({col_idx.numel()}), "
-            f"got shape {tuple(values.shape)}"
-        )
-    if cols > _INT32_MAX or col_idx.numel() > _INT32_MAX:
-        raise ValueError(
-            f"{op}: the weight is too large for int32 CSR indices ({cols} columns, {col_idx.numel()} non-zeros)"
-        )
-    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
-        if t.device != x.device:
-            raise ValueError(f"{op}: argument '{name}' must be on the device of 'x' ({x.device}), got {t.device}")
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: argument 'bias' must have the dtype of 'x' ({x.dtype}), got {bias.dtype}")
-        if bias.dim() != 1 or bias.numel() != rows:
-            raise ValueError(f"{op}: argument 'bias' must have shape [{rows}], got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"{op}: argument 'bias' must be on the device of 'x' ({x.device}), got {bias.device}")
-
-
-def _int_pair(op, name, v, min_value):
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v)
-    if not isinstance(v, Sequence) or len(v) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
-        raise ValueError(f"{op}: argument '{name}' must be an int or 2 ints, got {v!r}")
-    if min(v) < min_value or max(v) > _INT32_MAX // 4:
-        raise ValueError(f"{op}: argument '{name}' must hold values >= {min_value}, got {tuple(v)}")
-    return int(v[0]), int(v[1])
+def _check_int32_csr(op, cols, nnz):
+    if cols > _INT32_MAX or nnz > _INT32_MAX:
+        raise ValueError(f"{op}: the weight is too large for int32 CSR indices ({cols} columns, {nnz} non-zeros)")
 
 
 def _soft_bf16(x):
@@ -197,10 +146,6 @@ def _bias_only(bias, out, channel_dim):
     return out.copy_(bias.detach().reshape(shape).expand_as(out))
 
 
-# ------------------------------------------------------------------------------------------------
-# launchers
-
-
 def sparse_conv2d(
     x: torch.Tensor,
     row_ptr: torch.Tensor,
@@ -208,9 +153,9 @@ def sparse_conv2d(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     weight_shape: Sequence[int],
-    stride: Sequence[int] | int = 1,
-    padding: Sequence[int] | int = 0,
-    dilation: Sequence[int] | int = 1,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
 ) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, stride, padding, dilation)` (groups 1, zero padding) with the weight given
     as CSR rows per output channel. Inference only (no autograd).
@@ -220,39 +165,23 @@ def sparse_conv2d(
             NCHW-contiguous and channels-last inputs are read in place, others copied to NCHW first.
         row_ptr: int32 [C_out + 1]; col_idx: int32 [nnz] = c * KH * KW + kh * KW + kw; values: [nnz], x's dtype.
         bias: [C_out] in x's dtype, or None.
-        weight_shape: [C_out, C_in, KH, KW]. stride >= 1, padding >= 0, dilation >= 1: an int or 2 ints.
+        weight_shape: [C_out, C_in, KH, KW]. stride >= 1, padding >= 0, dilation >= 1: 2 ints each.
 
     Returns:
         [N, C_out, H_out, W_out] in x's dtype: channels-last if x is channels-last (and not also NCHW
         contiguous), else contiguous NCHW.
     """
     op = "sparse_conv2d"
-    if (not isinstance(weight_shape, Sequence) or len(weight_shape) != 4
-            or not all(isinstance(e, int) and not isinstance(e, bool) for e in weight_shape)):
-        raise ValueError(f"{op}: argument 'weight_shape' must be [C_out, C_in, KH, KW], got {weight_shape!r}")
-    C_out, C_in, KH, KW = (int(e) for e in weight_shape)
-    if min(C_out, C_in, KH, KW) < 1:
-        raise ValueError(f"{op}: argument 'weight_shape' must hold positive sizes, got {tuple(weight_shape)}")
-    sh, sw = _int_pair(op, "stride", stride, 1)
-    ph, pw = _int_pair(op, "padding", padding, 0)
-    dh, dw = _int_pair(op, "dilation", dilation, 1)
-    _check_csr(op, x, row_ptr, col_idx, values, bias, C_out, C_in * KH * KW)
-    if x.dim() != 4 or x.shape[1] != C_in:
-        raise ValueError(
-            f"{op}: argument 'x' must have shape [N, {C_in}, H, W] (NCHW, C_in of 'weight_shape'), got {tuple(x.shape)}"
-        )
+    C_out, C_in, KH, KW = weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    _check_int32_csr(op, C_in * KH * KW, col_idx.numel())
     N, _, H, W = x.shape
-    span_h = H + 2 * ph - dh * (KH - 1) - 1
-    span_w = W + 2 * pw - dw * (KW - 1) - 1
-    if span_h < 0 or span_w < 0:
-        raise ValueError(
-            f"{op}: argument 'x' of spatial size {H}x{W} is smaller than the dilated kernel "
-            f"({dh * (KH - 1) + 1}x{dw * (KW - 1) + 1}) plus padding"
-        )
-    H_out, W_out = span_h // sh + 1, span_w // sw + 1
+    H_out = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    W_out = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
     # 32-bit offsets inside one image, 32-bit pixel coordinates, grid limits
     tiles = triton.cdiv(H_out * W_out, _BLOCK_P)
-    if (C_in * H * W > _INT32_MAX or H_out * W_out > _INT32_MAX or H + ph + dh * KH > _INT32_MAX // 2
+    if (C_in * H * W > _INT32_MAX or H_out * W_out > _INT32_MAX or max(sh, sw, ph, pw, dh, dw) > _INT32_MAX // 4
+            or H + ph + dh * KH > _INT32_MAX // 2
             or W + pw + dw * KW > _INT32_MAX // 2 or tiles > _MAX_GRID_YZ):
         raise ValueError(f"{op}: argument 'x' is too large (one image must hold < 2^31 elements and "
                          f"< {_MAX_GRID_YZ * _BLOCK_P} output pixels), got {tuple(x.shape)}")
@@ -301,20 +230,10 @@ def sparse_linear(
         [..., out_features], contiguous, x's dtype.
     """
     op = "sparse_linear"
-    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
-        raise ValueError(f"{op}: argument 'in_features' must be a positive int, got {in_features!r}")
-    if not isinstance(row_ptr, torch.Tensor):
-        raise TypeError(f"{op}: argument 'row_ptr' must be a torch.Tensor, got {type(row_ptr).__name__}")
-    if row_ptr.dim() != 1 or row_ptr.numel() < 1:
-        raise ValueError(
-            f"{op}: argument 'row_ptr' must be 1-D of length out_features + 1, got shape {tuple(row_ptr.shape)}"
-        )
     O = row_ptr.numel() - 1
     if O > _INT32_MAX:
         raise ValueError(f"{op}: too many output features ({O})")
-    _check_csr(op, x, row_ptr, col_idx, values, bias, O, in_features)
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"{op}: argument 'x' must have shape [..., {in_features}], got {tuple(x.shape)}")
+    _check_int32_csr(op, in_features, col_idx.numel())
     out = torch.empty((*x.shape[:-1], O), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out

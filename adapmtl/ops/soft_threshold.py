@@ -12,91 +12,25 @@ using them compiles with `torch.compile(fullgraph=True)` without graph breaks.
 """
 from __future__ import annotations
 
-import importlib.util
-import warnings
-
 import torch
 from torch import Tensor
 
 from adapmtl import _ext
-from adapmtl.ops._backend_checks import check_device, check_dtype, check_triton_device, triton_interpreted
+from adapmtl.ops.backends import HAS_CPP, SOFT_THRESHOLD_BACKENDS, available, check_device, resolve
 from adapmtl.ops.reference import soft_threshold_reference
 
-BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+BACKENDS = SOFT_THRESHOLD_BACKENDS
 GRAD_MODES = ("exact", "ste")
-
-# dtypes each compiled backend implements (the torch reference takes every floating dtype).
-BACKEND_DTYPES = {
-    "cpp": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
-# Resolved once at import, so that backend selection is plain Python on constants (traceable by dynamo).
-_HAS_CPP = _ext.cpu_extension() is not None
-_HAS_CUDA_EXT = _ext.cuda_extension() is not None
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run on `device` in this installation (the reference always can)."""
-    kind = torch.device(device).type
-    found = ["torch"]
-    if kind == "cpu":
-        if _HAS_CPP:
-            found.append("cpp")
-        if _HAS_TRITON and triton_interpreted():
-            found.append("triton")
-    elif kind == "cuda":
-        if _HAS_CUDA_EXT:
-            found.append("cuda")
-        if _HAS_TRITON:
-            found.append("triton")
-    return found
-
-
-_warned_fallback = set()
-
-
-def _fallback_warning(key, message):
-    if key not in _warned_fallback:
-        _warned_fallback.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    """Backends of soft_threshold that can run on `device` in this installation (the reference always can)."""
+    return available("soft_threshold", device)
 
 
 def resolve_backend(backend: str, w: Tensor) -> str:
-    """The concrete backend `backend` means for tensor `w`; raises if it cannot run there."""
-    if backend not in BACKENDS:
-        raise ValueError(f"soft_threshold: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
-    kind = w.device.type
-    if backend == "auto":
-        if kind == "cpu" and _HAS_CPP and w.dtype in BACKEND_DTYPES["cpp"]:
-            return "cpp"
-        if kind == "cuda":
-            if _HAS_CUDA_EXT:
-                return "cuda"
-            if _HAS_TRITON:
-                return "triton"
-        if kind == "cpu" and not _HAS_CPP:
-            _fallback_warning("cpp", "adapmtl: the C++ CPU extension is not built; using the slow torch reference")
-        return "torch"
-    if backend == "torch":
-        return backend
-    # The require_* calls only run (and raise) when the extension is missing: keeps this traceable.
-    if backend == "cpp":
-        if not _HAS_CPP:
-            _ext.require_cpu_extension()
-        check_device("soft_threshold", backend, "w", w, "cpu")
-    elif backend == "cuda":
-        if not _HAS_CUDA_EXT:
-            _ext.require_cuda_extension()
-        check_device("soft_threshold", backend, "w", w, "cuda")
-    elif backend == "triton":
-        if not _HAS_TRITON:
-            _ext.require_triton()
-        check_triton_device("soft_threshold", "w", w)
-    check_dtype("soft_threshold", backend, "w", w, BACKEND_DTYPES[backend])
-    return backend
+    """The concrete backend `backend` means for tensor `w`; raises if it cannot run there (backends.resolve)."""
+    return resolve("soft_threshold", backend, w)
 
 
 def _check_args(w, s, grad):
@@ -131,7 +65,7 @@ def soft_threshold(w: Tensor, s: Tensor, *, grad: str = "exact", backend: str = 
         `w_hat` (contiguous, `w`'s shape and dtype), or `(w_hat, nnz)` with `return_nnz`.
     """
     _check_args(w, s, grad)
-    which = resolve_backend(backend, w)
+    which = resolve("soft_threshold", backend, w)
     ste = grad == "ste"
     if which == "torch":
         out = soft_threshold_reference(w, s, ste=ste)
@@ -144,12 +78,18 @@ def soft_threshold(w: Tensor, s: Tensor, *, grad: str = "exact", backend: str = 
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton ops (Python custom ops; the kernels are imported on first use so that TRITON_INTERPRET
-# set by the caller before then takes effect).
+# Triton ops (Python custom ops). Direct torch.ops calls are checked as the C++ ops are (csrc/common.h via
+# adapmtl._C); the kernels are imported on first use, so TRITON_INTERPRET set before then takes effect.
+
+
+def _check_triton_args(op, w, s, grad_out=None):
+    check_device(op, "triton", "w", w)
+    _ext.require_cpu_extension().check_soft_threshold_args(op, w, s, grad_out)
 
 
 @torch.library.custom_op("adapmtl::soft_threshold_forward_triton", mutates_args=())
 def _soft_threshold_forward_triton(w: Tensor, s: Tensor, ste: bool) -> tuple[Tensor, Tensor]:
+    _check_triton_args("soft_threshold_forward_triton", w, s)
     from adapmtl.triton_kernels import soft_threshold as kernels
 
     return kernels.soft_threshold_forward(w, s)
@@ -157,6 +97,7 @@ def _soft_threshold_forward_triton(w: Tensor, s: Tensor, ste: bool) -> tuple[Ten
 
 @torch.library.custom_op("adapmtl::soft_threshold_backward_triton", mutates_args=())
 def _soft_threshold_backward_triton(grad_out: Tensor, w: Tensor, s: Tensor, ste: bool) -> tuple[Tensor, Tensor]:
+    _check_triton_args("soft_threshold_backward_triton", w, s, grad_out)
     from adapmtl.triton_kernels import soft_threshold as kernels
 
     return kernels.soft_threshold_backward(grad_out, w, s, ste)
@@ -197,5 +138,5 @@ def _register(forward_name, backward_name):
 
 
 _register("adapmtl::soft_threshold_forward_triton", "adapmtl::soft_threshold_backward_triton")
-if _HAS_CPP:
+if HAS_CPP:
     _register("adapmtl::soft_threshold_forward", "adapmtl::soft_threshold_backward")

@@ -30,7 +30,6 @@ requires grad while grad mode is on raises ValueError (wrap the call in `torch.n
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Optional, Sequence, Union
 
@@ -38,92 +37,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapmtl.ops._backend_checks import check_device, check_dtype, check_triton_device, triton_can_run
+from adapmtl import _ext
+from adapmtl.ops.backends import HAS_CPP, SPARSE_BACKENDS, available, check_device, resolve  # noqa: F401 (re-exported)
 from adapmtl.ops.sparse_weight import SparseWeight
 
-SPARSE_BACKENDS = ("auto", "torch", "torch_csr", "cpp", "cuda", "triton")
-
-# dtypes each compiled backend implements; the torch/torch_csr backends take what torch takes.
-SPARSE_BACKEND_DTYPES = {
-    "cpp": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
 IntPair = Union[int, Sequence[int]]
-
-_registered = set()
-
-
-def _has_kernel(op: str, key: str) -> bool:
-    """Whether torch.ops.adapmtl.<op> has a kernel for dispatch key `key` (CPU/CUDA) in this process."""
-    hit = (op, key)
-    if hit in _registered:
-        return True
-    try:
-        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"adapmtl::{op}", key)
-    except RuntimeError:  # the schema itself is not registered (extension not built)
-        found = False
-    if found:
-        _registered.add(hit)
-    return found
-
-
-def _triton_module_present() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        return importlib.util.find_spec("adapmtl.triton_kernels.sparse_conv") is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def available_sparse_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
     """Backends of sparse_conv2d / sparse_linear that can run on `device` here (torch ones always can)."""
-    device = torch.device(device)
-    found = ["torch", "torch_csr"]
-    if device.type == "cpu" and _has_kernel("sparse_conv2d", "CPU"):
-        found.append("cpp")
-    if device.type == "cuda" and _has_kernel("sparse_conv2d", "CUDA"):
-        found.append("cuda")
-    if triton_can_run(device) and _triton_module_present():
-        found.append("triton")
-    return found
+    return available("sparse_conv2d", device)
 
 
 def resolve_sparse_backend(backend: str, x: Tensor, op: str = "sparse_conv2d") -> str:
-    """The concrete backend `backend` means for input `x`; raises if it cannot run there."""
-    if backend not in SPARSE_BACKENDS:
-        raise ValueError(f"{op}: argument 'backend' must be one of {SPARSE_BACKENDS}, got {backend!r}")
-    kind = x.device.type
-    if backend == "auto":
-        if kind == "cpu" and x.dtype in SPARSE_BACKEND_DTYPES["cpp"] and _has_kernel(op, "CPU"):
-            return "cpp"
-        if kind == "cuda":
-            if x.dtype in SPARSE_BACKEND_DTYPES["cuda"] and _has_kernel(op, "CUDA"):
-                return "cuda"
-            if x.dtype in SPARSE_BACKEND_DTYPES["triton"] and _triton_module_present():
-                return "triton"
-        return "torch"
-    if backend in ("torch", "torch_csr"):
-        return backend
-    if backend == "cpp":
-        check_device(op, backend, "x", x, "cpu")
-        if not _has_kernel(op, "CPU"):
-            raise RuntimeError(
-                f"{op}: backend 'cpp' is not available: adapmtl._C was built without the sparse CPU kernel "
-                "(rebuild with `pip install --no-build-isolation -e .`)"
-            )
-    elif backend == "cuda":
-        check_device(op, backend, "x", x, "cuda")
-        if not _has_kernel(op, "CUDA"):
-            raise RuntimeError(f"{op}: backend 'cuda' is not available: adapmtl._C_cuda has no {op} kernel")
-    elif backend == "triton":
-        check_triton_device(op, "x", x)
-        if not _triton_module_present():
-            raise RuntimeError(f"{op}: backend 'triton' is not available (needs triton and adapmtl.triton_kernels.sparse_conv)")
-    check_dtype(op, backend, "x", x, SPARSE_BACKEND_DTYPES[backend])
-    return backend
+    """The concrete backend `backend` means for input `x`; raises if it cannot run there (backends.resolve)."""
+    return resolve(op, backend, x)
 
 
 def int_pair(op: str, name: str, value: IntPair, minimum: int) -> tuple[int, int]:
@@ -219,7 +147,7 @@ def sparse_conv2d(
             raise ValueError(
                 f"{op}: input {side} ({x.shape[2 + i]}) plus padding is smaller than the dilated kernel ({span})"
             )
-    which = resolve_sparse_backend(backend, x, op)
+    which = resolve(op, backend, x)
     if c_out == 0:  # a weight with no output channels (F.conv2d refuses it): the empty output
         return x.new_zeros(conv2d_output_shape(x.shape, sw.shape, stride, padding, dilation))
     if groups > 1 or which == "torch":
@@ -240,7 +168,7 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, ba
     _check_common(op, x, sw, bias, 2)
     if x.dim() < 1 or x.shape[-1] != sw.shape[1]:
         raise ValueError(f"{op}: argument 'x' must have last dimension {sw.shape[1]}, got shape {tuple(x.shape)}")
-    which = resolve_sparse_backend(backend, x, op)
+    which = resolve(op, backend, x)
     if which == "torch" and bool(torch.isfinite(x).all()):
         return F.linear(x, sw.to_dense(), bias)
     if which in ("torch", "torch_csr"):  # torch with a non-finite x: stored weights only (module docstring)
@@ -306,7 +234,8 @@ def conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tup
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton custom ops (kernels imported on first use, so TRITON_INTERPRET set before then applies).
+# Triton custom ops. Direct torch.ops calls are checked as the C++ ops are (csrc/common.h via adapmtl._C);
+# the kernels are imported on first use, so TRITON_INTERPRET set before then applies.
 
 
 @torch.library.custom_op("adapmtl::sparse_conv2d_triton", mutates_args=())
@@ -321,6 +250,10 @@ def _sparse_conv2d_triton(
     padding: list[int],
     dilation: list[int],
 ) -> Tensor:
+    op = "sparse_conv2d_triton"
+    check_device(op, "triton", "x", x)
+    _ext.require_cpu_extension().check_sparse_conv2d_args(op, x, row_ptr, col_idx, values, bias, weight_shape,
+                                                          stride, padding, dilation)
     from adapmtl.triton_kernels import sparse_conv as kernels
 
     return kernels.sparse_conv2d(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation)
@@ -330,6 +263,9 @@ def _sparse_conv2d_triton(
 def _sparse_linear_triton(
     x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int
 ) -> Tensor:
+    op = "sparse_linear_triton"
+    check_device(op, "triton", "x", x)
+    _ext.require_cpu_extension().check_sparse_linear_args(op, x, row_ptr, col_idx, values, bias, in_features)
     from adapmtl.triton_kernels import sparse_conv as kernels
 
     return kernels.sparse_linear(x, row_ptr, col_idx, values, bias, in_features)
@@ -352,11 +288,9 @@ def _linear_fake(x, row_ptr, col_idx, values, bias, in_features):
 
 torch.library.register_fake("adapmtl::sparse_conv2d_triton")(_conv_fake)
 torch.library.register_fake("adapmtl::sparse_linear_triton")(_linear_fake)
-try:
+if HAS_CPP:  # the schemas come with adapmtl._C (without it the cpp/cuda backends report that)
     torch.library.register_fake("adapmtl::sparse_conv2d")(_conv_fake)
     torch.library.register_fake("adapmtl::sparse_linear")(_linear_fake)
-except RuntimeError:  # schemas absent: adapmtl._C not built (the cpp/cuda backends then report that)
-    pass
 
 
 def dense_flops(weight_shape, out_shape) -> int:

@@ -240,18 +240,14 @@ ADAPMTL_SPARSE_MULTIVERSION void run_items(const Plan<T>& g, int64_t begin, int6
   }
 }
 
-// Checks x and the CSR arrays' dtypes, shapes and row pointers. The column indices are validated where
-// run_conv reads them (one parallel pass instead of a serial one): they come from user code, so a bad index
-// must raise instead of reading out of bounds.
-void check_csr(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows) {
+// The CPU kernels' own rules on top of csrc/common.h's checks: x on the CPU, and row_ptr's contents, which
+// they read on the host. The column indices are validated where run_conv reads them (one parallel pass
+// instead of a serial one): they come from user code, so a bad index must raise instead of reading out of
+// bounds.
+void check_cpu_csr(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, int64_t nnz, int64_t rows) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": argument 'x' must be a CPU tensor, got ", x.device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": the CPU kernel supports argument 'x' of dtype float32 or float64, got ", x.scalar_type());
-  check_csr_arrays(op, x, row_ptr, col_idx, values, bias, rows);
   auto rp = row_ptr.contiguous();
   const int32_t* r = rp.data_ptr<int32_t>();
-  const int64_t nnz = col_idx.numel();
   TORCH_CHECK_VALUE(r[0] == 0 && r[rows] == nnz, op, ": argument 'row_ptr' must start at 0 and end at nnz = ", nnz,
                     ", got ", r[0], " and ", r[rows]);
   for (int64_t i = 0; i < rows; ++i) {
@@ -456,28 +452,24 @@ std::vector<uint8_t> needed_rows(const ConvShape& s, int64_t OH, int64_t Hp, int
   return needed;
 }
 
-// pack(P, n0, count) writes images [n0, n0 + count) of the input into P (in_batch elements each).
-// Returns false, computing nothing, when the plan would skip zero padding that a non-finite weight reads:
-// the op's semantics (adapmtl/ops/sparse_conv.py) treat padding as real zeros, so 0 * inf = NaN must reach
-// the output; the caller then reruns with nothing skipped (make_all_live). Finite weights never rerun.
-template <typename T, typename Pack>
-bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
-              const c10::optional<at::Tensor>& bias, at::Tensor& out, const ConvShape& s, int64_t in_batch,
-              const Pack& pack) {
-  constexpr int64_t L = Vec<T>::kLanes;
-  const int64_t N = out.size(0), OC = out.size(1), OH = out.size(2), OW = out.size(3);
-  TORCH_CHECK_VALUE(in_batch <= std::numeric_limits<int32_t>::max(), op, ": one image of the padded input holds ",
-                    in_batch, " elements, more than the CPU kernel's int32 offsets address");
-  const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous(), val_t = values.contiguous();
-  const int32_t* rp = rp_t.data_ptr<int32_t>();
-  const int32_t* ci = ci_t.data_ptr<int32_t>();
-  const T* vals = val_t.data_ptr<T>();
-  const int64_t nnz = ci_t.numel();
+// A weight's non-zeros encoded for one plan: per kept non-zero its offset into P, grouped by block per row.
+template <typename T>
+struct EncodedRows {
+  std::unique_ptr<int32_t[]> off;  // [nnz]: every entry the kernel reads is written
+  std::vector<int32_t> seg;        // [OC][blocks + 1], see Plan
+  std::vector<T> val;              // the kept values in off's order; empty when the weight's are read in place
+  bool nonfinite_skipped = false;  // some row with an inf/NaN value would skip padding it reads
+};
 
-  const int64_t rows = s.rows, cols = s.cols, cb = s.cb;
-  const int64_t channel_blocks = (s.C + cb - 1) / cb;
-  const int64_t blocks = (s.tap_major ? s.taps : 1) * channel_blocks;
-
+// Each row's non-zeros become offsets into P, grouped by block, without those of dead taps (their products
+// are all 0 * w). Channel-major blocks follow the order of sorted rows (SparseWeight's): one direct pass,
+// and with every tap used the values are read in place. Tap-major blocks (and unsorted rows) take a stable
+// counting sort by block. Both write the values they keep into `val`. Column indices come from user code:
+// each is checked before use, in the same pass.
+template <typename T>
+EncodedRows<T> encode_rows(const char* op, const int32_t* rp, const int32_t* ci, const T* vals, int64_t nnz,
+                           int64_t OC, const ConvShape& s, int64_t blocks, int64_t channel_blocks) {
+  const int64_t cb = s.cb;
   // Per column of a weight row: its offset in P and its block. A table, so that the per-non-zero pass
   // below does no integer division (two divisions per non-zero cost ~1.5 ms on a 470k-non-zero conv).
   const int64_t ncols = s.C * s.taps;
@@ -491,16 +483,15 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
     }
   }
   const bool all_used = std::find(s.tap_used.begin(), s.tap_used.end(), 0) == s.tap_used.end();
-  // Each row's non-zeros become offsets into P, grouped by block, without those of dead taps (their
-  // products are all 0 * w). Channel-major blocks follow the order of sorted rows (SparseWeight's): one
-  // direct pass, and with every tap used the values are read in place. Tap-major blocks (and unsorted rows)
-  // take a stable counting sort by block. Both write the values they keep into `val`. Column indices come
-  // from user code: each is checked before use, in the same pass.
   const bool direct = !s.tap_major;
   const bool in_place = direct && all_used;
-  std::unique_ptr<int32_t[]> off(new int32_t[nnz]);  // every entry the kernel reads is written below
-  std::vector<int32_t> seg(OC * (blocks + 1));
-  std::vector<T> val(in_place ? 0 : nnz);
+  EncodedRows<T> enc;
+  enc.off.reset(new int32_t[nnz]);
+  enc.seg.resize(OC * (blocks + 1));
+  enc.val.resize(in_place ? 0 : nnz);
+  int32_t* off = enc.off.get();
+  std::vector<int32_t>& seg = enc.seg;
+  std::vector<T>& val = enc.val;
   std::vector<uint8_t> unsorted(OC, 0);  // rows the direct pass leaves to the counting sort
   // Rows holding an inf/NaN value, checked only where something is skipped: tap-major tiles skipping dead
   // (tap, tile) pairs, or channel-major blocks without the taps dead everywhere.
@@ -575,42 +566,20 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
         if (unsorted[oc]) group_row(oc, val.data(), cursor);
     });
   }
-  if (check_finite && std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end()) return false;
-  // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
-  std::vector<uint8_t> all_rows, all_vectors;
-  if (!s.tap_major) {
-    const int64_t groups = (OH + rows - 1) / rows, tiles = (OW + cols - 1) / cols;
-    all_rows.assign(groups, 1);
-    all_vectors.resize(tiles * 2);
-    for (int64_t i = 0; i < tiles; ++i) {
-      all_vectors[2 * i] = 0;
-      all_vectors[2 * i + 1] = uint8_t(tile_vectors(i, cols, OW, L));
-    }
-  }
+  enc.nonfinite_skipped = check_finite && std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end();
+  return enc;
+}
 
-  Plan<T> g;
-  g.off = off.get();
-  g.val = val.empty() ? vals : val.data();
-  g.seg = seg.data();
-  at::Tensor b_t;
-  if (bias.has_value()) b_t = bias->contiguous();
-  g.bias = bias.has_value() ? b_t.data_ptr<T>() : nullptr;
-  g.OC = OC, g.OH = OH, g.OW = OW;
-  g.in_batch = in_batch;
-  g.row_step = s.row_step;
-  g.rows = rows, g.cols = cols, g.blocks = blocks;
-  g.channel_blocks = channel_blocks, g.taps = s.tap_major ? s.taps : 1;
-  g.row_live = s.tap_major ? s.row_live.data() : all_rows.data();
-  g.live_vectors = s.tap_major ? s.live_vectors.data() : all_vectors.data();
-  // Chunks of output channels: enough items to balance the threads; parked tiles (<= 64 KiB) stay in L2.
-  g.oc_chunk = std::min<int64_t>(OC, 128);
-  const int64_t scratch_len = blocks > 1 ? g.oc_chunk * kMaxRows * kMaxVectors * L : 0;
-
-  // Images go through in passes whose packed input fits the reused workspace: a fresh buffer for a whole
-  // large batch costs more in page faults than the kernel (measured: batch 16, 1x1 1024->1024 at 41x41,
-  // ~150 ms of faults per call on top of a 60 ms kernel).
-  const int64_t per_pass = std::clamp<int64_t>(kMaxCachedBytes / (in_batch * int64_t(sizeof(T))), 1, N);
-  at::Tensor P = workspace(per_pass * in_batch, out.options());
+// Runs a plan over the batch. Images go through in passes whose packed input fits the reused workspace: a
+// fresh buffer for a whole large batch costs more in page faults than the kernel (measured: batch 16, 1x1
+// 1024->1024 at 41x41, ~150 ms of faults per call on top of a 60 ms kernel).
+template <typename T, typename Pack>
+void run_passes(Plan<T>& g, at::Tensor& out, int64_t nnz, const Pack& pack) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t N = out.size(0), OC = g.OC, OH = g.OH, OW = g.OW, rows = g.rows, cols = g.cols;
+  const int64_t scratch_len = g.blocks > 1 ? g.oc_chunk * kMaxRows * kMaxVectors * L : 0;
+  const int64_t per_pass = std::clamp<int64_t>(kMaxCachedBytes / (g.in_batch * int64_t(sizeof(T))), 1, N);
+  at::Tensor P = workspace(per_pass * g.in_batch, out.options());
   for (int64_t n0 = 0; n0 < N; n0 += per_pass) {
     const int64_t count = std::min(per_pass, N - n0);  // images in this pass
     g.P = P.data_ptr<T>();
@@ -628,6 +597,55 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
       run_items<T>(g, begin, end, scratch.data());
     });
   }
+}
+
+// pack(P, n0, count) writes images [n0, n0 + count) of the input into P (in_batch elements each).
+// Returns false, computing nothing, when the plan would skip zero padding that a non-finite weight reads:
+// the op's semantics (adapmtl/ops/sparse_conv.py) treat padding as real zeros, so 0 * inf = NaN must reach
+// the output; the caller then reruns with nothing skipped (make_all_live). Finite weights never rerun.
+template <typename T, typename Pack>
+bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+              const c10::optional<at::Tensor>& bias, at::Tensor& out, const ConvShape& s, int64_t in_batch,
+              const Pack& pack) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t OC = out.size(1), OH = out.size(2), OW = out.size(3);
+  TORCH_CHECK_VALUE(in_batch <= std::numeric_limits<int32_t>::max(), op, ": one image of the padded input holds ",
+                    in_batch, " elements, more than the CPU kernel's int32 offsets address");
+  const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous(), val_t = values.contiguous();
+  const T* vals = val_t.data_ptr<T>();
+  const int64_t nnz = ci_t.numel();
+  const int64_t channel_blocks = (s.C + s.cb - 1) / s.cb;
+  const int64_t blocks = (s.tap_major ? s.taps : 1) * channel_blocks;
+  const EncodedRows<T> enc =
+      encode_rows<T>(op, rp_t.data_ptr<int32_t>(), ci_t.data_ptr<int32_t>(), vals, nnz, OC, s, blocks, channel_blocks);
+  if (enc.nonfinite_skipped) return false;
+  // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
+  std::vector<uint8_t> all_rows, all_vectors;
+  if (!s.tap_major) {
+    const int64_t groups = (OH + s.rows - 1) / s.rows, tiles = (OW + s.cols - 1) / s.cols;
+    all_rows.assign(groups, 1);
+    all_vectors.resize(tiles * 2);
+    for (int64_t i = 0; i < tiles; ++i) {
+      all_vectors[2 * i] = 0;
+      all_vectors[2 * i + 1] = uint8_t(tile_vectors(i, s.cols, OW, L));
+    }
+  }
+  const at::Tensor b_t = bias.has_value() ? bias->contiguous() : at::Tensor();
+  Plan<T> g;
+  g.off = enc.off.get();
+  g.val = enc.val.empty() ? vals : enc.val.data();
+  g.seg = enc.seg.data();
+  g.bias = b_t.defined() ? b_t.data_ptr<T>() : nullptr;
+  g.OC = OC, g.OH = OH, g.OW = OW;
+  g.in_batch = in_batch;
+  g.row_step = s.row_step;
+  g.rows = s.rows, g.cols = s.cols, g.blocks = blocks;
+  g.channel_blocks = channel_blocks, g.taps = s.tap_major ? s.taps : 1;
+  g.row_live = s.tap_major ? s.row_live.data() : all_rows.data();
+  g.live_vectors = s.tap_major ? s.live_vectors.data() : all_vectors.data();
+  // Chunks of output channels: enough items to balance the threads; parked tiles (<= 64 KiB) stay in L2.
+  g.oc_chunk = std::min<int64_t>(OC, 128);
+  run_passes<T>(g, out, nnz, pack);
   return true;
 }
 
@@ -685,31 +703,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                              at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation) {
   const char* op = "adapmtl::sparse_conv2d";
-  TORCH_CHECK_VALUE(weight_shape.size() == 4, op, ": argument 'weight_shape' must be [C_out, C_in, KH, KW], got ",
-                    weight_shape);
-  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-                    ": arguments 'stride', 'padding' and 'dilation' must have 2 entries each");
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": argument 'x' must be 4-D [N, C_in, H, W], got shape ", x.sizes());
-  const int64_t OC = weight_shape[0], C = weight_shape[1], KH = weight_shape[2], KW = weight_shape[3];
-  TORCH_CHECK_VALUE(OC >= 0 && C > 0 && KH > 0 && KW > 0, op, ": argument 'weight_shape' must be positive, got ",
-                    weight_shape);
-  TORCH_CHECK_VALUE(x.size(1) == C, op, ": argument 'x' must have ", C, " channels (weight_shape[1]), got ",
-                    x.size(1));
-  const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0],
-                dw = dilation[1];
-  TORCH_CHECK_VALUE(sh > 0 && sw > 0, op, ": argument 'stride' must be positive, got ", stride);
-  TORCH_CHECK_VALUE(dh > 0 && dw > 0, op, ": argument 'dilation' must be positive, got ", dilation);
-  TORCH_CHECK_VALUE(ph >= 0 && pw >= 0, op, ": argument 'padding' must be non-negative, got ", padding);
-  check_csr(op, x, row_ptr, col_idx, values, bias, OC);
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  const int64_t Hp = checked_add(op, "the padded input height", H, checked_mul(op, "2 * padding", 2, ph));
-  const int64_t Wp = checked_add(op, "the padded input width", W, checked_mul(op, "2 * padding", 2, pw));
-  const int64_t span_h = checked_mul(op, "the dilated kernel height", dh, KH - 1) + 1;
-  const int64_t span_w = checked_mul(op, "the dilated kernel width", dw, KW - 1) + 1;
-  TORCH_CHECK_VALUE(Hp >= span_h && Wp >= span_w, op, ": input of size ", H, "x", W, " (padded ", Hp, "x", Wp,
-                    ") is smaller than the dilated kernel ", span_h, "x", span_w);
-  const int64_t OH = (Hp - span_h) / sh + 1;
-  const int64_t OW = (Wp - span_w) / sw + 1;
+  const ConvGeometry g = check_sparse_conv2d_args(op, x, row_ptr, col_idx, values, bias, weight_shape, stride,
+                                                  padding, dilation, /*reduced=*/false);
+  check_cpu_csr(op, x, row_ptr, col_idx.numel(), g.OC);
+  const int64_t N = g.N, C = g.C, H = g.H, W = g.W, OC = g.OC, KH = g.KH, KW = g.KW;
+  const int64_t sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw, dh = g.dh, dw = g.dw;
+  const int64_t Hp = g.Hp, span_w = g.span_w, OH = g.OH, OW = g.OW;
   // A 1x1, stride-1, unpadded conv is a 1 x (H * W) conv: one long output row per channel, so vectors run
   // across row ends instead of idling at each row's tail (41 columns fill 41 of 48 lanes): ~15% faster.
   if (KH == 1 && KW == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && H > 1) {
@@ -776,12 +775,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                              const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t in_features) {
   const char* op = "adapmtl::sparse_linear";
-  TORCH_CHECK_VALUE(in_features > 0, op, ": argument 'in_features' must be positive, got ", in_features);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": argument 'x' must have last dimension ",
-                    in_features, " (in_features), got shape ", x.sizes());
-  const int64_t OC = row_ptr.numel() - 1;
-  TORCH_CHECK_VALUE(OC >= 0, op, ": argument 'row_ptr' must have at least one entry");
-  check_csr(op, x, row_ptr, col_idx, values, bias, OC);
+  const int64_t OC = check_sparse_linear_args(op, x, row_ptr, col_idx, values, bias, in_features, /*reduced=*/false);
+  check_cpu_csr(op, x, row_ptr, col_idx.numel(), OC);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = OC;
   const int64_t B = x.numel() / in_features;

@@ -193,25 +193,13 @@ __global__ void __launch_bounds__(kLinearWarps * 32)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Argument checks (TypeError / ValueError naming the argument).
+// The CUDA kernels' own rules on top of csrc/common.h's checks: x on a CUDA device, and 32-bit indices. The
+// contents of row_ptr / col_idx are checked on the device (CUDA_KERNEL_ASSERT): no host sync here.
 
-void check_csr(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t cols) {
+void check_cuda_csr(const char* op, const at::Tensor& x, int64_t cols, int64_t nnz) {
   TORCH_CHECK_VALUE(x.is_cuda(), op, ": argument 'x' must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
-                       x.scalar_type() == at::kBFloat16,
-                   op, ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  check_csr_arrays(op, x, row_ptr, col_idx, values, bias, rows);
-  TORCH_CHECK_VALUE(cols <= INT_MAX && col_idx.numel() <= INT_MAX, op,
-                    ": the weight is too large for int32 CSR indices (", cols, " columns, ", col_idx.numel(),
-                    " non-zeros)");
-  // The contents of row_ptr / col_idx are checked on the device (CUDA_KERNEL_ASSERT): no host sync here.
-}
-
-void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
-  TORCH_CHECK_VALUE(v.size() == 2, op, ": argument '", name, "' must have 2 values, got ", v.size());
-  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value && v[0] <= INT_MAX / 4 && v[1] <= INT_MAX / 4, op,
-                    ": argument '", name, "' must hold values >= ", min_value, ", got ", v);
+  TORCH_CHECK_VALUE(cols <= INT_MAX && nnz <= INT_MAX, op, ": the weight is too large for int32 CSR indices (", cols,
+                    " columns, ", nnz, " non-zeros)");
 }
 
 at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_in, const at::Tensor& col_idx_in,
@@ -219,24 +207,16 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
                               at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation) {
   const char* op = "sparse_conv2d";
-  TORCH_CHECK_VALUE(weight_shape.size() == 4, op, ": argument 'weight_shape' must be [C_out, C_in, KH, KW], got ",
-                    weight_shape);
-  const int64_t C_out = weight_shape[0], C_in = weight_shape[1], KH = weight_shape[2], KW = weight_shape[3];
-  TORCH_CHECK_VALUE(C_out >= 0 && C_in >= 1 && KH >= 1 && KW >= 1 && C_out <= INT_MAX, op,
-                    ": argument 'weight_shape' must hold positive sizes (C_out may be 0), got ", weight_shape);
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
-  check_csr(op, x_in, row_ptr_in, col_idx_in, values_in, bias_in, C_out, C_in * KH * KW);
-  TORCH_CHECK_VALUE(x_in.dim() == 4 && x_in.size(1) == C_in, op, ": argument 'x' must have shape [N, ", C_in,
-                    ", H, W] (NCHW, C_in of 'weight_shape'), got ", x_in.sizes());
-  const int64_t N = x_in.size(0), H = x_in.size(2), W = x_in.size(3);
-  const int64_t H_out = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
-  const int64_t W_out = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK_VALUE(H + 2 * padding[0] - dilation[0] * (KH - 1) - 1 >= 0 &&
-                        W + 2 * padding[1] - dilation[1] * (KW - 1) - 1 >= 0,
-                    op, ": argument 'x' of spatial size ", H, "x", W, " is smaller than the dilated kernel (",
-                    dilation[0] * (KH - 1) + 1, "x", dilation[1] * (KW - 1) + 1, ") plus padding");
+  const ConvGeometry g = check_sparse_conv2d_args(op, x_in, row_ptr_in, col_idx_in, values_in, bias_in, weight_shape,
+                                                  stride, padding, dilation, /*reduced=*/true);
+  const int64_t C_out = g.OC, C_in = g.C, KH = g.KH, KW = g.KW, N = g.N, H = g.H, W = g.W;
+  const int64_t H_out = g.OH, W_out = g.OW;
+  check_cuda_csr(op, x_in, g.cols, col_idx_in.numel());
+  for (const int64_t v : {g.sh, g.sw, g.ph, g.pw, g.dh, g.dw}) {
+    TORCH_CHECK_VALUE(v <= INT_MAX / 4, op, ": stride, padding and dilation must be <= ", INT_MAX / 4,
+                      " for the CUDA kernel's 32-bit coordinates, got ", stride, ", ", padding, ", ", dilation);
+  }
+  TORCH_CHECK_VALUE(C_out <= INT_MAX, op, ": too many output channels (", C_out, ")");
   // 32-bit offsets inside one image (the decoded tap offset included) and 32-bit pixel coordinates.
   TORCH_CHECK_VALUE(C_in * H * W + dilation[0] * (KH - 1) * W + dilation[1] * (KW - 1) <= INT_MAX &&
                         H_out * W_out <= INT_MAX &&
@@ -289,14 +269,10 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
                               const at::Tensor& values_in, const c10::optional<at::Tensor>& bias_in,
                               int64_t in_features) {
   const char* op = "sparse_linear";
-  TORCH_CHECK_VALUE(in_features >= 1, op, ": argument 'in_features' must be positive, got ", in_features);
-  TORCH_CHECK_VALUE(row_ptr_in.dim() == 1 && row_ptr_in.numel() >= 1, op,
-                    ": argument 'row_ptr' must be 1-D of length out_features + 1, got shape ", row_ptr_in.sizes());
-  const int64_t O = row_ptr_in.numel() - 1;
+  const int64_t O = check_sparse_linear_args(op, x_in, row_ptr_in, col_idx_in, values_in, bias_in, in_features,
+                                             /*reduced=*/true);
   TORCH_CHECK_VALUE(O <= INT_MAX, op, ": too many output features (", O, ")");
-  check_csr(op, x_in, row_ptr_in, col_idx_in, values_in, bias_in, O, in_features);
-  TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) == in_features, op, ": argument 'x' must have shape [..., ",
-                    in_features, "], got ", x_in.sizes());
+  check_cuda_csr(op, x_in, in_features, col_idx_in.numel());
   const c10::cuda::CUDAGuard guard(x_in.device());
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   out_shape.back() = O;
