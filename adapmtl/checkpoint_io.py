@@ -4,13 +4,14 @@ A checkpoint file is a 64-byte header then a `torch.save` payload:
     magic b"ADAPMTL-CKPT-v1\n" (16 B) | SHA-256 of the payload (32 B) | payload length (8 B, LE)
     | iteration (8 B, LE, signed; -1 when not a training state)
 so truncation, flipped bytes and foreign files are caught before unpickling (which is `weights_only=True`
-as well). Files are written to a temp file in the same folder, fsynced and renamed. Rotation and resume
-live in adapmtl.train.checkpoint.
+as well). Files are written to a temp file in the same folder, fsynced and renamed (`write_json_atomic` does the
+same for the JSON results files). Rotation and resume live in adapmtl.train.checkpoint.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 import tempfile
@@ -125,3 +126,21 @@ def load_checkpoint_file(path: str, map_location="cpu") -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def write_json_atomic(path, obj, indent: int = 1) -> None:
+    """Write `obj` as JSON so that a reader (`compare --reuse`, another process) or a crash at any moment
+    sees the old complete file or the new complete one, never a partial one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=indent)
+        os.chmod(tmp, output_mode())  # mkstemp makes 0600; results are ordinary output files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -137,10 +137,9 @@ def cmd_configs(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from adapmtl.metrics import directions as metric_directions
     from adapmtl.train.compare import ABLATIONS, compare
     from adapmtl.train.config import apply_override
-    from adapmtl.train.trainer import delta_t_miou
+    from adapmtl.train.trainer import delta_t_directions
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be an int >= 1, got {args.jobs}")
@@ -160,7 +159,7 @@ def cmd_compare(args) -> int:
         cfg.compare.methods.insert(0, "dense")
     cfg.validate()
     out = compare(cfg, jobs=args.jobs, reuse=args.reuse,
-                  directions=None if args.directions is None else metric_directions(args.directions, delta_t_miou(cfg)))
+                  directions=None if args.directions is None else delta_t_directions(cfg, args.directions))
     with open(os.path.join(cfg.out_dir, "table.md")) as fh:
         print(fh.read())
     print(f"written {cfg.out_dir}/results.json ({len(out['runs'])} runs), table.md, table.csv")

@@ -1,13 +1,13 @@
 """Timing, device description and result files shared by the benchmarks."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 import torch
 
+from adapmtl.checkpoint_io import write_json_atomic
 from adapmtl.timing import interleaved_median_ms, median_time_ms  # noqa: F401 - the benchmarks use them from here
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -63,9 +63,7 @@ def write_results(name: str, info: dict, payload: dict, out_dir: Path | None = N
     out_dir = Path(out_dir or (SMOKE_DIR if smoke else RESULTS_DIR))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}_{device_tag(info)}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"device": info, **payload}, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"device": info, **payload}, indent=2)
     return path
 
 

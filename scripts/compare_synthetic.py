@@ -21,6 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from adapmtl.checkpoint_io import write_json_atomic  # noqa: E402
 from adapmtl.train.compare import (  # noqa: E402
     ABLATIONS, compare, format_mean_std, markdown_table, mean_std, plot_sweep, summarize)
 from adapmtl.train.config import COMPARE_METHODS, apply_override, load_config  # noqa: E402
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
         took = round((time.time() - t0) / 60, 1)  # not counting the runs an earlier part made
         if took >= 0.5 or part not in minutes:
             minutes[part] = took
-            with open(minutes_path, "w") as fh:
-                json.dump(minutes, fh)
+            write_json_atomic(minutes_path, minutes)
         for r in result["runs"]:
             unique[(r["method"], r["seed"], r["target_sparsity"])] = r
         payload.setdefault("config", result["config"])
@@ -147,9 +147,7 @@ def main(argv=None) -> int:
     folder = os.path.join(ROOT, "benchmarks", "results") if not args.smoke else str(SMOKE_DIR)
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, "compare_synthetic")
-    with open(stem + ".json.tmp", "w") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    write_json_atomic(stem + ".json", payload)
     with open(stem + ".md", "w") as fh:
         fh.write("\n".join(md))
     sweep = [s for s in summary if s["method"] in COMPARE_METHODS and s["target_sparsity"] != 0.99]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapmtl.data.synthetic import make_synthetic_scenes, object_classes, render_scene
+from adapmtl.data.synthetic import object_classes, render_scene
 from adapmtl.metrics import directions
 from adapmtl.train import Trainer
 from adapmtl.train.checkpoint import load_checkpoint_file
@@ -19,10 +19,8 @@ from helpers import tiny_run_config
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmp") / "scenes"
-    make_synthetic_scenes(str(root), n_train=12, n_test=4, size=32, seed=0)
-    return str(root)
+def root(synthetic_scenes):
+    return synthetic_scenes(12, 4)
 
 
 def cmp_cfg(root, out_dir, **over):

@@ -548,12 +548,8 @@ def test_delta_t_refuses_numeric_directions():
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    from adapmtl.data import make_synthetic_scenes
-
-    root = tmp_path_factory.mktemp("hostile") / "scenes"
-    make_synthetic_scenes(str(root), n_train=12, n_test=4, size=32, seed=0)
-    return str(root)
+def scenes(synthetic_scenes):
+    return synthetic_scenes(12, 4)
 
 
 def _cfg(root, out_dir, **over):

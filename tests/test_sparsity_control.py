@@ -117,11 +117,8 @@ def test_controller_state_round_trips_and_rejects_bad_values():
 
 # ------------------------------------------------------------------ training runs
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn") / "scenes"
-    from adapmtl.data import make_synthetic_scenes
-    make_synthetic_scenes(str(root), n_train=24, n_test=6, size=32, seed=0)
-    return str(root)
+def syn_root(synthetic_scenes):
+    return synthetic_scenes(24, 6)
 
 
 def run_cfg(root, out_dir, **over):

@@ -18,12 +18,8 @@ CONFIGS = bundled_configs()  # inside the package under test (adapmtl/configs), 
 
 
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn") / "scenes"
-    from adapmtl.data import make_synthetic_scenes
-    if not (root / "nyu_v2_3task.json").exists():
-        make_synthetic_scenes(str(root), n_train=20, n_test=6, size=32, seed=0)
-    return str(root)
+def syn_root(synthetic_scenes):
+    return synthetic_scenes(20, 6)
 
 
 def tiny_cfg(root, out_dir, **over) -> Config:

@@ -57,14 +57,18 @@ def build_datasets(cfg) -> dict:
     return out
 
 
+def config_tasks(cfg) -> list[str]:
+    """The tasks a run of cfg trains: data.tasks, else every task of its dataset (synthetic: NYUv2's)."""
+    if cfg.data.tasks is not None:
+        return list(cfg.data.tasks)
+    from adapmtl.tasks import NYUV2_TASKS, TASKONOMY_TASKS
+    return [t.name for t in (TASKONOMY_TASKS if cfg.data.dataset == "taskonomy" else NYUV2_TASKS)]
+
+
 def build_model_from_config(cfg):
     from adapmtl.models import build_model
 
     m = cfg.model
     dataset = "taskonomy" if cfg.data.dataset == "taskonomy" else "nyuv2"
-    tasks = cfg.data.tasks
-    if tasks is None:
-        from adapmtl.tasks import NYUV2_TASKS, TASKONOMY_TASKS
-        tasks = [t.name for t in (TASKONOMY_TASKS if dataset == "taskonomy" else NYUV2_TASKS)]
-    return build_model(backbone=m.backbone, tasks=list(tasks), head_channels=m.head_channels,
+    return build_model(backbone=m.backbone, tasks=config_tasks(cfg), head_channels=m.head_channels,
                        dilations=m.dilations, dropout=m.dropout, dataset=dataset, channels=m.channels)

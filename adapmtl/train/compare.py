@@ -16,6 +16,7 @@ import math
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+from adapmtl.checkpoint_io import write_json_atomic
 from adapmtl.train.config import COMPARE_METHODS, METHODS, Config, apply_override, config_from_dict
 
 # the paper's ablations: name -> (trainer method, config overrides)
@@ -275,9 +276,7 @@ def report(cfg: Config, runs: list[dict], results: dict[str, dict], directions: 
                 "adaptive_weights_for_all": c.adaptive_weights_for_all, "delta_t_metrics": directions,
                 "select_sparsity_tol": cfg.train.select_sparsity_tol, "at_target_tol": AT_TARGET_TOL}
     out = {"config": cfg.to_dict(), "protocol": protocol, "runs": records}
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as fh:
-        json.dump(out, fh, indent=1)
+    write_json_atomic(os.path.join(cfg.out_dir, "results.json"), out)
     parts = []
     for target in c.sparsities:
         parts.append(f"### Target overall sparsity {100 * target:g}%\n\n" + markdown_table(summary, target, order))
@@ -309,14 +308,12 @@ def report(cfg: Config, runs: list[dict], results: dict[str, dict], directions: 
 
 def compare(cfg: Config, jobs: int = 1, reuse: bool = False, directions: dict | None = None) -> dict:
     """Plan, train and report the experiment of cfg.compare (see the module docstring)."""
-    from adapmtl.metrics import directions as metric_directions
-    from adapmtl.tasks import NYUV2_TASKS, TASKONOMY_TASKS
-    from adapmtl.train.trainer import delta_t_miou
+    from adapmtl.train.build import config_tasks
+    from adapmtl.train.trainer import delta_t_directions
 
     runs = plan(cfg)
     results = execute(runs, jobs=jobs, reuse=reuse, progress=cfg.train.progress)
     if directions is None:
-        tasks = cfg.data.tasks or [t.name for t in (TASKONOMY_TASKS if cfg.data.dataset == "taskonomy" else NYUV2_TASKS)]
         dense = next(results[r["name"]] for r in runs if r["kind"] == "dense")
-        directions = metric_directions([t for t in tasks if t in dense["test"]], miou=delta_t_miou(cfg))
+        directions = delta_t_directions(cfg, [t for t in config_tasks(cfg) if t in dense["test"]])
     return report(cfg, runs, results, directions)

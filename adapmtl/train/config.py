@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from adapmtl.data.synthetic import DEMO_CLASSES, MAX_CLASSES
+
 METHODS = ("adapmtl", "single_threshold", "str", "dense", "imp", "lth", "snip", "disparse")
 DATASETS = ("synthetic", "nyuv2", "taskonomy")
 AMP = ("none", "bf16", "fp16")
@@ -163,8 +165,8 @@ class Config:
             bad("train.on_nonfinite", f"one of {ON_NONFINITE}", self.train.on_nonfinite)
         if self.train.delta_t_miou not in DELTA_T_MIOU:
             bad("train.delta_t_miou", f"one of {DELTA_T_MIOU}", self.train.delta_t_miou)
-        if self.data.dataset == "synthetic" and not 10 <= self.data.n_classes <= 16:
-            bad("data.n_classes", "an int in [10, 16] (synthetic scenes)", self.data.n_classes)
+        if self.data.dataset == "synthetic" and not DEMO_CLASSES <= self.data.n_classes <= MAX_CLASSES:
+            bad("data.n_classes", f"an int in [{DEMO_CLASSES}, {MAX_CLASSES}] (synthetic scenes)", self.data.n_classes)
         ch = self.model.channels
         if ch is not None and (len(ch) != 4 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
                                                        for c in ch)):

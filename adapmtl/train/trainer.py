@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import adapmtl
 from adapmtl.baselines import Method, build_method
+from adapmtl.checkpoint_io import write_json_atomic
 from adapmtl.metrics import safe_delta_t
 from adapmtl.sparsify import REGISTRY
 from adapmtl import distributed as D
@@ -55,6 +56,12 @@ def delta_t_miou(cfg: Config) -> str:
     if cfg.train.delta_t_miou != "auto":
         return cfg.train.delta_t_miou
     return "mIoU_all" if cfg.data.dataset == "synthetic" else "mIoU"
+
+
+def delta_t_directions(cfg: Config, tasks) -> dict:
+    """{task: {metric: lower_is_better}} that ΔT of a run of cfg sums over `tasks` (names or TaskSpecs)."""
+    from adapmtl.metrics import directions
+    return directions(tasks, miou=delta_t_miou(cfg))
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -168,10 +175,7 @@ class Trainer:
             from adapmtl.metrics import MultiTaskMetrics
             metrics_factory = lambda: MultiTaskMetrics(task_list, class_weights=class_weights)  # noqa: E731
         self.metrics_factory = metrics_factory
-        if directions is None:
-            from adapmtl.metrics import directions as _dirs
-            directions = _dirs(task_list, miou=delta_t_miou(self.cfg))
-        self.directions = directions
+        self.directions = directions if directions is not None else delta_t_directions(self.cfg, task_list)
 
     def _setup_method(self, method) -> None:
         """From-dense weights, then the method converts the model; device and DDP wrapper."""
@@ -514,10 +518,7 @@ class Trainer:
             per_task, dt, skipped = safe_delta_t(test["metrics"], self.dense_results["test"], self.directions)
             results["delta_t_test"] = {"per_task": per_task, "mean": dt, "skipped_metrics": skipped}
         if D.is_main():
-            path = os.path.join(self.out_dir, "results.json")
-            with open(path + ".tmp", "w") as fh:  # atomic: `compare --reuse` may read it concurrently
-                json.dump(results, fh, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json_atomic(os.path.join(self.out_dir, "results.json"), results)  # `compare --reuse` reads it
             with open(os.path.join(self.out_dir, "sparsity.txt"), "w") as fh:
                 fh.write(rep.table() + "\n")
             if self.cfg.train.plots:
