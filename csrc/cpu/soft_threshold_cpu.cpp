@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
+#include "cpu/buffer_pool.h"
 
 namespace adapmtl {
 namespace {
@@ -73,8 +73,7 @@ std::tuple<at::Tensor, at::Tensor> soft_threshold_forward_cpu(const at::Tensor& 
                                                               bool /*ste*/) {
   check_soft_threshold_args("soft_threshold_forward", w_in, s);
   const at::Tensor w = w_in.contiguous();
-  at::Tensor out = at::empty(w.sizes(), w.options());
-  hint_huge_pages(out.data_ptr(), out.nbytes());
+  at::Tensor out = pooled_empty(w.sizes(), w.options());
   const int64_t n = w.numel();
   const int64_t chunks = num_chunks(n);
   std::vector<int64_t> counts(chunks, 0);
@@ -101,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor> soft_threshold_backward_cpu(const at::Tensor&
   check_grad_out("soft_threshold_backward", grad_in, w_in);
   const at::Tensor w = w_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
-  at::Tensor grad_w = at::empty(w.sizes(), w.options());
-  hint_huge_pages(grad_w.data_ptr(), grad_w.nbytes());
+  at::Tensor grad_w = pooled_empty(w.sizes(), w.options());
   const int64_t n = w.numel();
   const int64_t chunks = num_chunks(n);
   std::vector<double> partials(chunks, 0.0);

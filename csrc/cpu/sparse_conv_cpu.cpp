@@ -49,7 +49,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
+#include "cpu/buffer_pool.h"
 
 namespace adapmtl {
 namespace {
@@ -717,9 +717,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
     return flat.view({N, OC, H, W});  // a view keeps the flat result's memory format (NCHW or channels-last)
   }
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  auto out = at::empty({N, OC, OH, OW}, x.options());
+  auto out = pooled_empty({N, OC, OH, OW}, x.options());  // large outputs: recycled, not faulted in again
   if (out.numel() == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
-  hint_huge_pages(out.data_ptr(), out.nbytes());  // large outputs: fault in 2 MiB pages (huge_pages.h)
 
   const int64_t L = x.scalar_type() == at::kFloat ? Vec<float>::kLanes : Vec<double>::kLanes;
   ConvShape s;
