@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/sparse_tuning.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -46,6 +47,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("openmp_enabled", &openmp_enabled, "whether the CPU kernels were built with OpenMP");
   // The checks of csrc/common.h for the Triton custom ops, so that direct torch.ops calls of every backend
   // are checked by the same code (the Triton launchers check only their own kernels' limits).
+  // The CPU sparse kernel's configurations and autotuner (csrc/cpu/sparse_tuning.h).
+  m.def("set_cpu_autotune", [](bool enabled, const std::string& cache_file) {
+    adapmtl::Autotuner::instance().configure(enabled, cache_file);
+  });
+  m.def("cpu_autotune_info", [] { return adapmtl::Autotuner::instance().info(); },
+        "(enabled, cache file, entries, searches, hits, skipped cache-file lines)");
+  m.def("cpu_autotune_clear", [] { adapmtl::Autotuner::instance().clear(); });
+  m.def("cpu_sparse_candidates", [](bool with_tap_major) {
+    std::vector<std::string> out;
+    for (const auto& t : adapmtl::candidate_tunings(with_tap_major)) out.push_back(t.str());
+    return out;
+  });
+  m.def("cpu_sparse_default_config", [] { return adapmtl::default_tuning().str(); });
+  m.def("cpu_cache_sizes", [] { return std::make_tuple(adapmtl::cache_sizes().l1d, adapmtl::cache_sizes().l2); });
+  m.def("cpu_model", [] { return adapmtl::cpu_model(); });
   m.def("check_soft_threshold_args",
         [](const std::string& op, const at::Tensor& w, const at::Tensor& s, const c10::optional<at::Tensor>& grad_out) {
           adapmtl::check_soft_threshold_args(op.c_str(), w, s);

@@ -425,7 +425,7 @@ def test_fuzz_sparse_conv_against_f_conv2d(data):
             ref = ref + bias.reshape(1, -1, 1, 1)
     except RuntimeError:
         ref = None  # e.g. the input is smaller than the dilated kernel
-    os.environ["ADAPMTL_CPU_SPARSE_LAYOUT"] = layout
+    os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = f"layout={layout}" if layout else ""
     try:
         with torch.no_grad():
             out = sparse_conv2d(x, SparseWeight.from_dense(weight), bias, stride, padding, dilation, backend=backend)
@@ -433,7 +433,7 @@ def test_fuzz_sparse_conv_against_f_conv2d(data):
         assert ref is None, f"{backend}: {e}"
         return
     finally:
-        os.environ.pop("ADAPMTL_CPU_SPARSE_LAYOUT", None)
+        os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
     assert ref is not None
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, ref, **tol)
@@ -454,7 +454,7 @@ def _conv_backends():
 
 @pytest.mark.parametrize("backend,layout", _conv_backends())
 def test_nonfinite_input_reaches_outputs_only_through_stored_weights(backend, layout, monkeypatch):
-    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_LAYOUT", layout)
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", f"layout={layout}" if layout else "")
     torch.manual_seed(0)
     w = torch.randn(4, 3, 3, 3)
     w[:, 1] = 0  # input channel 1 is read by pruned weights only
@@ -480,7 +480,7 @@ def test_nonfinite_input_reaches_outputs_only_through_stored_weights(backend, la
 def test_nonfinite_weight_on_padding_only_tap_matches_f_conv2d(backend, layout, bad, monkeypatch):
     """A dilated conv whose corner taps read only zero padding (the C++ kernel skips such taps): an inf/NaN
     weight there gives NaN exactly where F.conv2d does (0 * inf = NaN), in every layout."""
-    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_LAYOUT", layout)
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", f"layout={layout}" if layout else "")
     torch.manual_seed(1)
     w = torch.randn(3, 2, 3, 3) * (torch.rand(3, 2, 3, 3) < 0.5)
     w[0, 0, 0, 0] = bad

@@ -318,9 +318,9 @@ DEAD_TAP_CASES = [
 @pytest.mark.parametrize("layout", ["tap", "channel", ""])
 def test_cpp_kernel_block_layouts(layout, monkeypatch):
     """The C++ kernel's two block layouts (tap-major with dead-tap skipping, channel-major), forced through
-    ADAPMTL_CPU_SPARSE_LAYOUT, and its own choice (""), on the random shapes, the dead-tap shapes, float64,
+    ADAPMTL_CPU_SPARSE_CONFIG, and its own choice (""), on the random shapes, the dead-tap shapes, float64,
     and rows with shuffled columns."""
-    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_LAYOUT", layout)
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", f"layout={layout}" if layout else "")
     cases = CONV_CASES + [dict(case, density=density, layout=memory, bias=True, empty_rows=1, id=200 + i)
                           for i, case in enumerate(DEAD_TAP_CASES)
                           for density, memory in [(0.3, "nchw"), (0.9, "cl")]]
@@ -342,10 +342,12 @@ def test_cpp_kernel_block_layouts(layout, monkeypatch):
 
 
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
-def test_cpp_kernel_rejects_unknown_layout(monkeypatch):
-    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_LAYOUT", "diagonal")
+@pytest.mark.parametrize("config", ["layout=diagonal", "rows=3", "min_segment=0", "oc_chunk=1.5", "l1_budget=7",
+                                    "speed=max", "layout"])
+def test_cpp_kernel_rejects_a_bad_forced_config(monkeypatch, config):
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     sw = SparseWeight.from_dense(pruned((4, 3, 3, 3), 0.5))
-    with pytest.raises(ValueError, match="ADAPMTL_CPU_SPARSE_LAYOUT must be 'tap' or 'channel'"):
+    with pytest.raises(ValueError, match="ADAPMTL_CPU_SPARSE_CONFIG must be comma-separated key=value pairs"):
         sparse_conv2d(torch.randn(1, 3, 8, 8), sw, None, 1, 1, backend="cpp")
 
 

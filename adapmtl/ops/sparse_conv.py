@@ -9,8 +9,10 @@ Backends (all compute `F.conv2d(x, sw.to_dense(), ...)` / `F.linear(x, sw.to_den
   auto       cpp on CPU / cuda (else triton) on GPU when built and the dtype is supported, else torch
 
 The cpp kernel skips, per output tile, kernel taps that read only zero padding (large dilations) and
-picks its block layout per call; ADAPMTL_CPU_SPARSE_LAYOUT=tap|channel forces one (for tests and
-debugging; csrc/cpu/sparse_conv_cpu.cpp explains both).
+picks its block layout and sizes per call from this machine's cache sizes (csrc/cpu/sparse_tuning.h):
+deterministic. `set_cpu_autotune(True)` (or ADAPMTL_CPU_AUTOTUNE=1) times the candidate configurations at
+the first call of each shape instead, as cuDNN's benchmark mode does, optionally remembered in a file;
+ADAPMTL_CPU_SPARSE_CONFIG="layout=tap,rows=1,..." forces one (tests run them all).
 
 Grouped and depthwise convolutions (groups > 1) always run dense (F.conv2d on the unpacked
 weight), whatever the backend: their per-group rows are too short for sparsity to pay off.
@@ -31,6 +33,7 @@ requires grad while grad mode is on raises ValueError (wrap the call in `torch.n
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -52,6 +55,28 @@ def available_sparse_backends(device: Union[str, torch.device] = "cpu") -> list[
 def resolve_sparse_backend(backend: str, x: Tensor, op: str = "sparse_conv2d") -> str:
     """The concrete backend `backend` means for input `x`; raises if it cannot run there (backends.resolve)."""
     return resolve(op, backend, x)
+
+
+def set_cpu_autotune(enabled: bool = True, cache_file: Union[str, os.PathLike, None] = None) -> None:
+    """Autotune the C++ sparse conv (backend "cpp"), as `torch.backends.cudnn.benchmark` does for cuDNN.
+
+    With it on, the first call of each (threads, dtype, shapes, stride, padding, dilation, non-zeros) times
+    the candidate configurations on that call's input (a staged search: 11 candidates, 4 runs each) and later calls use
+    the fastest. `cache_file` keeps the choices across processes (one line each, keyed by the CPU model);
+    default: ADAPMTL_CPU_AUTOTUNE_CACHE, or memory only. Off (the default), the configuration follows from
+    the cache sizes alone and results are deterministic; on, results may differ in the last bits between
+    processes (candidates sum in different orders), as with cudnn.benchmark.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_cpu_autotune: argument 'enabled' must be a bool, got {type(enabled).__name__}")
+    path = "" if cache_file is None else os.fspath(cache_file)
+    _ext.require_cpu_extension().set_cpu_autotune(enabled, path)
+
+
+def cpu_autotune_info() -> dict:
+    """The autotuner's state: enabled, cache file, tuned shapes, searches run, cache hits, skipped file lines."""
+    keys = ("enabled", "cache_file", "entries", "searches", "hits", "skipped_lines")
+    return dict(zip(keys, _ext.require_cpu_extension().cpu_autotune_info()))
 
 
 def int_pair(op: str, name: str, value: IntPair, minimum: int) -> tuple[int, int]:

@@ -39,6 +39,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
+#include <sstream>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -50,6 +52,7 @@
 
 #include "common.h"
 #include "cpu/buffer_pool.h"
+#include "cpu/sparse_tuning.h"
 
 namespace adapmtl {
 namespace {
@@ -303,22 +306,20 @@ struct ConvShape {
   // direct pass; tiles run every block whole).
   bool tap_major = false;
   int64_t cb = 1;
+  Tuning tuning;  // the configuration this call runs with (sparse_tuning.h)
 };
 
-// Channels per block (of one tap): as many as keep a work item's input within kL1Budget bytes, but at
-// least enough that a row segment averages kMinSegment non-zeros, else parking the tile between blocks
-// costs more than the misses it saves. Measured on the ResNet-34 head convs (2-core EPYC, AVX-512): with
-// 32 KiB of L1 the second rule wins at 90% sparsity (an L2-sized working set); no blocking at all was
-// 10-25% slower, L1-sized blocks with short segments 20-40% slower.
-constexpr int64_t kL1Budget = 20 << 10;
-constexpr double kMinSegment = 40.0;
-
+// Channels per block (of one tap): as many as keep a work item's input within tuning.l1_budget bytes, but
+// at least enough that a row segment averages tuning.min_segment non-zeros, else parking the tile between
+// blocks costs more than the misses it saves. Measured on the ResNet-34 head convs (2-core EPYC, AVX-512,
+// 32 KiB L1d): the second rule wins at 90% sparsity (an L2-sized working set); no blocking at all was
+// 10-25% slower, L1-sized blocks with short segments 20-40% slower. Other machines: the autotuner.
 int64_t channel_block(const ConvShape& s, int64_t nnz, int64_t OC, int64_t element_size, int64_t taps_per_block) {
   const int64_t tile_bytes = s.rows * s.cols * element_size * taps_per_block;  // read per channel of a block
-  const int64_t fit = std::max<int64_t>(1, kL1Budget / std::max<int64_t>(1, tile_bytes));
+  const int64_t fit = std::max<int64_t>(1, s.tuning.l1_budget / std::max<int64_t>(1, tile_bytes));
   const double nnz_per_channel =
       double(nnz) / double(std::max<int64_t>(1, OC)) / double(s.C * s.taps) * double(taps_per_block);
-  const int64_t dense_enough = nnz_per_channel > 0 ? int64_t(kMinSegment / nnz_per_channel) + 1 : s.C;
+  const int64_t dense_enough = nnz_per_channel > 0 ? int64_t(s.tuning.min_segment / nnz_per_channel) + 1 : s.C;
   return std::min(s.C, std::max(fit, dense_enough));
 }
 
@@ -400,14 +401,8 @@ void choose_layout(ConvShape& s, int64_t nnz, int64_t OC, int64_t OH, int64_t OW
   const int64_t cb_tap = channel_block(s, nnz, OC, element_size, 1);
   const int64_t cb_all = channel_block(s, nnz, OC, element_size, taps);
   s.tap_major = false, s.cb = cb_all;
-  // ADAPMTL_CPU_SPARSE_LAYOUT=tap|channel forces a layout (tests run both on every shape); unset: the model.
-  const char* forced = std::getenv("ADAPMTL_CPU_SPARSE_LAYOUT");
-  if (forced && *forced) {
-    const std::string layout(forced);
-    TORCH_CHECK_VALUE(layout == "tap" || layout == "channel",
-                      "adapmtl: environment variable ADAPMTL_CPU_SPARSE_LAYOUT must be 'tap' or 'channel', got '",
-                      layout, "'");
-    if (layout == "tap") s.tap_major = true, s.cb = cb_tap;
+  if (s.tuning.layout >= 0) {  // a configured or tuned layout (sparse_tuning.h)
+    if (s.tuning.layout == 1) s.tap_major = true, s.cb = cb_tap;
     return;
   }
   if (taps == 1 || nnz == 0) return;
@@ -644,7 +639,7 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   g.row_live = s.tap_major ? s.row_live.data() : all_rows.data();
   g.live_vectors = s.tap_major ? s.live_vectors.data() : all_vectors.data();
   // Chunks of output channels: enough items to balance the threads; parked tiles (<= 64 KiB) stay in L2.
-  g.oc_chunk = std::min<int64_t>(OC, 128);
+  g.oc_chunk = std::min<int64_t>(OC, s.tuning.oc_chunk);
   run_passes<T>(g, out, nnz, pack);
   return true;
 }
@@ -723,9 +718,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   const int64_t L = x.scalar_type() == at::kFloat ? Vec<float>::kLanes : Vec<double>::kLanes;
   ConvShape s;
   s.C = C, s.taps = KH * KW;
-  // Register tile: up to kMaxVectors vectors of columns x kMaxRows rows.
+  // Register tile columns: up to kMaxVectors vectors (its rows are a tuning choice).
   const int64_t nv = std::min<int64_t>(kMaxVectors, (OW + L - 1) / L);
-  s.rows = std::min<int64_t>(kMaxRows, OH);
   s.cols = nv * L;
   // Tap (kh, kw) reads padded column (ox + q) * sw + p of row oy * sh + kh * dh, with p = (kw * dw) % sw and
   // q = (kw * dw) / sw. Each input row is stored once per distinct (p, q % L) as a "copy" holding phase p
@@ -755,19 +749,37 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   for (int64_t kh = 0; kh < KH; ++kh)
     for (int64_t kw = 0; kw < KW; ++kw) s.tap[kh * KW + kw] = (kh * dh * U + copy_of[kw]) * Wrow + skip[kw];
   s.H = H, s.W = W, s.KH = KH, s.KW = KW, s.sh = sh, s.sw = sw, s.ph = ph, s.pw = pw, s.dh = dh, s.dw = dw;
-  find_live_taps(s, OH, OW, L);
-  bool done = false;
-  while (!done) {  // at most twice: the second pass skips nothing (run_conv)
-    choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-    const std::vector<uint8_t> needed = needed_rows(s, OH, Hp, U, copy_of);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
-      done = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
-                                [&](scalar_t* P, int64_t n0, int64_t count) {
-                                  pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies, needed);
-                                });
+  // The whole convolution with configuration t, into `out`.
+  const auto run = [&](const Tuning& t) {
+    s.tuning = t;
+    s.rows = std::min<int64_t>(t.rows, OH);
+    find_live_taps(s, OH, OW, L);
+    bool done = false;
+    while (!done) {  // at most twice: the second pass skips nothing (run_conv)
+      choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+      const std::vector<uint8_t> needed = needed_rows(s, OH, Hp, U, copy_of);
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
+        done = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
+                                  [&](scalar_t* P, int64_t n0, int64_t count) {
+                                    pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies, needed);
+                                  });
+      });
+      if (!done) make_all_live(s, OW, L);
+    }
+  };
+  bool forced = false;
+  Tuning tuning = configured_tuning(&forced);
+  if (!forced && col_idx.numel() > 0 && Autotuner::instance().enabled()) {
+    std::ostringstream key;
+    key << "threads=" << at::get_num_threads() << "|" << x.scalar_type() << "|x=" << x.sizes() << "|w=" << weight_shape
+        << "|stride=" << stride << "|padding=" << padding << "|dilation=" << dilation << "|nnz=" << col_idx.numel();
+    tuning = Autotuner::instance().tuning_for(key.str(), KH * KW > 1, [&](const Tuning& t) {
+      const auto start = std::chrono::steady_clock::now();
+      run(t);
+      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     });
-    if (!done) make_all_live(s, OW, L);
   }
+  run(tuning);
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
@@ -786,6 +798,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   const at::Tensor xt = x.reshape({B, in_features}).t();
   auto out = at::empty({1, OC, 1, B}, x.options());
   ConvShape s;
+  s.tuning = configured_tuning();
   s.C = in_features, s.taps = 1, s.plane = Wrow, s.row_step = Wrow, s.tap = {0};
   s.rows = 1, s.cols = std::min<int64_t>(kMaxVectors, Wrow / L) * L;
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;

@@ -1,0 +1,316 @@
+// The CPU sparse kernel's tunable choices, their defaults from this machine's caches, and the optional
+// autotuner that times them per convolution (cuDNN's benchmark mode, for the CPU kernel).
+//
+// Choices (Tuning): the block layout (the cost model's, channel-major or tap-major), output rows per
+// register tile, the non-zeros a row segment holds at least, the bytes of input a block keeps (a share of
+// L1d) and the output channels per work item (their parked tiles a share of L2). The defaults depend only on
+// the cache sizes, read at run time, so results are deterministic. ADAPMTL_CPU_SPARSE_CONFIG forces any of
+// them ("layout=tap,rows=1,min_segment=20,oc_chunk=256,l1_budget=20480"; tests use it to run every
+// configuration the autotuner may pick).
+//
+// Autotuning (off by default; ADAPMTL_CPU_AUTOTUNE=1 or adapmtl.ops.set_cpu_autotune): at the first call of
+// each (CPU, threads, dtype, shapes, stride, padding, dilation, non-zeros), a short staged search times the
+// candidates on the call's own input and keeps the fastest, for the process and, with a cache file
+// (ADAPMTL_CPU_AUTOTUNE_CACHE or set_cpu_autotune(cache_file=)), across processes: one line per entry,
+// keyed by the CPU model, so a file copied to another machine is not used there. The file is untrusted
+// input: a line that does not parse into a valid configuration is skipped (with one warning). Every
+// candidate computes the same convolution; they differ in summation order (last-bit rounding), so with
+// autotuning on, results can differ between processes as they can with cudnn.benchmark.
+#pragma once
+#include <torch/extension.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace adapmtl {
+
+struct CacheSizes {
+  int64_t l1d = 32 << 10, l2 = 1 << 20;  // per core; the fallbacks where the OS does not say
+};
+
+// Read once: sysconf (glibc asks cpuid), else sysfs.
+inline const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = [] {
+    CacheSizes c;
+    const auto sysfs = [](int index) -> int64_t {
+      std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+      int64_t kb = 0;
+      char unit = 0;
+      if (f >> kb >> unit && unit == 'K') return kb << 10;
+      return 0;
+    };
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+    const int64_t l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const int64_t l1 = 0, l2 = 0;
+#endif
+    c.l1d = l1 > 0 ? l1 : (sysfs(0) > 0 ? sysfs(0) : c.l1d);
+    c.l2 = l2 > 0 ? l2 : (sysfs(2) > 0 ? sysfs(2) : c.l2);
+    return c;
+  }();
+  return sizes;
+}
+
+// "model name" of /proc/cpuinfo with the family and model numbers (two EPYCs can share a name).
+inline const std::string& cpu_model() {
+  static const std::string model = [] {
+    std::ifstream f("/proc/cpuinfo");
+    std::string line, name = "unknown", family, number;
+    while (std::getline(f, line)) {
+      const auto colon = line.find(':');
+      if (colon == std::string::npos) continue;
+      std::string key = line.substr(0, colon), value = colon + 2 <= line.size() ? line.substr(colon + 2) : "";
+      while (!key.empty() && (key.back() == ' ' || key.back() == '\t')) key.pop_back();
+      if (key == "model name" && name == "unknown") name = value;
+      if (key == "cpu family" && family.empty()) family = value;
+      if (key == "model" && number.empty()) number = value;
+      if (key.empty()) break;  // the first processor's block only
+    }
+    for (char& ch : name)
+      if (ch == '|' || ch == '\t') ch = ' ';
+    return name + " (family " + family + ", model " + number + ")";
+  }();
+  return model;
+}
+
+struct Tuning {
+  int layout = -1;            // -1: the cost model's choice; 0: channel-major; 1: tap-major
+  int64_t rows = 2;           // output rows per register tile (1 or 2)
+  double min_segment = 40.0;  // non-zeros a row segment holds at least (on average)
+  int64_t l1_budget = 0;      // bytes of input a block keeps for one work item
+  int64_t oc_chunk = 128;     // output channels per work item
+
+  std::string str() const {
+    std::ostringstream o;
+    o << "layout=" << (layout < 0 ? "auto" : layout ? "tap" : "channel") << ",rows=" << rows
+      << ",min_segment=" << min_segment << ",l1_budget=" << l1_budget << ",oc_chunk=" << oc_chunk;
+    return o.str();
+  }
+};
+
+// The defaults on this machine: 5/8 of L1d per block (20 KiB of 32, measured on the 2-core EPYC), and output
+// channel chunks whose parked tiles (rows x 64 columns x 8 bytes at most) take 1/16 of L2.
+inline Tuning default_tuning() {
+  Tuning t;
+  t.l1_budget = cache_sizes().l1d * 5 / 8;
+  t.oc_chunk = std::clamp<int64_t>(cache_sizes().l2 / 16 / (2 * 64 * 4), 32, 1024);
+  return t;
+}
+
+// Parses "key=value,..." over `base`; an unknown key or a bad value raises ValueError naming `source`
+// (or returns false when `source` is null: the lines of an untrusted cache file are skipped, not fatal).
+inline bool parse_tuning(const std::string& text, Tuning& t, const char* source) {
+  std::stringstream items(text);
+  std::string item;
+  const auto fail = [&](const std::string& why) {
+    TORCH_CHECK_VALUE(source == nullptr, "adapmtl: ", source, " must be comma-separated key=value pairs of ",
+                      "layout (auto|channel|tap), rows (1|2), min_segment (1..1000), l1_budget (1024..16777216 "
+                      "bytes), oc_chunk (1..65536): ", why, " in '", text, "'");
+    return false;
+  };
+  while (std::getline(items, item, ',')) {
+    const auto eq = item.find('=');
+    if (eq == std::string::npos) return fail("'" + item + "' has no '='");
+    const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+    char* end = nullptr;
+    const double number = std::strtod(value.c_str(), &end);
+    const bool numeric = !value.empty() && end && *end == '\0';
+    if (key == "layout") {
+      if (value == "auto") t.layout = -1;
+      else if (value == "channel") t.layout = 0;
+      else if (value == "tap") t.layout = 1;
+      else return fail("layout '" + value + "'");
+    } else if (key == "rows" && numeric && (number == 1 || number == 2)) {
+      t.rows = int64_t(number);
+    } else if (key == "min_segment" && numeric && number >= 1 && number <= 1000) {
+      t.min_segment = number;
+    } else if (key == "l1_budget" && numeric && number >= 1024 && number <= (16 << 20) && number == int64_t(number)) {
+      t.l1_budget = int64_t(number);
+    } else if (key == "oc_chunk" && numeric && number >= 1 && number <= 65536 && number == int64_t(number)) {
+      t.oc_chunk = int64_t(number);
+    } else {
+      return fail("'" + item + "'");
+    }
+  }
+  return true;
+}
+
+// The configuration a call runs with, unless the autotuner picks one: the defaults, with
+// ADAPMTL_CPU_SPARSE_CONFIG applied (read every call, so tests can switch it).
+inline Tuning configured_tuning(bool* forced = nullptr) {
+  Tuning t = default_tuning();
+  const char* env = std::getenv("ADAPMTL_CPU_SPARSE_CONFIG");
+  const bool set = env && *env;
+  if (set) parse_tuning(env, t, "environment variable ADAPMTL_CPU_SPARSE_CONFIG");
+  if (forced) *forced = set;
+  return t;
+}
+
+// The output-channel chunks the search tries: powers of two, and this machine's default.
+inline std::vector<int64_t> candidate_chunks() {
+  std::vector<int64_t> chunks{64, 128, 256, 512};
+  if (std::find(chunks.begin(), chunks.end(), default_tuning().oc_chunk) == chunks.end())
+    chunks.push_back(default_tuning().oc_chunk);
+  return chunks;
+}
+
+// Every configuration the staged search may time: layouts x rows x min_segment x oc_chunk on the defaults.
+inline std::vector<Tuning> candidate_tunings(bool with_tap_major) {
+  std::vector<Tuning> out;
+  for (int layout : {0, 1}) {
+    if (layout == 1 && !with_tap_major) continue;
+    for (int64_t rows : {1, 2})
+      for (double seg : {10.0, 20.0, 40.0, 80.0})
+        for (int64_t chunk : candidate_chunks()) {
+          Tuning t = default_tuning();
+          t.layout = layout, t.rows = rows, t.min_segment = seg, t.oc_chunk = chunk;
+          out.push_back(t);
+        }
+  }
+  return out;
+}
+
+class Autotuner {
+ public:
+  static Autotuner& instance() {
+    static Autotuner* tuner = new Autotuner();
+    return *tuner;
+  }
+
+  bool enabled() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return enabled_;
+  }
+
+  void configure(bool enabled, const std::string& cache_file) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    enabled_ = enabled;
+    if (cache_file != file_) {
+      file_ = cache_file;
+      loaded_ = false;
+    }
+  }
+
+  // The tuned configuration for `key`, timing the candidates with `time_ms(tuning)` the first time.
+  template <typename TimeFn>
+  Tuning tuning_for(const std::string& key, bool with_tap_major, const TimeFn& time_ms) {
+    const std::string full = cpu_model() + "|" + key;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      load_locked();
+      const auto it = table_.find(full);
+      if (it != table_.end()) {
+        ++hits_;
+        return it->second;
+      }
+    }
+    const Tuning best = search(with_tap_major, time_ms);  // outside the lock: it runs the kernel
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++searches_;
+    table_[full] = best;
+    if (!file_.empty()) {
+      if (FILE* f = std::fopen(file_.c_str(), "a")) {
+        std::fprintf(f, "%s\t%s\n", full.c_str(), best.str().c_str());
+        std::fclose(f);
+      } else {
+        TORCH_WARN_ONCE("adapmtl: cannot append to the autotuning cache file '", file_, "'; tuning stays in memory");
+      }
+    }
+    return best;
+  }
+
+  std::tuple<bool, std::string, int64_t, int64_t, int64_t, int64_t> info() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    load_locked();
+    return {enabled_, file_, int64_t(table_.size()), searches_, hits_, skipped_};
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    table_.clear();
+    loaded_ = false;
+    searches_ = hits_ = skipped_ = 0;
+  }
+
+ private:
+  Autotuner() {
+    const char* on = std::getenv("ADAPMTL_CPU_AUTOTUNE");
+    enabled_ = on && std::string(on) == "1";
+    const char* file = std::getenv("ADAPMTL_CPU_AUTOTUNE_CACHE");
+    file_ = file ? file : "";
+  }
+
+  // Stage by stage, each stage's values on the best so far: layout x rows, then min_segment, then oc_chunk.
+  // A candidate's time is the fastest of three runs after a warm-up run (the least disturbed by a shared
+  // machine's noise).
+  template <typename TimeFn>
+  static Tuning search(bool with_tap_major, const TimeFn& time_ms) {
+    const auto measure = [&](const Tuning& t) {
+      time_ms(t);
+      return std::min({time_ms(t), time_ms(t), time_ms(t)});
+    };
+    Tuning best = default_tuning();
+    best.layout = 0;
+    double best_ms = 1e300;
+    for (int layout : {0, 1}) {
+      if (layout == 1 && !with_tap_major) continue;
+      for (int64_t rows : {2, 1}) {
+        Tuning t = best;
+        t.layout = layout, t.rows = rows;
+        const double ms = measure(t);
+        if (ms < best_ms) best_ms = ms, best = t;
+      }
+    }
+    for (double seg : {10.0, 20.0, 80.0}) {  // 40 is the default, timed above
+      Tuning t = best;
+      t.min_segment = seg;
+      const double ms = measure(t);
+      if (ms < best_ms) best_ms = ms, best = t;
+    }
+    for (int64_t chunk : candidate_chunks()) {
+      if (chunk == best.oc_chunk) continue;
+      Tuning t = best;
+      t.oc_chunk = chunk;
+      const double ms = measure(t);
+      if (ms < best_ms) best_ms = ms, best = t;
+    }
+    return best;
+  }
+
+  void load_locked() {
+    if (loaded_) return;
+    loaded_ = true;
+    if (file_.empty()) return;
+    std::ifstream f(file_);
+    std::string line;
+    int64_t bad = 0;
+    while (std::getline(f, line)) {
+      if (line.empty() || line[0] == '#') continue;
+      const auto tab = line.find('\t');
+      Tuning t = default_tuning();
+      if (tab == std::string::npos || tab == 0 || !parse_tuning(line.substr(tab + 1), t, nullptr) || t.layout < 0) {
+        ++bad;
+        continue;
+      }
+      table_[line.substr(0, tab)] = t;
+    }
+    skipped_ += bad;
+    if (bad) TORCH_WARN("adapmtl: skipped ", bad, " malformed line(s) of the autotuning cache file '", file_, "'");
+  }
+
+  std::mutex mutex_;
+  bool enabled_ = false, loaded_ = false;
+  std::string file_;
+  std::unordered_map<std::string, Tuning> table_;
+  int64_t searches_ = 0, hits_ = 0, skipped_ = 0;
+};
+
+}  // namespace adapmtl
