@@ -22,6 +22,40 @@ def copy_bandwidth_gbps(numel: int, device, dtype=torch.float32, reps: int = 10)
     return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_facts() -> dict:
+    """The CPU a result comes from: model name, vendor, family/model/stepping (two EPYCs share a name), the
+    vector extensions that matter to the kernels, and the cache sizes of one core (sysfs)."""
+    facts = {"model": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name":
+                    facts["model"] = value
+                elif key in ("vendor_id", "cpu family", "model", "stepping"):
+                    facts[{"vendor_id": "vendor", "cpu family": "family", "model": "model_number"}.get(key, key)] = value
+                elif key == "flags":
+                    facts["isa"] = [flag for flag in ISA_FLAGS if flag in value.split()]
+    except OSError:
+        pass
+    caches = {}
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(root.glob("index*")) if root.is_dir() else []:
+        try:
+            level, kind, size = ((index / n).read_text().strip() for n in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
+    facts["caches_per_core"] = caches
+    return facts
+
+
 def device_description(device) -> dict:
     device = torch.device(device)
     info = {
@@ -33,25 +67,20 @@ def device_description(device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update(device=props.name, kind="cuda", sms=props.multi_processor_count, cuda=torch.version.cuda)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        info.update(device=f"{name} ({os.cpu_count()} cores)", kind="cpu")
+        cpu = cpu_facts()
+        info.update(device=f"{cpu['model']} ({os.cpu_count()} cores)", kind="cpu", cpu=cpu)
     return info
 
 
 def device_tag(info: dict) -> str:
-    """A file-name friendly device name, e.g. 'cpu-AMD-EPYC-2c' or 'cuda-NVIDIA-H100-80GB-HBM3'."""
+    """A file-name friendly device name, e.g. 'cpu-AMD-EPYC-f26m2-2c' (with the CPU family and model, so two
+    machines of one marketing name do not overwrite each other's results) or 'cuda-NVIDIA-H200'."""
     if info["kind"] == "cuda":
         name = info["device"]
     else:
-        name = info["device"].split(" (")[0] + f"-{os.cpu_count()}c"
+        cpu = info.get("cpu", {})
+        family = f"-f{cpu['family']}m{cpu['model_number']}" if "family" in cpu and "model_number" in cpu else ""
+        name = info["device"].split(" (")[0] + family + f"-{os.cpu_count()}c"
     return f"{info['kind']}-" + "".join(c if c.isalnum() or c in "-." else "-" for c in name).strip("-")
 
 

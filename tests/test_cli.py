@@ -142,6 +142,21 @@ def test_bench_smoke_runs_never_write_into_the_committed_results(tmp_path, monke
     assert common.write_results("x", info, {}, out_dir=tmp_path / "o").parent == tmp_path / "o"
 
 
+def test_result_files_name_the_cpu_and_record_its_caches_and_isa():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(REPO, "benchmarks", "common.py"))
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    zen4 = {"kind": "cpu", "device": "AMD EPYC (2 cores)", "cpu": {"family": "25", "model_number": "17"}}
+    zen5 = {"kind": "cpu", "device": "AMD EPYC (2 cores)", "cpu": {"family": "26", "model_number": "2"}}
+    assert common.device_tag(zen4) != common.device_tag(zen5)
+    assert common.device_tag(zen5).startswith("cpu-AMD-EPYC-f26m2-")
+    here = common.device_description("cpu")["cpu"]
+    assert here["model"] and isinstance(here.get("isa", []), list)
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
+        assert "L1d" in here["caches_per_core"] and "L2" in here["caches_per_core"]
+
+
 def test_load_trained_returns_the_model_as_trained(cfg_file):
     from adapmtl.train import TrainedModel, Trainer, load_config, load_trained
 
