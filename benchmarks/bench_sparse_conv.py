@@ -11,7 +11,9 @@ are listed but always run dense (the op layer's stated fallback). For each shape
 torch.sparse CSR x unfold peer (batch 1 only: it is far behind), and each of our backends; median
 times, speedup vs dense, and the crossover sparsity (where our fastest backend first beats dense,
 interpolated linearly between grid points). End-to-end: the whole pruned model at the paper's
-sparsity (backbone 52.7%, heads 86.2/94.7/90.8%, SPEC §6), dense vs `export_sparse`, batch 1.
+sparsity (backbone 52.7%, heads 86.2/94.7/90.8%, SPEC §6), dense vs `export_sparse`, batch 1 (and
+--e2e-batches). --autotune adds the column cpp_tuned: the C++ kernel with the autotuner's configuration
+(set_cpu_autotune), while cpp stays on the default one, in the same alternation.
 Output: a table on stdout, JSON and a PNG plot (speedup vs sparsity) in benchmarks/results/.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_description, format_table, interleaved_median_ms, median_time_ms, write_results  # noqa: E402
 
-from adapmtl.ops.sparse_conv import available_sparse_backends, sparse_conv2d  # noqa: E402
+from adapmtl.ops.sparse_conv import available_sparse_backends, set_cpu_autotune, sparse_conv2d  # noqa: E402
 from adapmtl.ops.sparse_weight import SparseWeight  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -80,6 +82,26 @@ def crossover(points: list[tuple[float, float]]) -> float | None:
     return None
 
 
+def _with_config(config: str, fn):
+    """fn run under ADAPMTL_CPU_SPARSE_CONFIG=config ("" = the autotuner's choice when it is on)."""
+    def run():
+        os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
+        try:
+            return fn()
+        finally:
+            os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+    return run
+
+
+def sparse_fn(x, sw, args, backend):
+    """One timed variant: a backend, or "cpp_tuned" (the C++ kernel with the autotuner's configuration; the
+    plain "cpp" then runs the default configuration, forced, so that the autotuner never touches it)."""
+    if backend == "cpp_tuned":
+        return _with_config("", lambda: sparse_conv2d(x, sw, None, *args, backend="cpp"))
+    fn = lambda: sparse_conv2d(x, sw, None, *args, backend=backend)  # noqa: E731
+    return _with_config("layout=auto", fn) if backend == "cpp" else fn
+
+
 def bench_shape(shape: dict, batch: int, sparsities, device, backends, reps: int, csr: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, shape["c_in"], shape["h"], shape["w"], generator=gen).to(device)
@@ -96,7 +118,7 @@ def bench_shape(shape: dict, batch: int, sparsities, device, backends, reps: int
             sw = SparseWeight.from_dense(random_pruned(wshape, sp, gen, device))
             ref = F.conv2d(x, sw.to_dense(), None, *args)
             names = backends + (["torch_csr"] if csr else [])
-            fns = [lambda b=backend: sparse_conv2d(x, sw, None, *args, backend=b) for backend in names]
+            fns = [sparse_fn(x, sw, args, backend) for backend in names]
             for fn in fns:
                 torch.testing.assert_close(fn(), ref, rtol=1e-3, atol=1e-3)  # never time a wrong kernel
             # dense is timed in the same rounds as the sparse kernels (see interleaved_median_ms)
@@ -111,8 +133,8 @@ def bench_shape(shape: dict, batch: int, sparsities, device, backends, reps: int
     return rows
 
 
-def end_to_end(backbone: str, device, reps: int) -> dict:
-    """Whole model at the paper's sparsity, batch 1, 321x321: dense (finalized) vs export_sparse."""
+def end_to_end(backbone: str, device, reps: int, batch: int = 1) -> dict:
+    """Whole model at the paper's sparsity, 321x321: dense (finalized) vs export_sparse."""
     from adapmtl.export import export_sparse
     from adapmtl.models import build_model
 
@@ -124,8 +146,8 @@ def end_to_end(backbone: str, device, reps: int) -> dict:
             for m in component.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     m.weight.mul_((torch.rand(m.weight.shape, generator=gen) >= PAPER_SPARSITY[name]).to(device))
-    x = torch.randn(1, 3, 321, 321, generator=gen).to(device)
-    result = {"model": backbone, "sparsity": PAPER_SPARSITY}
+    x = torch.randn(batch, 3, 321, 321, generator=gen).to(device)
+    result = {"model": backbone, "batch": batch, "sparsity": PAPER_SPARSITY}
     for policy in ("crossover", "time"):
         t0 = time.perf_counter()
         exported = export_sparse(model, policy=policy, example_input=x if policy == "time" else None)
@@ -183,6 +205,10 @@ def main(argv=None):
     parser.add_argument("--heads-only", action="store_true", help="only the head (ASPP) shapes")
     parser.add_argument("--no-csr", action="store_true", help="skip the torch.sparse CSR peer")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model timing")
+    parser.add_argument("--e2e-batches", nargs="+", type=int, default=[1], help="batch sizes of the end-to-end timing")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also time the C++ kernel with the autotuner's configuration (column cpp_tuned; "
+                             "adapmtl.ops.set_cpu_autotune), and the end-to-end models with it on")
     parser.add_argument("--quick", action="store_true", help="head shapes of resnet34, batch 1, 0.9/0.95, 3 reps")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; runs/bench "
@@ -201,6 +227,9 @@ def main(argv=None):
         backends = [b for b in available_sparse_backends(device) if b not in ("torch", "torch_csr")]
         if device.type == "cpu":
             backends = [b for b in backends if b != "triton"]  # the interpreter is not a CPU backend
+            if args.autotune and "cpp" in backends:
+                set_cpu_autotune(True)
+                backends.append("cpp_tuned")
         shapes = [s for m in args.models for s in model_conv_shapes(m)]
         if args.heads_only:
             shapes = [s for s in shapes if s["part"] == "head"]
@@ -236,12 +265,12 @@ def main(argv=None):
                                    ("crossover", "crossover sparsity", ".3f")]))
         e2e = []
         if not args.no_e2e:
-            for m in args.models:
-                e2e.append(end_to_end(m, device, max(3, args.reps)))
+            for m, batch in [(m, b) for m in args.models for b in args.e2e_batches]:
+                e2e.append(end_to_end(m, device, max(3, args.reps), batch))
                 r = e2e[-1]
                 for policy in ("crossover", "time"):
                     p = r[policy]
-                    print(f"end-to-end {m} batch 1 ({policy}): dense {p['dense_ms']:.1f} ms, exported "
+                    print(f"end-to-end {m} batch {batch} ({policy}): dense {p['dense_ms']:.1f} ms, exported "
                           f"{p['sparse_ms']:.1f} ms, speedup {p['speedup']:.2f}x, {p['sparse_layers']}/{p['layers']} "
                           f"layers sparse, max rel err {p['max_rel_err']:.1e}", flush=True)
         name = args.name or ("sparse_conv_quick" if args.quick else "sparse_conv")
