@@ -132,17 +132,37 @@ class SegmentationMeter:
         return out
 
 
-class NormalMeter:
-    THRESHOLDS = (11.25, 22.5, 30.0)
+class _PixelMeter:
+    """What the per-pixel meters share: the counts of valid and NaN pixels, and the coverage they report."""
 
-    def __init__(self, spec: TaskSpec, exact_median_limit: int = EXACT_MEDIAN_LIMIT):
+    def __init__(self, spec: TaskSpec):
         self.spec = spec
-        self.exact_median_limit = exact_median_limit
         self.reset()
 
     def reset(self):
         self.total = 0
         self.nan = 0
+
+    def _count(self, valid: Tensor, values: Tensor) -> Tensor:
+        """Counts the valid pixels and those among them whose value is NaN; returns the valid, non-NaN ones."""
+        nan = torch.isnan(values) & valid
+        self.total += int(valid.sum())
+        self.nan += int(nan.sum())
+        return valid & ~nan
+
+    def _coverage(self) -> dict[str, float]:
+        return {"nan_fraction": self.nan / self.total if self.total else 0.0, "num_pixels": float(self.total)}
+
+
+class NormalMeter(_PixelMeter):
+    THRESHOLDS = (11.25, 22.5, 30.0)
+
+    def __init__(self, spec: TaskSpec, exact_median_limit: int = EXACT_MEDIAN_LIMIT):
+        self.exact_median_limit = exact_median_limit
+        super().__init__(spec)
+
+    def reset(self):
+        super().reset()
         self.angle_sum = 0.0
         self.cos_sum = 0.0
         self.within = [0, 0, 0]
@@ -163,11 +183,8 @@ class NormalMeter:
         cos = (pred * gt).sum(1) / (pred.norm(dim=1).clamp_min(1e-12) * gnorm.clamp_min(1e-12))
         cos = cos.clamp(-1.0, 1.0)  # clamp keeps NaN
         angle = torch.rad2deg(torch.acos(cos))
-        nan = torch.isnan(angle) & valid
-        good = valid & ~nan
+        good = self._count(valid, angle)
         a = angle[good]
-        self.total += int(valid.sum())
-        self.nan += int(nan.sum())
         self.angle_sum += float(a.sum())
         self.cos_sum += float(cos[good].sum())
         for i, t in enumerate(self.THRESHOLDS):
@@ -201,21 +218,15 @@ class NormalMeter:
         for t, c in zip(self.THRESHOLDS, self.within):
             out[f"within_{t:g}"] = c / self.total * 100 if self.total else _nan()
         out["cosine"] = self.cos_sum / n if n else _nan()
-        out["nan_fraction"] = self.nan / self.total if self.total else 0.0
-        out["num_pixels"] = float(self.total)
+        out.update(self._coverage())
         return out
 
 
-class DepthMeter:
+class DepthMeter(_PixelMeter):
     THRESHOLDS = (("delta_1.25", 1.25), ("delta_1.25^2", 1.25 ** 2), ("delta_1.25^3", 1.25 ** 3))
 
-    def __init__(self, spec: TaskSpec):
-        self.spec = spec
-        self.reset()
-
     def reset(self):
-        self.total = 0
-        self.nan = 0
+        super().reset()
         self.abs_sum = 0.0
         self.rel_sum = 0.0
         self.delta = [0, 0, 0]
@@ -225,11 +236,8 @@ class DepthMeter:
         p = _upsample(pred.detach(), size).cpu().double()[:, 0]
         g = label.cpu().double()[:, 0]
         valid = valid_mask(self.spec, batch, label).cpu() & (g > DEPTH_MIN_VALID)
-        nan = torch.isnan(p) & valid
-        good = valid & ~nan
+        good = self._count(valid, p)
         p, g = p[good], g[good]
-        self.total += int(valid.sum())
-        self.nan += int(nan.sum())
         err = (p - g).abs()
         self.abs_sum += float(err.sum())
         self.rel_sum += float((err / g).sum())
@@ -243,36 +251,25 @@ class DepthMeter:
         out = {"abs_err": self.abs_sum / n if n else _nan(), "rel_err": self.rel_sum / n if n else _nan()}
         for (name, _), c in zip(self.THRESHOLDS, self.delta):
             out[name] = c / self.total * 100 if self.total else _nan()
-        out["nan_fraction"] = self.nan / self.total if self.total else 0.0
-        out["num_pixels"] = float(self.total)
+        out.update(self._coverage())
         return out
 
 
-class L1Meter:
-    def __init__(self, spec: TaskSpec):
-        self.spec = spec
-        self.reset()
-
+class L1Meter(_PixelMeter):
     def reset(self):
-        self.total = 0
-        self.nan = 0
+        super().reset()
         self.abs_sum = 0.0
 
     def update(self, pred: Tensor, label: Tensor, batch: dict):
         size = label.shape[-2:]
         p = _upsample(pred.detach(), size).cpu().double()[:, 0]
         g = label.cpu().double()[:, 0]
-        valid = valid_mask(self.spec, batch, label).cpu()
-        nan = torch.isnan(p) & valid
-        good = valid & ~nan
-        self.total += int(valid.sum())
-        self.nan += int(nan.sum())
+        good = self._count(valid_mask(self.spec, batch, label).cpu(), p)
         self.abs_sum += float((p - g).abs()[good].sum())
 
     def compute(self) -> dict[str, float]:
         n = self.total - self.nan
-        return {"l1_err": self.abs_sum / n if n else _nan(),
-                "nan_fraction": self.nan / self.total if self.total else 0.0, "num_pixels": float(self.total)}
+        return {"l1_err": self.abs_sum / n if n else _nan(), **self._coverage()}
 
 
 class MultiTaskMetrics:

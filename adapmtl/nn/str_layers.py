@@ -82,9 +82,23 @@ class _STRMixin:
     def _effective_weight_and_nnz(self) -> tuple[Tensor, Tensor]:
         return soft_threshold(self.weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True)
 
-    def _record(self, nnz: Tensor) -> None:
+    def _recorded_weight(self) -> Tensor:
+        """w_hat for this forward, its non-zero count kept in `last_nnz`."""
+        weight, nnz = self._effective_weight_and_nnz()
         with torch.no_grad():
             self.last_nnz.copy_(nnz)
+        return weight
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, *, threshold=None, init=-15.0, grad="exact", backend="auto", component=""):
+        """An STR layer that reuses `dense`'s weight and bias Parameters (optimizer state stays valid)."""
+        layer = cls(*cls._constructor_args(dense), device="meta", dtype=dense.weight.dtype, threshold=threshold,
+                    init=init, grad=grad, backend=backend, component=component)
+        _adopt_parameters(layer, dense, threshold, init)
+        return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._str_repr()
 
     @torch.no_grad()
     def effective_weight(self) -> Tensor:
@@ -135,23 +149,12 @@ class STRConv2d(_STRMixin, nn.Conv2d):
         self._init_str(threshold, init, grad, backend, component, device)
 
     def forward(self, input: Tensor) -> Tensor:
-        weight, nnz = self._effective_weight_and_nnz()
-        self._record(nnz)
-        return self._conv_forward(input, weight, self.bias)
+        return self._conv_forward(input, self._recorded_weight(), self.bias)
 
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, threshold=None, init=-15.0, grad="exact", backend="auto", component=""):
-        """An STR layer that reuses `conv`'s weight and bias Parameters (optimizer state stays valid)."""
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
-            threshold=threshold, init=init, grad=grad, backend=backend, component=component,
-        )
-        _adopt_parameters(layer, conv, threshold, init)
-        return layer
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self._str_repr()
+    @staticmethod
+    def _constructor_args(conv: nn.Conv2d) -> tuple:
+        return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode)
 
 
 class STRLinear(_STRMixin, nn.Linear):
@@ -175,23 +178,11 @@ class STRLinear(_STRMixin, nn.Linear):
         self._init_str(threshold, init, grad, backend, component, device)
 
     def forward(self, input: Tensor) -> Tensor:
-        weight, nnz = self._effective_weight_and_nnz()
-        self._record(nnz)
-        return F.linear(input, weight, self.bias)
+        return F.linear(input, self._recorded_weight(), self.bias)
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, *, threshold=None, init=-15.0, grad="exact", backend="auto", component=""):
-        """An STR layer that reuses `linear`'s weight and bias Parameters."""
-        layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, threshold=threshold, init=init, grad=grad, backend=backend,
-            component=component,
-        )
-        _adopt_parameters(layer, linear, threshold, init)
-        return layer
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self._str_repr()
+    @staticmethod
+    def _constructor_args(linear: nn.Linear) -> tuple:
+        return (linear.in_features, linear.out_features, linear.bias is not None)
 
 
 def _adopt_parameters(layer: _STRMixin, dense: nn.Module, threshold, init) -> None:
