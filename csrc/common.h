@@ -75,12 +75,13 @@ inline void check_csr_arrays(const char* op, const at::Tensor& x, const at::Tens
   }
 }
 
-// x of a sparse kernel: float32/float64, and float16/bfloat16 where the kernel has them (`reduced`).
-inline void check_input_dtype(const char* op, const at::Tensor& x, bool reduced) {
+// The dtype of a kernel's input `arg`: float32/float64, and float16/bfloat16 where the kernel has them
+// (`reduced`).
+inline void check_input_dtype(const char* op, const char* arg, const at::Tensor& x, bool reduced) {
   const auto t = x.scalar_type();
   const bool ok = t == at::kFloat || t == at::kDouble || (reduced && (t == at::kHalf || t == at::kBFloat16));
-  TORCH_CHECK_TYPE(ok, op, ": argument 'x' must be ", reduced ? "float32, float64, float16 or bfloat16" : "float32 or float64",
-                   ", got ", t);
+  TORCH_CHECK_TYPE(ok, op, ": argument '", arg, "' must be ",
+                   reduced ? "float32, float64, float16 or bfloat16" : "float32 or float64", ", got ", t);
 }
 
 // A 2-D convolution's geometry, validated with overflow-checked arithmetic before anything is allocated.
@@ -138,7 +139,7 @@ inline ConvGeometry check_sparse_conv2d_args(const char* op, const at::Tensor& x
                                              const c10::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
                                              at::IntArrayRef stride, at::IntArrayRef padding,
                                              at::IntArrayRef dilation, bool reduced) {
-  check_input_dtype(op, x, reduced);
+  check_input_dtype(op, "x", x, reduced);
   const ConvGeometry g = check_conv_args(op, x, weight_shape, stride, padding, dilation);
   check_csr_arrays(op, x, row_ptr, col_idx, values, bias, g.OC);
   return g;
@@ -147,7 +148,7 @@ inline ConvGeometry check_sparse_conv2d_args(const char* op, const at::Tensor& x
 inline int64_t check_sparse_linear_args(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
                                         const at::Tensor& col_idx, const at::Tensor& values,
                                         const c10::optional<at::Tensor>& bias, int64_t in_features, bool reduced) {
-  check_input_dtype(op, x, reduced);
+  check_input_dtype(op, "x", x, reduced);
   const int64_t rows = check_linear_args(op, x, row_ptr, in_features);
   check_csr_arrays(op, x, row_ptr, col_idx, values, bias, rows);
   return rows;

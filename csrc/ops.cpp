@@ -45,8 +45,6 @@ static bool openmp_enabled() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adapmtl C++ CPU kernels (operators are registered under torch.ops.adapmtl)";
   m.def("openmp_enabled", &openmp_enabled, "whether the CPU kernels were built with OpenMP");
-  // The checks of csrc/common.h for the Triton custom ops, so that direct torch.ops calls of every backend
-  // are checked by the same code (the Triton launchers check only their own kernels' limits).
   // The CPU sparse kernel's configurations and autotuner (csrc/cpu/sparse_tuning.h).
   m.def("set_cpu_autotune", [](bool enabled, const std::string& cache_file) {
     adapmtl::Autotuner::instance().configure(enabled, cache_file);
@@ -62,9 +60,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_sparse_default_config", [] { return adapmtl::default_tuning().str(); });
   m.def("cpu_cache_sizes", [] { return std::make_tuple(adapmtl::cache_sizes().l1d, adapmtl::cache_sizes().l2); });
   m.def("cpu_model", [] { return adapmtl::cpu_model(); });
+  // The checks of csrc/common.h for the Triton custom ops, so that direct torch.ops calls of every backend
+  // are checked by the same code (the Triton launchers check only their own kernels' limits).
   m.def("check_soft_threshold_args",
         [](const std::string& op, const at::Tensor& w, const at::Tensor& s, const c10::optional<at::Tensor>& grad_out) {
           adapmtl::check_soft_threshold_args(op.c_str(), w, s);
+          adapmtl::check_input_dtype(op.c_str(), "w", w, /*reduced=*/true);  // the Triton kernels' dtypes
           if (grad_out.has_value()) adapmtl::check_grad_out(op.c_str(), *grad_out, w);
         });
   m.def("check_sparse_conv2d_args",

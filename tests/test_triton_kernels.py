@@ -208,6 +208,8 @@ def test_bad_arguments_raise_clear_errors(monkeypatch):
         fwd([1.0, 2.0], s, False)
     with pytest.raises(TypeError, match="argument 's'.*floating"):
         fwd(w, torch.tensor(1, device=DEVICE), False)
+    with pytest.raises(TypeError, match="argument 'w'"):  # a float dtype the Triton kernels do not have
+        fwd(w.to(torch.float8_e5m2), s, False)
     with pytest.raises(ValueError, match="argument 's'.*exactly one value"):
         fwd(w, torch.zeros(2, device=DEVICE), False)
     with pytest.raises(ValueError, match="argument 'grad_out'.*shape"):

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -105,7 +106,7 @@ inline Tuning default_tuning() {
   return t;
 }
 
-// Parses "key=value,..." over `base`; an unknown key or a bad value raises ValueError naming `source`
+// Parses "key=value,..." into `t` (keys not given keep their value); an unknown key or a bad value raises ValueError naming `source`
 // (or returns false when `source` is null: the lines of an untrusted cache file are skipped, not fatal).
 inline bool parse_tuning(const std::string& text, Tuning& t, const char* source) {
   std::stringstream items(text);
@@ -185,10 +186,7 @@ class Autotuner {
     return *tuner;
   }
 
-  bool enabled() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return enabled_;
-  }
+  bool enabled() const { return enabled_.load(std::memory_order_relaxed); }  // every conv call asks: no lock
 
   void configure(bool enabled, const std::string& cache_file) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -230,7 +228,7 @@ class Autotuner {
   std::tuple<bool, std::string, int64_t, int64_t, int64_t, int64_t> info() {
     std::lock_guard<std::mutex> lock(mutex_);
     load_locked();
-    return {enabled_, file_, int64_t(table_.size()), searches_, hits_, skipped_};
+    return {enabled_.load(), file_, int64_t(table_.size()), searches_, hits_, skipped_};
   }
 
   void clear() {
@@ -307,7 +305,8 @@ class Autotuner {
   }
 
   std::mutex mutex_;
-  bool enabled_ = false, loaded_ = false;
+  std::atomic<bool> enabled_{false};
+  bool loaded_ = false;
   std::string file_;
   std::unordered_map<std::string, Tuning> table_;
   int64_t searches_ = 0, hits_ = 0, skipped_ = 0;
