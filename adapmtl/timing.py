@@ -43,11 +43,12 @@ def median_time_ms(fn, device, *, warmup: int = 2, reps: int = 10, min_time_s: f
     return statistics.median(times)
 
 
-def interleaved_median_ms(fns, device, *, warmup: int = 1, reps: int = 10) -> list[float]:
-    """Median wall times (ms) of several functions timed in alternation, one call of each per round.
+def interleaved_times_ms(fns, device, *, warmup: int = 1, reps: int = 10) -> list[list[float]]:
+    """Wall times (ms) of several functions timed in alternation, one call of each per round: times[f][round].
 
     For where the ratio between them is the result (sparse vs dense): on a shared or virtualised machine the
-    speed drifts over seconds, and alternating exposes every function to the same drift.
+    speed drifts over seconds, and alternating exposes every function to the same drift (and the ratio of
+    two functions' times in one round is a sample of their ratio).
     """
     device = torch.device(device)
     for fn in fns:
@@ -58,4 +59,9 @@ def interleaved_median_ms(fns, device, *, warmup: int = 1, reps: int = 10) -> li
     for _ in range(reps):
         for fn, ts in zip(fns, times):
             ts.append(time_once_ms(fn, device))
-    return [statistics.median(ts) for ts in times]
+    return times
+
+
+def interleaved_median_ms(fns, device, *, warmup: int = 1, reps: int = 10) -> list[float]:
+    """Median wall times (ms) of several functions timed in alternation (interleaved_times_ms)."""
+    return [statistics.median(ts) for ts in interleaved_times_ms(fns, device, warmup=warmup, reps=reps)]

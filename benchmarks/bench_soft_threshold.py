@@ -8,8 +8,11 @@ Sizes are the weight tensors of the DeepLab-ResNet-34 NYUv2 multitask model (SPE
 (1M), the largest backbone conv (2.4M), an ASPP 3x3 branch conv (4.7M), one whole ASPP head as a flat
 tensor (23M), and "model": all 90.7M prunable weights of the model, layer by layer, as one training
 step sees them. Passes: fwd, bwd, fwd+bwd (float32, exact gradient). Bandwidth counts the memory floor of
-SPEC §1 (fwd 8, bwd 12, fwd+bwd 20 bytes per element) and is compared with the copy bandwidth measured in
-the same run. Results: a table on stdout and JSON in benchmarks/results/.
+SPEC §1 (fwd 8, bwd 12, fwd+bwd 20 bytes per element) and is compared with the copy bandwidth, a
+`dst.copy_(src)` of the case's size timed in alternation with the passes (the machine's bandwidth drifts).
+Like the trainer, the process keeps freed host memory (adapmtl/train/host_memory.py): otherwise a pass
+that follows one freeing a gigabyte faults its outputs in again (the whole model's forward measured 54.7
+against 16 ms). Results: a table on stdout and JSON in benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbps, device_description, format_table, median_time_ms, write_results  # noqa: E402
+from common import device_description, format_table, interleaved_median_ms, write_results  # noqa: E402
 
 from adapmtl.ops import available_backends, soft_threshold, soft_threshold_reference  # noqa: E402
+from adapmtl.train.host_memory import retain_freed_memory  # noqa: E402
 
 BYTES_PER_ELEMENT = {"fwd": 8, "bwd": 12, "fwd+bwd": 20}  # float32, SPEC §1
 
@@ -56,12 +60,12 @@ def make_fn(backend: str, compiled_reference):
     return lambda w, s: soft_threshold(w, s, backend=backend)
 
 
-def bench_case(label, shapes, backend, fn, device, reps):
+def case_passes(shapes, fn, device):
+    """The three passes of one backend over weights of `shapes`: [(pass name, callable)]."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     ws = [(torch.randn(shape, generator=gen) * 0.05).to(device).requires_grad_() for shape in shapes]
     s = torch.tensor(-3.5, device=device, requires_grad=True)  # g(s) ≈ 0.03: about half the weights survive
     grads = [torch.randn_like(w) for w in ws]
-    numel = sum(w.numel() for w in ws)
 
     def forward():
         return [fn(w, s) for w in ws]
@@ -74,12 +78,23 @@ def bench_case(label, shapes, backend, fn, device, reps):
     def forward_backward():
         torch.autograd.grad(forward(), [*ws, s], grads)
 
-    rows = []
-    for name, run in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
-        ms = median_time_ms(run, device, reps=reps)
-        rows.append(dict(case=label, numel=numel, backend=backend, pass_=name, ms=ms,
-                         gbps=BYTES_PER_ELEMENT[name] * numel / (ms * 1e-3) / 1e9))
-    return rows
+    return [("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)]
+
+
+def bench_case(label, shapes, backends, device, reps):
+    """Every backend's passes and the copy of the same size, in alternation; rows and the copy bandwidth."""
+    numel = sum(torch.Size(shape).numel() for shape in shapes)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    runs = [("copy", None, lambda: dst.copy_(src))]
+    for backend, fn in backends.items():
+        runs += [(name, backend, run) for name, run in case_passes(shapes, fn, device)]
+    times = interleaved_median_ms([run for _, _, run in runs], device, warmup=1, reps=reps)
+    copy_gbps = 2 * numel * src.element_size() / (times[0] * 1e-3) / 1e9
+    rows = [dict(case=label, numel=numel, backend=backend, pass_=name, ms=ms,
+                 gbps=BYTES_PER_ELEMENT[name] * numel / (ms * 1e-3) / 1e9)
+            for (name, backend, _), ms in zip(runs[1:], times[1:])]
+    return rows, copy_gbps
 
 
 def main(argv=None):
@@ -95,6 +110,7 @@ def main(argv=None):
                         "runs/bench with --quick)")
     args = parser.parse_args(argv)
 
+    retained = retain_freed_memory()
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if args.quick:
         cases = {f"{n} elements": [(n,)] for n in (args.sizes or [4099, 65536])}
@@ -116,11 +132,10 @@ def main(argv=None):
 
         rows = []
         copy_bw = {}
+        fns = {backend: make_fn(backend, compiled_reference) for backend in backends}
         for label, shapes in cases.items():
-            numel = sum(torch.Size(s).numel() for s in shapes)
-            copy_bw[label] = copy_bandwidth_gbps(numel, device)
-            for backend in backends:
-                rows += bench_case(label, shapes, backend, make_fn(backend, compiled_reference), device, args.reps)
+            case_rows, copy_bw[label] = bench_case(label, shapes, fns, device, args.reps)
+            rows += case_rows
         eager = {(r["case"], r["pass_"]): r["ms"] for r in rows if r["backend"] == "torch"}
         for r in rows:
             r["speedup"] = eager[(r["case"], r["pass_"])] / r["ms"]
@@ -136,7 +151,7 @@ def main(argv=None):
         ]))
         path = write_results("soft_threshold", info, {
             "dtype": "float32", "grad": "exact", "bytes_per_element": BYTES_PER_ELEMENT,
-            "copy_bandwidth_gbps": copy_bw, "rows": rows,
+            "copy_bandwidth_gbps": copy_bw, "retain_host_memory": retained, "rows": rows,
         }, args.out_dir, smoke=args.quick)
         print(f"wrote {path}")
 

@@ -10,24 +10,28 @@ component at half its final sparsity in the paper (backbone 26%, heads 43/47/45%
 are timed in alternation in one run; the table also breaks the STR overhead down by timing, in the same
 alternation, the soft threshold alone (forward + backward over every STR layer's weight, what the step
 adds) and a dense step that also allocates and writes a copy of every weight (what an extra pass over
-the weights would cost). Output: a table on stdout and JSON (with the CPU) in benchmarks/results/.
+the weights would cost). Like the trainer, the process keeps freed host memory instead of faulting it in
+again every step (adapmtl/train/host_memory.py); --no-retain-host-memory measures glibc's default
+(results named ..._malloc_default). Output: a table on stdout and JSON (with the CPU) in benchmarks/results/.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_description, format_table, interleaved_median_ms, write_results  # noqa: E402
+from common import device_description, format_table, interleaved_times_ms, write_results  # noqa: E402
 
 import adapmtl  # noqa: E402
 from adapmtl.models import build_model  # noqa: E402
 from adapmtl.ops import soft_threshold  # noqa: E402
+from adapmtl.train.host_memory import retain_freed_memory  # noqa: E402
 
 TASKS = {"segment_semantic": 40, "normal": 3, "depth": 1}
 HALF_PAPER_SPARSITY = {"backbone": 0.527 / 2, "segment_semantic": 0.862 / 2, "normal": 0.947 / 2, "depth": 0.908 / 2}
@@ -74,6 +78,8 @@ def main(argv=None):
     parser.add_argument("--backend", default="cpp", help="soft-threshold backend of the STR layers")
     parser.add_argument("--rounds", type=int, default=15, help="alternation rounds (one step of each per round)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-retain-host-memory", dest="retain", action="store_false",
+                        help="glibc's default: freed memory goes back to the OS (the trainer keeps it)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 64x64, 3 rounds, written to runs/bench")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -81,6 +87,7 @@ def main(argv=None):
         args.backbone, args.size, args.rounds = "tiny", 64, 3
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = retain_freed_memory() if args.retain else False
     torch.manual_seed(0)
     dense = build_model(args.backbone, tasks=TASKS).train()
     strm = copy.deepcopy(dense)
@@ -111,22 +118,30 @@ def main(argv=None):
     device = torch.device("cpu")
     variants = {"dense step": step_dense, "STR step": step_str, "soft threshold fwd+bwd only": soft_threshold_only,
                 "dense step + weight copy": dense_plus_weight_copy}
-    ms = dict(zip(variants, interleaved_median_ms(list(variants.values()), device, warmup=2, reps=args.rounds)))
-    base = ms["dense step"]
+    times = dict(zip(variants, interleaved_times_ms(list(variants.values()), device, warmup=2, reps=args.rounds)))
+    dense = times["dense step"]
     numel = sum(w.numel() for w in weights)
-    rows = [dict(variant=k, ms=v, vs_dense=v / base, over_dense=(v - base) / base * 100 if k != "soft threshold fwd+bwd only"
-                 else v / base * 100) for k, v in ms.items()]
+    rows = []
+    for k, ts in times.items():
+        # per round, against the dense step of the same round: its median and quartiles are the result's spread
+        per_round = [100 * (t / d if k == "soft threshold fwd+bwd only" else t / d - 1) for t, d in zip(ts, dense)]
+        q1, median, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+        rows.append(dict(variant=k, ms=statistics.median(ts), over_dense=median, over_dense_q1=q1, over_dense_q3=q3))
     info = device_description(device)
     print(f"STR training step vs dense, {args.backbone} NYUv2 heads, {size}x{size}, batch {n}, backend {args.backend}, "
-          f"on {info['device']} ({info['threads']} threads), {args.rounds} alternating rounds")
+          f"on {info['device']} ({info['threads']} threads), {args.rounds} alternating rounds, "
+          f"freed host memory {'retained' if retained else 'returned to the OS (glibc default)'}")
     print("mid-training sparsity per component: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sparsity.items()))
     print(format_table(rows, [("variant", "variant" + " " * 22, "s"), ("ms", "median ms", ".1f"),
-                              ("vs_dense", "x dense step", ".3f"), ("over_dense", "% of / over dense", "+.1f")]))
+                              ("over_dense", "% of / over dense", "+.1f"), ("over_dense_q1", "per round: q1", "+.1f"),
+                              ("over_dense_q3", "q3", "+.1f")]))
+    print("% of / over dense: the median over rounds of each round's time against that round's dense step "
+          "(q1, q3: its quartiles)")
     print(f"{len(weights)} STR layers, {numel / 1e6:.1f}M weights: the soft threshold's floor (20 B/weight) "
           f"is {20 * numel / 1e9:.2f} GB per step")
-    name = f"str_step_{args.backbone}" + ("_quick" if args.quick else "")
+    name = f"str_step_{args.backbone}" + ("" if args.retain else "_malloc_default") + ("_quick" if args.quick else "")
     path = write_results(name, info, {"backbone": args.backbone, "size": size, "batch": n, "backend": args.backend,
-                                      "rounds": args.rounds, "sparsity": sparsity, "str_weights": numel, "rows": rows},
+                                      "rounds": args.rounds, "retain_host_memory": retained, "sparsity": sparsity, "str_weights": numel, "rows": rows},
                          out_dir=args.out, smoke=args.quick)
     print(f"wrote {path}")
     return 0

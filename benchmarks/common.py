@@ -8,18 +8,9 @@ from pathlib import Path
 import torch
 
 from adapmtl.checkpoint_io import write_json_atomic
-from adapmtl.timing import interleaved_median_ms, median_time_ms  # noqa: F401 - the benchmarks use them from here
+from adapmtl.timing import interleaved_median_ms, interleaved_times_ms, median_time_ms  # noqa: F401 - the benchmarks use them from here
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def copy_bandwidth_gbps(numel: int, device, dtype=torch.float32, reps: int = 10) -> float:
-    """Achieved bandwidth of `dst.copy_(src)` (read + write) for a tensor of `numel` elements: the
-    memory-bound ceiling that elementwise kernels are measured against."""
-    src = torch.randn(numel, device=device, dtype=dtype)
-    dst = torch.empty_like(src)
-    ms = median_time_ms(lambda: dst.copy_(src), device, reps=reps)
-    return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
 
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",

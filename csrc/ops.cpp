@@ -58,7 +58,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   });
   m.def("cpu_sparse_default_config", [] { return adapmtl::default_tuning().str(); });
-  m.def("cpu_cache_sizes", [] { return std::make_tuple(adapmtl::cache_sizes().l1d, adapmtl::cache_sizes().l2); });
+  m.def("cpu_cache_sizes", [] {
+    const auto& c = adapmtl::cache_sizes();
+    return std::make_tuple(c.l1d, c.l2, c.l3);
+  }, "(L1d, L2, L3) in bytes, as the CPU kernels read them (csrc/cpu/cpu_info.h)");
   m.def("cpu_model", [] { return adapmtl::cpu_model(); });
   // The checks of csrc/common.h for the Triton custom ops, so that direct torch.ops calls of every backend
   // are checked by the same code (the Triton launchers check only their own kernels' limits).

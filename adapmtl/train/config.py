@@ -116,6 +116,8 @@ class TrainConfig:
     max_val_batches: int | None = None
     on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error; checkpoints stay the last good ones) or "skip" the step
     keep_checkpoints: int = 3  # latest.pt plus this many - 1 older ones (latest-<iteration>.pt) to fall back to
+    # on the CPU, keep freed memory in the process instead of faulting it in again every step (host_memory.py)
+    retain_host_memory: bool = True
 
 
 @dataclass

@@ -41,6 +41,7 @@ from adapmtl.train.checkpoint import (
     set_rng_state,
 )
 from adapmtl.train.config import Config, save_config
+from adapmtl.train.host_memory import retain_freed_memory
 from adapmtl.train.logging import RunLogger
 from adapmtl.train.loss_weights import AdaptiveLossWeights
 
@@ -135,6 +136,8 @@ class Trainer:
         self.device = _resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif cfg.train.retain_host_memory:
+            retain_freed_memory()
         self.out_dir = cfg.out_dir
         if D.is_main() and os.path.isdir(self.out_dir):
             remove_orphan_temps(self.out_dir)  # writes a kill interrupted: never valid checkpoints
