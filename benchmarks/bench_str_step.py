@@ -119,12 +119,12 @@ def main(argv=None):
     variants = {"dense step": step_dense, "STR step": step_str, "soft threshold fwd+bwd only": soft_threshold_only,
                 "dense step + weight copy": dense_plus_weight_copy}
     times = dict(zip(variants, interleaved_times_ms(list(variants.values()), device, warmup=2, reps=args.rounds)))
-    dense = times["dense step"]
+    dense_times = times["dense step"]
     numel = sum(w.numel() for w in weights)
     rows = []
     for k, ts in times.items():
         # per round, against the dense step of the same round: its median and quartiles are the result's spread
-        per_round = [100 * (t / d if k == "soft threshold fwd+bwd only" else t / d - 1) for t, d in zip(ts, dense)]
+        per_round = [100 * (t / d if k == "soft threshold fwd+bwd only" else t / d - 1) for t, d in zip(ts, dense_times)]
         q1, median, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
         rows.append(dict(variant=k, ms=statistics.median(ts), over_dense=median, over_dense_q1=q1, over_dense_q3=q3))
     info = device_description(device)
@@ -141,7 +141,8 @@ def main(argv=None):
           f"is {20 * numel / 1e9:.2f} GB per step")
     name = f"str_step_{args.backbone}" + ("" if args.retain else "_malloc_default") + ("_quick" if args.quick else "")
     path = write_results(name, info, {"backbone": args.backbone, "size": size, "batch": n, "backend": args.backend,
-                                      "rounds": args.rounds, "retain_host_memory": retained, "sparsity": sparsity, "str_weights": numel, "rows": rows},
+                                      "rounds": args.rounds, "retain_host_memory": retained, "sparsity": sparsity,
+                                      "str_weights": numel, "rows": rows},
                          out_dir=args.out, smoke=args.quick)
     print(f"wrote {path}")
     return 0

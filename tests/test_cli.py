@@ -178,3 +178,36 @@ def test_load_trained_returns_the_model_as_trained(cfg_file):
     (d / "not_a_checkpoint.pt").write_bytes(b"junk")
     with pytest.raises(Exception, match="not_a_checkpoint"):
         load_trained(str(d / "not_a_checkpoint.pt"))
+
+
+def _bench_module(name):
+    import importlib.util
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # the scripts import their `common` beside them
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    return module
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_soft_threshold_and_str_step_benchmarks_run_and_record_their_setting(tmp_path):
+    """Smoke runs of the two benchmarks issue 14 reports from: the copy floor is timed in the same alternation,
+    the STR step reports per-round quartiles, and both record whether freed host memory was kept."""
+    st = _bench_module("bench_soft_threshold")
+    st.main(["--quick", "--backends", "torch", "cpp", "--out-dir", str(tmp_path / "st")])
+    (st_file,) = (tmp_path / "st").iterdir()
+    st_json = json.loads(st_file.read_text())
+    assert set(st_json["copy_bandwidth_gbps"]) == {r["case"] for r in st_json["rows"]}
+    assert all(v > 0 for v in st_json["copy_bandwidth_gbps"].values())
+    assert {(r["backend"], r["pass_"]) for r in st_json["rows"]} == {
+        (b, p) for b in ("torch", "cpp") for p in ("fwd", "bwd", "fwd+bwd")}
+    assert isinstance(st_json["retain_host_memory"], bool)
+    step = _bench_module("bench_str_step")
+    step.main(["--quick", "--out", str(tmp_path / "step")])
+    (step_file,) = (tmp_path / "step").iterdir()
+    rows = {r["variant"]: r for r in json.loads(step_file.read_text())["rows"]}
+    assert rows["dense step"]["over_dense"] == 0 and rows["STR step"]["ms"] > 0
+    assert all(r["over_dense_q1"] <= r["over_dense"] <= r["over_dense_q3"] for r in rows.values())
