@@ -5,7 +5,7 @@ returns free memory above its trim threshold at the top of the heap to the OS. A
 and frees the same activations, gradients and soft-thresholded weights every time, so each step faults
 hundreds of megabytes back in, page by page, zeroed by the kernel. Measured on the 2-core EPYC (family 26),
 ResNet-34 NYUv2 at 161x161, batch 2: 46-130k page faults per dense step and 100-235k per STR step, and
-raising both thresholds (below) removed all of them: the dense step 8-10% faster, the STR step's cost over
+raising both thresholds (below) removed all of them: the dense step 7-10% faster, the STR step's cost over
 dense from +8..+14% to +2..+6% (benchmarks/bench_str_step.py). The price: the process keeps its peak heap
 (which every step reaches again anyway), as PyTorch's CUDA caching allocator does on the GPU.
 
