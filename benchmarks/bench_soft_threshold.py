@@ -10,9 +10,9 @@ tensor (23M), and "model": all 90.7M prunable weights of the model, layer by lay
 step sees them. Passes: fwd, bwd, fwd+bwd (float32, exact gradient). Bandwidth counts the memory floor of
 SPEC §1 (fwd 8, bwd 12, fwd+bwd 20 bytes per element) and is compared with the copy bandwidth, a
 `dst.copy_(src)` of the case's size timed in alternation with the passes (the machine's bandwidth drifts).
-Like the trainer, the process keeps freed host memory (adapmtl/train/host_memory.py): otherwise a pass
-that follows one freeing a gigabyte faults its outputs in again (the whole model's forward measured 54.7
-against 16 ms). Results: a table on stdout and JSON in benchmarks/results/.
+Like the trainer, the process keeps freed host memory (adapmtl/train/host_memory.py), so that no pass
+pays for faulting in what an earlier one handed back to the OS. Results: a table on stdout and JSON in
+benchmarks/results/.
 """
 from __future__ import annotations
 
