@@ -189,12 +189,12 @@ __attribute__((target("avx512f"))) T backward_chunk_streaming(const T* __restric
 
 // Whether a result of `bytes` (into `out`) streams; `min_bytes` is its size rule (top of the file).
 bool streams(const void* out, int64_t bytes, int64_t min_bytes) {
+  const char mode = streaming_mode();  // a bad setting is an error on every machine, not only where it applies
 #ifdef ADAPMTL_STREAMING_STORES
-  const char mode = streaming_mode();
   if (mode == '0' || !cpu_streams() || reinterpret_cast<uintptr_t>(out) % 64 != 0) return false;
   return mode == '1' || bytes >= min_bytes;
 #else
-  (void)out, (void)bytes, (void)min_bytes;
+  (void)mode, (void)out, (void)bytes, (void)min_bytes;
   return false;
 #endif
 }

@@ -40,13 +40,13 @@
 
 #include <algorithm>
 #include <chrono>
-#include <sstream>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 

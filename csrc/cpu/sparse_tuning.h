@@ -18,7 +18,6 @@
 // autotuning on, results can differ between processes as they can with cudnn.benchmark.
 #pragma once
 #include <torch/extension.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
