@@ -138,7 +138,8 @@ def main(argv=None):
             rows += case_rows
         eager = {(r["case"], r["pass_"]): r["ms"] for r in rows if r["backend"] == "torch"}
         for r in rows:
-            r["speedup"] = eager[(r["case"], r["pass_"])] / r["ms"]
+            # vs the eager reference, when it is among the backends timed (--backends may leave it out)
+            r["speedup"] = eager[(r["case"], r["pass_"])] / r["ms"] if eager else None
             r["copy_gbps"] = copy_bw[r["case"]]
             r["of_copy"] = r["gbps"] / copy_bw[r["case"]]
             r["floor_ms"] = BYTES_PER_ELEMENT[r["pass_"]] * r["numel"] / (copy_bw[r["case"]] * 1e9) * 1e3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -65,13 +66,15 @@ def device_description(device) -> dict:
 
 def device_tag(info: dict) -> str:
     """A file-name friendly device name, e.g. 'cpu-AMD-EPYC-f26m2-2c' (with the CPU family and model, so two
-    machines of one marketing name do not overwrite each other's results) or 'cuda-NVIDIA-H200'."""
+    machines of one marketing name do not overwrite each other's results; "(R)"/"(TM)" dropped, so
+    'Intel(R) Xeon(R) Processor' gives 'cpu-Intel-Xeon-Processor-f6m167-2c') or 'cuda-NVIDIA-H200'."""
     if info["kind"] == "cuda":
         name = info["device"]
     else:
         cpu = info.get("cpu", {})
         family = f"-f{cpu['family']}m{cpu['model_number']}" if "family" in cpu and "model_number" in cpu else ""
-        name = info["device"].split(" (")[0] + family + f"-{os.cpu_count()}c"
+        model = re.sub(r"\((R|TM)\)", "", info["device"].split(" (")[0], flags=re.IGNORECASE)  # "Intel(R) Xeon(R)"
+        name = model + family + f"-{os.cpu_count()}c"
     return f"{info['kind']}-" + "".join(c if c.isalnum() or c in "-." else "-" for c in name).strip("-")
 
 

@@ -151,6 +151,8 @@ def test_result_files_name_the_cpu_and_record_its_caches_and_isa():
     zen5 = {"kind": "cpu", "device": "AMD EPYC (2 cores)", "cpu": {"family": "26", "model_number": "2"}}
     assert common.device_tag(zen4) != common.device_tag(zen5)
     assert common.device_tag(zen5).startswith("cpu-AMD-EPYC-f26m2-")
+    xeon = {"kind": "cpu", "device": "Intel(R) Xeon(R) Processor (2 cores)", "cpu": {"family": "6", "model_number": "167"}}
+    assert common.device_tag(xeon).startswith("cpu-Intel-Xeon-Processor-f6m167-")
     here = common.device_description("cpu")["cpu"]
     assert here["model"] and isinstance(here.get("isa", []), list)
     if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
@@ -205,6 +207,11 @@ def test_the_soft_threshold_and_str_step_benchmarks_run_and_record_their_setting
     assert {(r["backend"], r["pass_"]) for r in st_json["rows"]} == {
         (b, p) for b in ("torch", "cpp") for p in ("fwd", "bwd", "fwd+bwd")}
     assert isinstance(st_json["retain_host_memory"], bool)
+    assert all(r["speedup"] > 0 for r in st_json["rows"])
+    # without the eager reference among the backends there is no ratio to it, and no KeyError
+    st.main(["--quick", "--backends", "cpp", "--out-dir", str(tmp_path / "st_cpp")])
+    (cpp_file,) = (tmp_path / "st_cpp").iterdir()
+    assert {r["speedup"] for r in json.loads(cpp_file.read_text())["rows"]} == {None}
     step = _bench_module("bench_str_step")
     step.main(["--quick", "--out", str(tmp_path / "step")])
     (step_file,) = (tmp_path / "step").iterdir()

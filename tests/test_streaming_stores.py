@@ -103,8 +103,9 @@ def test_streaming_matches_the_cached_path_bit_for_bit(by_mode):
 
 
 def test_sizes_past_the_thresholds_stream_by_default_and_stay_exact():
-    """Unset (by size): a w_hat above half of L3 and a dL/dw above the cores' L2 take the streaming path."""
-    l3 = _ext.cpu_extension().cpu_cache_sizes()[2]
+    """Unset (by size): a w_hat above half of L3 (counting at most 16 MiB per thread) and a dL/dw above the
+    cores' L2 take the streaming path."""
+    l3 = min(_ext.cpu_extension().cpu_cache_sizes()[2], (16 << 20) * max(1, torch.get_num_threads()))
     n = l3 // 2 // 4 + 4099
     if n * 4 > 256 << 20:
         pytest.skip(f"this machine's L3 ({l3} bytes) makes the test tensor too large")
