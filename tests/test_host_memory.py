@@ -14,27 +14,30 @@ from helpers import tiny_run_config
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# Faults of allocating, writing and freeing a 100 MiB tensor ten times, after five warm-up rounds (the heap
-# grows to hold it within the first one to three).
+# Page faults of each of ten rounds of allocating, writing and freeing a 100 MiB tensor, after five warm-up
+# rounds. With memory retained most rounds reuse the heap and fault nothing; a few may still fault a whole
+# tensor while the heap grows around torch's other allocations (seen: 3 of 10 on a clean CI machine).
 FAULTS = r"""
 import resource, sys, torch
 from adapmtl.train.host_memory import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "1" else False
 for _ in range(5):
     torch.empty(25 << 20).fill_(1.0)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds = []
 for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(25 << 20).fill_(1.0)
-print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(int(applied), *rounds)
 """
 
 
-def _faults(retain: bool) -> tuple[int, int]:
+def _faults(retain: bool) -> tuple[int, list[int]]:
     done = subprocess.run([sys.executable, "-c", FAULTS, "1" if retain else "0"], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
     assert done.returncode == 0, done.stderr[-2000:]
-    applied, faults = map(int, done.stdout.split())
-    return applied, faults
+    applied, *rounds = map(int, done.stdout.split())
+    return applied, rounds
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc settings only")
@@ -42,8 +45,10 @@ def test_retained_memory_is_not_faulted_in_again():
     applied, retained = _faults(True)
     _, default = _faults(False)
     assert applied == 1
-    # glibc's default maps and unmaps 100 MiB each round: ~25k faults (4 KiB pages) per round
-    assert default > 10 * 1000 and retained * 4 < default, (retained, default)
+    # glibc's default maps and unmaps 100 MiB every round: ~25k faults (4 KiB pages) each time
+    quiet = lambda rounds: sum(f < 1000 for f in rounds)  # noqa: E731 - rounds that faulted (almost) nothing
+    assert quiet(default) <= 1 and sum(default) > 10 * 10000, default
+    assert quiet(retained) >= 6, retained
 
 
 def test_it_does_nothing_off_glibc(monkeypatch):
