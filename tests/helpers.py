@@ -1,5 +1,6 @@
 """Shared test helpers: which backends run here, and tolerances per dtype."""
 import importlib.util
+import math
 import os
 
 import pytest
@@ -56,6 +57,23 @@ def assert_close_to_reference(out, ref, torch_out, scale, factor=2.0, ulps=16, m
     floor = ulps * torch.finfo(out.dtype).eps * scale.abs().max().item()
     assert err <= factor * torch_err + floor, (
         f"{msg}: max error {err:.3g} > {factor} x PyTorch's {torch_err:.3g} + {floor:.3g} ({out.dtype})")
+
+
+def assert_sum_close(got, ref, torch_value, terms, factor=2.0, msg=""):
+    """A reduction (e.g. dL/ds = -g(1-g)·Σ G·sign(w)·m) against its float64 value `ref`: the error is at most
+    `factor` times that of PyTorch's own computation in the same dtypes (`torch_value`), plus the rounding a
+    blocked float32 sum of `terms` (float64) can make, (log2(n) + 4) float32 ulps of Σ|terms|. Nothing here
+    grows with the tensor faster than its rounding does, so a wrong sign or a dropped mask is caught at any size."""
+    got, ref, torch_value = float(got), float(ref), float(torch_value)
+    if ref != ref:
+        assert got != got, f"{msg}: got {got}, want NaN"
+        return
+    torch_err = abs(torch_value - ref)
+    n = max(terms.numel(), 1)
+    floor = (math.log2(n) + 4) * torch.finfo(torch.float32).eps * float(terms.double().abs().sum())
+    assert abs(got - ref) <= factor * torch_err + floor, (
+        f"{msg}: error {abs(got - ref):.3g} > {factor} x PyTorch's {torch_err:.3g} + {floor:.3g} (got {got:.6g}, "
+        f"float64 {ref:.6g})")
 
 
 def tolerances(dtype):

@@ -94,3 +94,16 @@ def test_resolution_traces_without_graph_breaks():
     w = torch.randn(6, 5)
     fn = torch.compile(lambda w, s: soft_threshold(w, s), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(w, torch.zeros(())), soft_threshold(w, torch.zeros(())))
+
+
+@pytest.mark.skipif(not os.environ.get("ADAPMTL_TEST_EXPECT_BACKENDS"),
+                    reason="set ADAPMTL_TEST_EXPECT_BACKENDS (CI does) to the backends this installation must have")
+def test_the_expected_backends_are_present():
+    """Test lists come from the backends available at run time, so a backend that failed to install would
+    silently drop its cases; CI names the ones it installs and this fails if any is missing."""
+    expected = os.environ["ADAPMTL_TEST_EXPECT_BACKENDS"].replace(",", " ").split()
+    assert expected and set(expected) <= set(backends.OPS["soft_threshold"][0]), expected
+    for op in OPS:
+        have = backends.available(op, "cpu")
+        missing = [b for b in expected if b in backends.OPS[op][0] and b not in have]
+        assert not missing, f"{op}: backends {missing} are not available on the CPU (have {have})"

@@ -389,7 +389,8 @@ except RuntimeError as e:  # allowed only where F.conv2d itself fails the same w
 ])
 def test_huge_conv_arguments_never_crash(backend, kw):
     """Overflowing sizes: the answer of F.conv2d or a clean error, in a subprocess (a segfault shows as rc < 0),
-    under a 4 GB address-space limit (no multi-GB allocation before the error)."""
+    under an 8 GiB address-space limit (no allocation of many GB before the error; importing torch with CUDA
+    maps a few GiB of address space by itself)."""
     limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
     proc = subprocess.run([sys.executable, "-c", limit + _CRASH_SCRIPT, backend, kw], capture_output=True, text=True,
                           timeout=120)
@@ -622,15 +623,34 @@ Trainer(cfg).fit()
 """
 
 
+def _last_train_step(run) -> int:
+    """The last training step a run has logged (0 before the first); a line being written is not counted."""
+    try:
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("kind") == "train":
+            steps.append(int(row["step"]))
+    return max(steps)
+
+
 def test_kill9_then_resume_equals_uninterrupted_run(scenes, tmp_path):
-    """A run killed with SIGKILL at a random moment and resumed (train.resume=auto) ends bit for bit as an
+    """A run killed with SIGKILL three times, each when its log shows it past a seeded step (so every kill lands
+    mid-training, on any machine's speed), and resumed each time (train.resume=auto), ends bit for bit as an
     uninterrupted one, with every logging step recorded once."""
     import random
     import time
 
     import yaml
 
-    base = _cfg(scenes, tmp_path / "ref", **{"train.iterations": 24, "train.val_every": 8})
+    iterations = 24
+    base = _cfg(scenes, tmp_path / "ref", **{"train.iterations": iterations, "train.val_every": 8})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(base.to_dict()))
     ref = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(path)], capture_output=True, text=True, timeout=300)
@@ -638,20 +658,24 @@ def test_kill9_then_resume_equals_uninterrupted_run(scenes, tmp_path):
     run = tmp_path / "killed"
     args = [sys.executable, "-c", _KILL_SCRIPT, str(path), f"out_dir={run}", "train.resume=auto"]
     rng = random.Random(0)
-    kills = 0
-    for _ in range(3):
+    killed_at = []
+    for low in (3, 9, 15):
+        target = max(rng.randint(low, low + 4), _last_train_step(run) + 2)
+        assert target < iterations
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while not (run / "latest.pt").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))
-        if proc.poll() is None:
-            proc.kill()
-            kills += 1
+        while _last_train_step(run) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the kill at step {target}"
+        proc.kill()
         proc.wait()
+        seen = _last_train_step(run)
+        # the kill landed mid-training: past the target, before the last iteration, no results written
+        assert target <= seen < iterations and not (run / "results.json").exists(), (target, seen)
+        killed_at.append(seen)
+    assert len(killed_at) == 3 and killed_at == sorted(killed_at)
     final = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-2000:]
-    assert kills >= 1
     from adapmtl.train.checkpoint import load_checkpoint_file
     from adapmtl.train.logging import read_log
 

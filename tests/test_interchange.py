@@ -80,12 +80,26 @@ def test_cli_export_formats(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "-c", "demo", *tiny_demo_overrides(tmp_path / "data"), "prune.s0=-3"]) == 0
     ckpt = str(tmp_path / "runs" / "demo" / "latest.pt")
+    from adapmtl.train import load_trained
+    with torch.no_grad():  # what the exported files must compute: the trained model, thresholds applied
+        x = torch.randn(1, 3, 32, 32)
+        want = adapmtl.finalize(load_trained(ckpt).model)(x)
+    assert set(want) == {"segment_semantic", "normal", "depth"}
     assert main(["export", "--checkpoint", ckpt, "--out", "m.pt2", "--format", "pt2", "--min-sparsity", "0"]) == 0
     program = torch.export.load("m.pt2")
-    x = torch.randn(1, 3, 32, 32)
+    assert "adapmtl.sparse_conv2d.default" in {str(n.target) for n in program.graph.nodes}  # the sparse layers
     with torch.no_grad():
-        assert set(program.module()(x)) == {"segment_semantic", "normal", "depth"}
+        got = program.module()(x)
+    assert set(got) == set(want)
+    for task in want:
+        torch.testing.assert_close(got[task], want[task], rtol=1e-4, atol=1e-5, msg=task)
     if HAS_ONNX:
+        import onnxruntime as ort
+
         assert main(["export", "--checkpoint", ckpt, "--out", "m.onnx", "--format", "onnx"]) == 0
-        assert (tmp_path / "m.onnx").stat().st_size > 0
+        session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+        outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert [o.name for o in session.get_outputs()] == list(want)
+        for (task, ref), out in zip(want.items(), outs):
+            torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-5, msg=task)
     assert json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())["iterations"] == 2

@@ -6,6 +6,7 @@ from adapmtl import _ext
 from adapmtl.ops import resolve_backend, soft_threshold, soft_threshold_reference
 from helpers import (
     HAS_CUDA,
+    assert_sum_close,
     backend_device_pairs,
     compiled_backend_device_pairs,
     dtypes_of,
@@ -44,7 +45,8 @@ def all_cases(pairs):
     return [(b, d, dt) for b, d in pairs for dt in dtypes_of(b, d)]
 
 
-CASES = all_cases(PAIRS)
+# The kernels against the reference (backend="torch" is the reference itself: not a case here).
+CASES = all_cases([(b, d) for b, d in PAIRS if b != "torch"])
 
 
 # strided layouts need two dimensions to transpose: 1-d shapes run contiguous only
@@ -64,9 +66,38 @@ def test_matches_reference(backend, device, dtype, shape, contiguous, grad):
     torch.testing.assert_close(out.double(), ref, **tol)
     torch.testing.assert_close(gw.double(), rgw, **tol)
     assert gs.shape == s.shape and gs.dtype == s.dtype
-    # dL/ds sums O(numel) terms: compare relative to the sum of magnitudes
-    scale = float((grad_out.double().abs()).sum()) * 0.25 + 1.0
-    assert abs(float(gs) - float(rgs)) <= tol["rtol"] * scale * 10 + tol["atol"]
+    assert_grad_s_close(gs, w, s, grad_out, grad, msg=f"{backend} {dtype} {shape}")
+
+
+def grad_s_parts(w, s, grad_out, grad):
+    """(float64 dL/ds, PyTorch's own dL/ds in the inputs' dtypes, the float64 terms it sums)."""
+    ste = grad == "ste"
+    rgs = run(soft_threshold_reference, w.double(), s.double(), grad_out.double(), ste=ste)[2]
+    torch_gs = run(soft_threshold_reference, w, s, grad_out, ste=ste)[2]
+    g = torch.sigmoid(s.double())
+    terms = g * (1 - g) * grad_out.double() * (w.double().abs() > g)
+    return rgs, torch_gs, terms
+
+
+def assert_grad_s_close(gs, w, s, grad_out, grad, msg=""):
+    """dL/ds within PyTorch's own error in these dtypes against float64 (helpers.assert_sum_close)."""
+    rgs, torch_gs, terms = grad_s_parts(w, s, grad_out, grad)
+    assert_sum_close(gs, rgs, torch_gs, terms, msg=msg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [7, 4099, 200_003])
+def test_grad_s_bound_rejects_a_wrong_sign_and_a_dropped_mask(dtype, n):
+    """The dL/ds bound above is tight enough to see the two plausible kernel bugs, at every size."""
+    w, s = make((n,), dtype, "cpu", seed=n, s_value=-1.0)  # g ≈ 0.27: about a fifth of the weights pruned
+    grad_out = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    rgs, torch_gs, terms = grad_s_parts(w, s, grad_out, "exact")
+    assert_sum_close(torch_gs, rgs, torch_gs, terms)  # PyTorch's own value passes
+    g = torch.sigmoid(s.double())
+    unmasked = -g * (1 - g) * (grad_out.double() * w.double().sign()).sum()  # mask dropped
+    for wrong, what in ((-rgs, "wrong sign"), (unmasked, "dropped mask")):
+        with pytest.raises(AssertionError):
+            assert_sum_close(wrong, rgs, torch_gs, terms, msg=what)
 
 
 @param_backends(PAIRS)

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="
 SIZES = (1, 7, 8, 15, 16, 17, 16384, 16384 + 3, 3 * 16384 + 17, 100003)
 SCRIPT = r"""
 import sys, torch
+from adapmtl import _ext
 from adapmtl.ops import soft_threshold
 torch.manual_seed(0)
 results = []
@@ -34,7 +35,7 @@ for dtype in (torch.float32, torch.float64):
             grad_w, grad_s = torch.autograd.grad(out, [wg, sg], G)
             results.append(dict(dtype=dtype, n=n, grad=grad, w=w, s=s, G=G, out=out.detach(), nnz=int(nnz),
                                 grad_w=grad_w, grad_s=grad_s))
-torch.save(results, sys.argv[1])
+torch.save({"results": results, "streamed": _ext.cpu_extension().soft_threshold_streamed_calls()}, sys.argv[1])
 """
 
 
@@ -71,10 +72,29 @@ def _cpu_has_avx512f():
         return False
 
 
+def _streamed():
+    """(forward, backward) calls of this process that took the streaming path, as the extension counts them."""
+    return _ext.cpu_extension().soft_threshold_streamed_calls()
+
+
 @pytest.fixture(scope="module")
-def by_mode(tmp_path_factory):
+def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("streaming")
     return {mode: _results(tmp, mode) for mode in ("0", "1")}
+
+
+@pytest.fixture(scope="module")
+def by_mode(runs):
+    return {mode: run["results"] for mode, run in runs.items()}
+
+
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_the_setting_picks_the_path(runs, mode):
+    """ADAPMTL_CPU_STREAMING_STORES=1 streams every call (where AVX-512 is), =0 none: the extension's count of
+    streamed calls says which path ran, which equal results cannot."""
+    calls = len(runs[mode]["results"])  # one forward and one backward each
+    expect = calls if mode == "1" and _cpu_has_avx512f() else 0
+    assert tuple(runs[mode]["streamed"]) == (expect, expect)
 
 
 @pytest.mark.parametrize("mode", ["0", "1"])
@@ -115,14 +135,30 @@ def test_sizes_past_the_thresholds_stream_by_default_and_stay_exact():
     assert env_mode in (None, ""), "the test expects the default (by size)"
     from adapmtl.ops import soft_threshold
 
+    before = _streamed()
     out = soft_threshold(w, s, backend="cpp")
     G = torch.randn(n)
     grad_w, grad_s = torch.autograd.grad(out, [w, s], G)
+    after = _streamed()
+    if _cpu_has_avx512f():  # both passes took the streaming path
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
     w2, s2 = w.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
     ref = soft_threshold_reference(w2, s2)
     ref_w, ref_s = torch.autograd.grad(ref, [w2, s2], G)
     assert torch.equal(out.detach(), ref.detach()) and torch.equal(grad_w, ref_w)
     _assert_sum_close(grad_s, ref_s, G, f"n={n}")
+
+
+def test_small_sizes_stay_cached_by_default():
+    """A w_hat and dL/dw that fit in L2 are stored through the cache (streaming them measured slower)."""
+    assert os.environ.get("ADAPMTL_CPU_STREAMING_STORES") in (None, ""), "the test expects the default (by size)"
+    from adapmtl.ops import soft_threshold
+
+    w = torch.randn(4096).requires_grad_()
+    s = torch.tensor(-2.0, requires_grad=True)
+    before = _streamed()
+    torch.autograd.grad(soft_threshold(w, s, backend="cpp"), [w, s], torch.randn(4096))
+    assert _streamed() == before
 
 
 def test_a_bad_setting_names_the_variable():

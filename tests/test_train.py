@@ -220,6 +220,50 @@ def test_exact_resume_is_bitwise(syn_root, tmp_path):
     assert any(not torch.equal(v, a[k]) for k, v in _state_tensors(fresh).items() if v.is_floating_point())
 
 
+def _logged_lr(out_dir):
+    from adapmtl.train.logging import read_log
+    return {r["step"]: r["lr"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if r["kind"] == "train"}
+
+
+def test_resume_continues_the_lr_schedule_across_a_step_boundary(syn_root, tmp_path):
+    """Stopped between two StepLR boundaries (3 and 6) and resumed: the scheduler's state, every logged lr and
+    the weights equal an uninterrupted run's. A scheduler restarted at resume would decay at 4 + 3 = 7, not 6."""
+    over = {"train.iterations": 8, "train.log_every": 1, "train.val_every": 100, "train.ckpt_every": 100,
+            "optim.step_size": 3, "optim.gamma": 0.5}
+    straight = Trainer(tiny_cfg(syn_root, tmp_path / "a", **over))
+    straight.fit()
+    first = Trainer(tiny_cfg(syn_root, tmp_path / "b", **over))
+    assert first.fit(stop_at=4) is None
+    resumed = Trainer(tiny_cfg(syn_root, tmp_path / "b", **over, **{"train.resume": "auto"}))
+    assert resumed.iteration == 4 and resumed.scheduler.state_dict() == first.scheduler.state_dict()
+    resumed.fit()
+    assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
+    lr_a, lr_b = _logged_lr(tmp_path / "a"), _logged_lr(tmp_path / "b")
+    assert sorted(lr_a) == sorted(lr_b) == list(range(1, 9))
+    assert lr_b == lr_a
+    assert [lr_a[i] for i in (1, 3, 6, 8)] == [2e-3, 1e-3, 5e-4, 5e-4]  # the schedule the comparison covers
+    a, b = _state_tensors(straight), _state_tensors(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_results_describe_the_selected_checkpoint(syn_root, tmp_path):
+    """finish() tests the selected (best) checkpoint: its results' sparsity is that checkpoint's, not the sparsity
+    of the weights training ended with (which here differ: the thresholds keep moving after the selection)."""
+    from adapmtl.train.checkpoint import load_trained
+
+    tr = Trainer(tiny_cfg(syn_root, tmp_path, **{"train.select_sparsity_tol": 1.0, "train.val_every": 3}))
+    assert tr.fit(stop_at=3) is None and tr.best_iteration == 3  # best.pt written at iteration 3
+    data = tr._train_batches(tr.iteration)
+    for _ in range(3):  # train on without validating: the final weights move away from the selected ones
+        tr.train_step(next(data))
+    final = adapmtl.sparsity_report(tr.model).overall
+    selected = adapmtl.sparsity_report(load_trained(str(tmp_path / "best.pt")).model).overall
+    assert abs(final - selected) > 1e-3  # the premise: the two differ
+    res = tr.finish()
+    assert res["selected"] == "best@3"
+    assert res["sparsity"]["overall"] == pytest.approx(selected, abs=1e-12)
+
+
 def test_resume_rejects_other_method(syn_root, tmp_path):
     tr = Trainer(tiny_cfg(syn_root, tmp_path))
     tr.save("latest.pt")

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -36,9 +37,12 @@
 #include "common.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/cpu_info.h"
+#include "cpu/soft_threshold_cpu.h"
 
 namespace adapmtl {
 namespace {
+
+std::atomic<int64_t> streamed_forward{0}, streamed_backward{0};  // soft_threshold_streamed_calls()
 
 constexpr int64_t kChunk = 16384;
 // Below this many chunks the work runs on the calling thread (thread wake-up costs more than it saves).
@@ -225,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor> soft_threshold_forward_cpu(const at::Tensor& 
   std::vector<int64_t> counts(chunks, 0);
   const double g = threshold_of(s);
   const bool stream = streams(out.data_ptr(), int64_t(out.nbytes()), forward_streaming_bytes());
+  if (stream) streamed_forward.fetch_add(1, std::memory_order_relaxed);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "soft_threshold_forward_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -259,6 +264,7 @@ std::tuple<at::Tensor, at::Tensor> soft_threshold_backward_cpu(const at::Tensor&
   std::vector<double> partials(chunks, 0.0);
   const double g = threshold_of(s);
   const bool stream = streams(grad_w.data_ptr(), int64_t(grad_w.nbytes()), backward_streaming_bytes());
+  if (stream) streamed_backward.fetch_add(1, std::memory_order_relaxed);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "soft_threshold_backward_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
@@ -287,6 +293,10 @@ std::tuple<at::Tensor, at::Tensor> soft_threshold_backward_cpu(const at::Tensor&
 }
 
 }  // namespace
+
+std::pair<int64_t, int64_t> soft_threshold_streamed_calls() {
+  return {streamed_forward.load(std::memory_order_relaxed), streamed_backward.load(std::memory_order_relaxed)};
+}
 
 TORCH_LIBRARY_IMPL(adapmtl, CPU, m) {
   m.impl("soft_threshold_forward", &soft_threshold_forward_cpu);
