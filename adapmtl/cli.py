@@ -44,7 +44,7 @@ def _model_from_checkpoint(path: str):
     from adapmtl.train import load_trained
 
     trained = load_trained(path)
-    return trained.config, trained.model
+    return trained.config, trained.model, trained.data_from_config
 
 
 def cmd_eval(args) -> int:
@@ -52,7 +52,10 @@ def cmd_eval(args) -> int:
     from adapmtl.train import Trainer
     from adapmtl.train.config import apply_override
 
-    cfg, model = _model_from_checkpoint(args.checkpoint)
+    cfg, model, data_from_config = _model_from_checkpoint(args.checkpoint)
+    if not data_from_config:
+        raise ValueError(f"{args.checkpoint} was trained on datasets given to Trainer(...), which its config does not "
+                         "describe; evaluate it in Python with Trainer.evaluate on those datasets")
     for item in list(args.set or []) + list(args.overrides or []):
         apply_override(cfg, item)
     cfg.method, cfg.train.resume, cfg.model.init_from = "dense", None, None  # model already converted/loaded
@@ -78,7 +81,7 @@ def cmd_export(args) -> int:
     import adapmtl
     from adapmtl.interchange import export_onnx, export_pt2
 
-    cfg, model = _model_from_checkpoint(args.checkpoint)
+    cfg, model, _ = _model_from_checkpoint(args.checkpoint)
     size = args.input_size or cfg.data.crop_size
     example = torch.randn(1, 3, size, size)
     if args.format == "onnx":  # dense: ONNX has no sparse convolution
@@ -107,10 +110,22 @@ def cmd_bench(args) -> int:
     if not names:
         print("no benchmarks/bench_*.py found: run this from a source checkout of adapmtl", file=sys.stderr)
         return 2
+    quick = ["--quick"] if args.quick else []
+    if args.name is None:
+        if not args.quick:
+            print(f"name a benchmark: adapmtl bench <name> [--quick]; available: {', '.join(sorted(names))} "
+                  "(adapmtl bench --quick: every one's smoke run)", file=sys.stderr)
+            return 2
+        for name in sorted(names):  # every smoke run, stopping at the first that fails
+            print(f"== adapmtl bench {name} --quick", flush=True)
+            rc = subprocess.call([sys.executable, names[name], *quick, *args.bench_args])
+            if rc:
+                return rc
+        return 0
     if args.name not in names:
         print(f"unknown benchmark {args.name!r}; available: {sorted(names)}", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, names[args.name], *args.bench_args])
+    return subprocess.call([sys.executable, names[args.name], *quick, *args.bench_args])
 
 
 def cmd_configs(args) -> int:
@@ -215,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--backend", default="auto", help="sparse kernel backend: auto (the best where the file is loaded), "
                    "torch, torch_csr, cpp, cuda or triton (must run on this machine)")
     b = command("bench", "run a benchmarks/bench_<name>.py script")
-    b.add_argument("name", help="the benchmark, e.g. soft_threshold or sparse_conv")
+    b.add_argument("name", nargs="?", help="the benchmark, e.g. soft_threshold or sparse_conv (omit to list them; "
+                   "with --quick, every benchmark's smoke run)")
+    b.add_argument("--quick", action="store_true", help="a smoke run (results under runs/bench, never the committed ones)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --quick, --help)")
     c = command("compare", "dense, the pruning baselines and AdapMTL at matched sparsity over seeds -> results.json, "
                            "Markdown + CSV tables, a ΔT-vs-sparsity plot (docs/compare.md)")
@@ -266,7 +283,7 @@ def _user_errors() -> tuple:
     """What bad input raises: bad values and types, unreadable or missing files, malformed YAML/safetensors."""
     import yaml
 
-    errors = [ValueError, TypeError, OSError, KeyError, yaml.YAMLError]
+    errors = [ValueError, TypeError, OSError, KeyError, ImportError, yaml.YAMLError]  # ImportError: an optional extra
     try:
         from safetensors import SafetensorError
         errors.append(SafetensorError)

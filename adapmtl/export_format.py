@@ -179,11 +179,16 @@ def _encode_value(v, where: str):
     raise ValueError(f"save_exported: cannot serialise {type(v).__name__} value {v!r} in {where}")
 
 
+# save_exported keeps no code, so it takes the model classes and functions it knows; torch.export takes any.
+PT2_HINT = ("; export such a model with adapmtl.interchange.export_pt2 instead (torch.export: any module, "
+            "loaded with torch.export.load after `import adapmtl`)")
+
+
 def _encode_function(fn, where: str) -> str:
     name = _FUNCTION_NAMES.get(id(fn))
     if name is None:
         raise ValueError(f"save_exported: {where} calls {fn!r}, which is not in adapmtl.export_format.FUNCTIONS "
-                         "(the functions an exported model may call without its code)")
+                         "(the functions an exported model may call without its code)" + PT2_HINT)
     return name
 
 
@@ -192,7 +197,7 @@ def _module_record(path: str, m: nn.Module) -> dict:
     name = _CLASS_NAMES.get(cls)
     if name is None:
         raise ValueError(f"save_exported: leaf module {path!r} is a {cls.__module__}.{cls.__qualname__}; only the "
-                         "classes in adapmtl.export_format.MODULE_CLASSES can be saved")
+                         "classes in adapmtl.export_format.MODULE_CLASSES can be saved" + PT2_HINT)
     where = f"module {path!r}"
     if cls in _SPARSE_INIT:
         init = {k: getattr(m, k) for k in _SPARSE_INIT[cls]}
@@ -229,7 +234,7 @@ def save_exported(model: nn.Module, path, concrete_args: Optional[dict] = None) 
         graph = _Tracer().trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; report them as one clear error
         raise ValueError(f"save_exported: the model's forward cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
-                         "pass concrete_args for branch-selecting arguments") from exc
+                         "pass concrete_args for branch-selecting arguments" + PT2_HINT) from exc
 
     tensors: dict[str, Tensor] = {}
     modules: dict[str, dict] = {}
@@ -245,7 +250,7 @@ def save_exported(model: nn.Module, path, concrete_args: Optional[dict] = None) 
             record["target"] = node.target
         if node.op == "call_method" and node.target not in TENSOR_METHODS:
             raise ValueError(f"save_exported: {where} calls method {node.target!r}, which is not in "
-                             "adapmtl.export_format.TENSOR_METHODS")
+                             "adapmtl.export_format.TENSOR_METHODS" + PT2_HINT)
         if node.op == "call_module" and node.target not in modules:
             m = model.get_submodule(node.target)
             modules[node.target] = _module_record(node.target, m)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from adapmtl.checkpoint_io import output_mode
-from adapmtl.nn.str_layers import STR_LAYER_TYPES
+from adapmtl.nn.str_layers import STR_LAYER_TYPES, SoftThreshold
 
 FORMATS = ("safetensors", "pt2", "onnx")
 
@@ -37,20 +37,35 @@ def _example_args(example_input: Any) -> tuple:
                     f"{type(example_input).__name__}")
 
 
-def export_pt2(model: nn.Module, example_input: Any, path) -> torch.export.ExportedProgram:
+def export_pt2(model: nn.Module, example_input: Any, path, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
     """Trace `model` (eval mode; e.g. the result of `adapmtl.export_sparse`) with `torch.export` on
     `example_input` and save the ExportedProgram to `path`. Load it with `torch.export.load(path)` after
-    `import adapmtl` (which registers the sparse ops)."""
+    `import adapmtl` (which registers the sparse ops); `torch._inductor.aoti_compile_and_package(program)`
+    compiles it ahead of time. This is the way to compile an exported sparse model (`torch.compile` of it works
+    too, `fullgraph=True` included).
+
+    With `dynamic_batch` (default) the program takes any batch size (dim 0 of every input; an example of batch 1
+    is traced as two copies, since torch.export fixes a size-1 dimension); without it, only the example's."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_pt2: argument 'model' must be an nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, STR_LAYER_TYPES) for m in model.modules()):
-        raise ValueError("export_pt2: the model still has training-time STR layers; export "
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"export_pt2: argument 'dynamic_batch' must be a bool, got {type(dynamic_batch).__name__}")
+    if any(isinstance(m, (*STR_LAYER_TYPES, SoftThreshold)) for m in model.modules()):
+        raise ValueError("export_pt2: the model still has training-time STR layers or soft thresholds; export "
                          "adapmtl.export_sparse(model) (sparse) or adapmtl.finalize(model) (dense) instead")
+    args, dynamic = _example_args(example_input), None
+    if dynamic_batch:
+        if any(a.dim() == 0 for a in args):
+            raise ValueError("export_pt2: dynamic_batch needs every input to have a batch dimension (dim 0); pass "
+                             "dynamic_batch=False")
+        args = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in args)
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} for _ in args)
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            program = torch.export.export(model, _example_args(example_input))
+            program = torch.export.export(model, args, dynamic_shapes=dynamic)
     finally:
         model.train(was)
     torch.export.save(program, os.fspath(path))

@@ -60,7 +60,7 @@ def test_train_eval_export(cfg_file, capsys):
                  "--min-sparsity", "0"]) == 0
     exported = adapmtl.load_exported(d / "model.safetensors")  # no training code or model classes needed
     # the exported model computes what the finalized (soft-thresholded, dense) checkpoint computes
-    _, model = _model_from_checkpoint(str(out / "latest.pt"))
+    _, model, _ = _model_from_checkpoint(str(out / "latest.pt"))
     adapmtl.finalize(model.eval())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -47,3 +47,12 @@ def test_every_cli_line_parses_and_names_a_bundled_config():
         args = parser.parse_args(argv)  # an unknown command or option exits here
         if getattr(args, "config", None):
             assert args.config in bundled_configs(), argv
+
+
+def test_the_plain_loop_recipe_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    """The "Your own model and training loop" snippet reaches the sparsity its comment states."""
+    block = next(b for b in PYTHON_BLOCKS if "TargetSparsity(model" in b)
+    claimed = re.search(r"overall:\.2f}\"\)\s+# (\d\.\d\d)", block).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md TargetSparsity block", "exec"), {"__name__": "__readme__"})
+    assert capsys.readouterr().out.strip().splitlines()[-1] == claimed

@@ -12,7 +12,7 @@ import adapmtl
 from adapmtl.train import Trainer, config_from_dict
 from adapmtl.train.checkpoint import load_checkpoint_file
 from adapmtl.train.config import apply_override
-from adapmtl.baselines.sparsity_control import MAX_PUSH, SparsityController, plant_gain_floor
+from adapmtl.sparsity_control import MAX_PUSH, SparsityController, plant_gain_floor
 from helpers import tiny_run_config
 
 

@@ -5,8 +5,8 @@ import torch
 
 import adapmtl
 from adapmtl.baselines.base import Method
-from adapmtl.baselines.sparsity_control import SparsityController
 from adapmtl.distributed import all_reduce_mean
+from adapmtl.sparsity_control import TargetSparsity
 
 
 class AdapMTLMethod(Method):
@@ -16,7 +16,7 @@ class AdapMTLMethod(Method):
 
     `prune.control` decides how the thresholds reach `prune.target_sparsity`: "paper" (SPEC §3: the
     coupled weight decay pushes them up, the cap stops them once the sparsity reaches the target) or
-    "controlled" (a `SparsityController` makes the overall sparsity follow a ramp to the target; the
+    "controlled" (`adapmtl.TargetSparsity` makes the overall sparsity follow a ramp to the target; the
     thresholds get no weight decay, their own gradients still decide the split between components)."""
 
     prunes = True
@@ -35,15 +35,10 @@ class AdapMTLMethod(Method):
     def setup(self, model):
         self.prepare_model(model)
         p = self.cfg.prune
-        if p.control == "controlled":
-            # the share of the prunable weights each threshold acts on: weights of the mean threshold
-            pruned = {id(s): 0 for s in self.thresholds}
-            for _, layer in adapmtl.str_layers(model):
-                pruned[id(layer.s)] += layer.weight.numel()
-            total = sum(pruned.values())
-            self.threshold_shares = torch.tensor([pruned[id(s)] / total for s in self.thresholds], dtype=torch.float64)
-            self.controller = SparsityController(p.target_sparsity, self.cfg.train.iterations, p.ramp_start,
-                                                 p.ramp_end, p.control_gain)
+        if p.control == "controlled":  # the public controller; the trainer calls it around its optimizer step
+            self.controller = TargetSparsity(model, target=p.target_sparsity, total_steps=self.cfg.train.iterations,
+                                             ramp_start=p.ramp_start, ramp_end=p.ramp_end, gain=p.control_gain,
+                                             hook=False)
 
     def param_groups(self, model):
         """The thresholds in a group of their own: in controlled mode without weight decay (the decay's
@@ -56,45 +51,39 @@ class AdapMTLMethod(Method):
     def after_backward(self, trainer, it):
         """Overall sparsity of this step's ŵ over all components, from the kernels' non-zero counts,
         all-reduced so every rank decides the same; reading it is the step's one host sync."""
-        overall = adapmtl.live_sparsity(trainer.model).overall
-        if self.controller is None:  # SPEC §3 cap
-            freeze = float(all_reduce_mean(overall)) >= self.cfg.prune.target_sparsity
-        else:
-            if self.threshold_shares.device != overall.device:  # once: the model moves after setup()
-                self.threshold_shares = self.threshold_shares.to(overall.device)
-            mean_s = (torch.stack([s.detach() for s in self.thresholds]).double() * self.threshold_shares).sum()
-            overall, mean_s = all_reduce_mean(torch.stack([overall, mean_s])).tolist()
-            self.last_control = self.controller.step(it, overall, mean_s)
-            freeze = self.last_control.freeze
+        if self.controller is not None:
+            self.last_control = self.controller.before_optimizer_step(it)
+            return {"cap": float(self.last_control.freeze)}
+        overall = adapmtl.live_sparsity(trainer.model).overall  # SPEC §3 cap
+        freeze = float(all_reduce_mean(overall)) >= self.cfg.prune.target_sparsity
         if freeze:
             for s in self.thresholds:
                 s.grad = None  # Adam skips a parameter without grad: no update, no decay, no moments
         return {"cap": float(freeze)}
 
-    @torch.no_grad()
     def after_step(self, trainer, it):
-        if self.last_control is not None and self.last_control.push != 0.0:
-            for s in self.thresholds:
-                s.add_(self.last_control.push)
+        if self.controller is not None:
+            self.controller.after_optimizer_step()
 
     def log_scalars(self) -> dict:
         c = self.last_control
         if c is None:
             return {}
-        out = {"control/error": c.error, "control/push": c.push, "control/shift": self.controller.shift,
-               "control/plant_gain": self.controller.plant_gain, "control/integral": self.controller.integral,
+        ctl = self.controller.controller
+        out = {"control/error": c.error, "control/push": c.push, "control/shift": ctl.shift,
+               "control/plant_gain": ctl.plant_gain, "control/integral": ctl.integral,
                "control/ramp": float(c.phase == "ramp"), "control/hold": float(c.phase == "hold")}
         if c.schedule is not None:
             out["control/schedule"] = c.schedule
         return out
 
     def state_dict(self) -> dict:
-        return {} if self.controller is None else {"controller": self.controller.state_dict()}
+        return {} if self.controller is None else {"controller": self.controller.controller.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         written = "controlled" if "controller" in state else "paper"
         if written != self.cfg.prune.control:
             raise ValueError(f"resume: the checkpoint was written with prune.control={written} (sparsity controller "
                              f"state), this run has prune.control={self.cfg.prune.control}")
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
+        if self.controller is not None:  # the step count is the trainer's iteration, passed every step
+            self.controller.controller.load_state_dict(state["controller"])

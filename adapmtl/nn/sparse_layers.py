@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, int_pair, sparse_conv2d, sparse_linear
@@ -50,8 +51,10 @@ class _SparseBase(nn.Module):
     def sparse_weight(self) -> SparseWeight:
         """The packed weight over the buffers (follows `.to()` and `load_state_dict`). Validated once per
         change of the buffers (a new tensor or an in-place write), not per forward."""
-        sw = self.__dict__.get("_packed")
         buffers = (self.row_ptr, self.col_idx, self.values)
+        if torch.compiler.is_compiling():  # traced: the buffers are graph inputs, and their contents (checked
+            return SparseWeight(*buffers, self.weight_shape)  # eagerly when made or loaded) cannot be read here
+        sw = self.__dict__.get("_packed")
         if sw is not None and all(a is b for a, b in zip((sw.row_ptr, sw.col_idx, sw.values), buffers)) \
                 and sw.shape == self.weight_shape and self.__dict__.get("_packed_versions") == _versions(buffers):
             return sw

@@ -35,10 +35,11 @@ class ThresholdGroup(nn.Module):
         return f"name={self.name!r}, s={self.s.item():.4g}"
 
 
-class _STRMixin:
-    """What STRConv2d and STRLinear share: threshold ownership, options, bookkeeping of non-zeros."""
+class _ThresholdState:
+    """What every soft-thresholded weight holds: its threshold (owned or shared), grad mode and backend, its
+    component and the non-zero count of its last forward. Shared by the STR layers and the parametrization."""
 
-    def _init_str(self, threshold, init, grad, backend, component, device):
+    def _init_str(self, weight, threshold, init, grad, backend, component, device):
         if grad not in GRAD_MODES:
             raise ValueError(f"{type(self).__name__}: argument 'grad' must be one of {GRAD_MODES}, got {grad!r}")
         if backend not in BACKENDS:
@@ -47,12 +48,13 @@ class _STRMixin:
         self.backend = backend
         self.component = component
         if threshold is None:
-            self.threshold = ThresholdGroup(init, device=device, dtype=_threshold_dtype(self.weight))
+            self.threshold = ThresholdGroup(init, device=device, dtype=_threshold_dtype(weight))
         else:
             self.share_threshold(threshold)
+        self.weight_numel = weight.numel()
         # Non-zeros of the effective weight at the last forward, straight from the kernel (no host sync).
         self.register_buffer(
-            "last_nnz", torch.full((), self.weight.numel(), dtype=torch.long, device=device), persistent=False
+            "last_nnz", torch.full((), weight.numel(), dtype=torch.long, device=device), persistent=False
         )
 
     def share_threshold(self, group: ThresholdGroup) -> None:
@@ -71,6 +73,9 @@ class _STRMixin:
         shared = self.__dict__.get("_shared_threshold")
         return shared if shared is not None else self._modules["threshold"]
 
+    # `layer.threshold`: the group whether owned (a submodule, registered by nn.Module.__setattr__) or shared
+    threshold = property(lambda self: self.threshold_group, doc="this weight's ThresholdGroup, owned or shared")
+
     @property
     def owns_threshold(self) -> bool:
         return self.__dict__.get("_shared_threshold") is None
@@ -78,6 +83,39 @@ class _STRMixin:
     @property
     def s(self) -> nn.Parameter:
         return self.threshold_group.s
+
+    def _str_repr(self) -> str:
+        owner = "own" if self.owns_threshold else f"shared:{self.threshold_group.name or '?'}"
+        return f"threshold={owner}, component={self.component!r}, grad={self.grad_mode!r}, backend={self.backend!r}"
+
+
+class SoftThreshold(_ThresholdState, nn.Module):
+    """The soft threshold as a `torch.nn.utils.parametrize` parametrization of any weight: reading the weight
+    (by the module's own forward, or by code that reads it directly, as PyTorch's MultiheadAttention and its
+    transformer fast path do) gives `sign(w) * relu(|w| - sigmoid(s))`. `adapmtl.sparsify` puts it on every
+    prunable weight that is not an exact `nn.Conv2d` / `nn.Linear` it can replace by an STR layer (subclasses
+    with their own forward, Conv1d/3d, transposed convs, Embedding, attention projections).
+
+    Args: as `STRConv2d`; `like` is the weight it will parametrize (dtype, size, device of the state).
+    """
+
+    def __init__(self, like: Tensor, *, threshold: "ThresholdGroup | None" = None, init: float = -15.0,
+                 grad: str = "exact", backend: str = "auto", component: str = ""):
+        super().__init__()
+        self._init_str(like, threshold, init, grad, backend, component, like.device)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        out, nnz = soft_threshold(weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True)
+        with torch.no_grad():
+            self.last_nnz.copy_(nnz)
+        return out
+
+    def extra_repr(self) -> str:
+        return self._str_repr()
+
+
+class _STRMixin(_ThresholdState):
+    """What STRConv2d and STRLinear share beyond the threshold: the recorded forward weight, conversion."""
 
     def _effective_weight_and_nnz(self) -> tuple[Tensor, Tensor]:
         return soft_threshold(self.weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True)
@@ -104,11 +142,6 @@ class _STRMixin:
     def effective_weight(self) -> Tensor:
         """The soft-thresholded weight `w_hat` (detached)."""
         return soft_threshold(self.weight, self.s, backend=self.backend)
-
-    def _str_repr(self) -> str:
-        owner = "own" if self.owns_threshold else f"shared:{self.threshold_group.name or '?'}"
-        return f"threshold={owner}, component={self.component!r}, grad={self.grad_mode!r}, backend={self.backend!r}"
-
 
 class STRConv2d(_STRMixin, nn.Conv2d):
     """`nn.Conv2d` with a soft-thresholded weight. Same constructor and forward as `nn.Conv2d`, plus:
@@ -146,7 +179,7 @@ class STRConv2d(_STRMixin, nn.Conv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self._init_str(threshold, init, grad, backend, component, device)
+        self._init_str(self.weight, threshold, init, grad, backend, component, device)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self._recorded_weight(), self.bias)
@@ -175,7 +208,7 @@ class STRLinear(_STRMixin, nn.Linear):
         component: str = "",
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_str(threshold, init, grad, backend, component, device)
+        self._init_str(self.weight, threshold, init, grad, backend, component, device)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self._recorded_weight(), self.bias)

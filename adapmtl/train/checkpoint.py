@@ -29,6 +29,7 @@ class TrainedModel:
     config: object  # adapmtl.train.Config
     method: str
     iteration: int
+    data_from_config: bool = True  # False: the run trained on datasets given to the Trainer, not the config's
 
 
 def load_trained(path: str, map_location="cpu") -> TrainedModel:
@@ -41,11 +42,18 @@ def load_trained(path: str, map_location="cpu") -> TrainedModel:
     missing = [k for k in ("config", "model") if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not an adapmtl trainer checkpoint (no {missing} entries)")
+    source = state.get("model_source", "config")
+    if source != "config":
+        raise CheckpointError(f"{path}: its model ({source}) was given to Trainer(model=...), not built from the "
+                              "config, so it cannot be rebuilt from the checkpoint; build it, convert it as the run "
+                              "did (adapmtl.sparsify for the soft-threshold methods) and load_state_dict("
+                              "adapmtl.train.load_checkpoint_file(path)['model'])")
     cfg = config_from_dict(state["config"])
     model = build_model_from_config(cfg)
     build_method(cfg).prepare_model(model)
     model.load_state_dict(state["model"])
-    return TrainedModel(model.to(map_location).eval(), cfg, cfg.method, int(state.get("iteration", -1)))
+    return TrainedModel(model.to(map_location).eval(), cfg, cfg.method, int(state.get("iteration", -1)),
+                        state.get("data_source", "config") == "config")
 
 # ---------------------------------------------------------------------------------------------- rotation
 _ROTATED = re.compile(r"^latest-(\d+)\.pt$")

@@ -362,6 +362,14 @@ def apply_override(cfg: Config, item: str) -> None:
     _apply(cfg, nested)
 
 
-def save_config(cfg: Config, path: str) -> None:
+def save_config(cfg: Config, path: str, model_source: str = "config", data_source: str = "config") -> None:
+    """Write the run's config; a model or data given to the Trainer instead of built from it is said at the top
+    (the config's `model` / `data` sections then describe nothing that ran)."""
+    notes = []
+    if model_source != "config":
+        notes.append(f"# model: {model_source}, given to Trainer(model=...); the model section below was not used")
+    if data_source != "config":
+        notes.append("# data: datasets given to Trainer(...); the data section below was not used")
     with open(path, "w") as fh:
+        fh.write("".join(n + "\n" for n in notes))
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)

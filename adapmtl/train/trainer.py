@@ -27,7 +27,6 @@ import adapmtl
 from adapmtl.baselines import Method, build_method
 from adapmtl.checkpoint_io import write_json_atomic
 from adapmtl.metrics import safe_delta_t
-from adapmtl.sparsify import REGISTRY
 from adapmtl import distributed as D
 from adapmtl.train.checkpoint import (
     CheckpointError,
@@ -146,6 +145,7 @@ class Trainer:
     def _setup_data(self, train_set, val_set, test_set, collate_fn):
         """The three splits (built from cfg.data unless all are given); returns the class weights, if any."""
         class_weights = None
+        self.data_source = "config" if train_set is None and val_set is None and test_set is None else "given"
         if train_set is None or val_set is None or test_set is None:
             from adapmtl.train.build import build_datasets
             built = build_datasets(self.cfg)
@@ -161,9 +161,14 @@ class Trainer:
 
     def _setup_model(self, model, criterion, metrics_factory, directions, class_weights) -> None:
         """The model (built from cfg.model unless given), its tasks, loss, metrics and ΔT directions."""
+        # Where the model came from, kept in every checkpoint: `load_trained` (and `adapmtl eval/export`) rebuild
+        # a model only from the config, so they refuse a run whose model the config does not describe.
+        self.model_source = "config"
         if model is None:
             from adapmtl.train.build import build_model_from_config
             model = build_model_from_config(self.cfg)
+        else:
+            self.model_source = f"{type(model).__module__}.{type(model).__qualname__}"
         self.model = model
         self.tasks = list(getattr(model, "tasks", None) or self.cfg.data.tasks or [])
         if not self.tasks:
@@ -186,6 +191,9 @@ class Trainer:
             from adapmtl.models import load_checkpoint
             load_checkpoint(self.model, os.path.expanduser(self.cfg.model.init_from))
         self.method = build_method(self.cfg) if method is None else method
+        if adapmtl.pruned_weights(self.model) and type(self.method).prepare_model is not Method.prepare_model:
+            raise ValueError(f"Trainer: the model given is already sparsified; give it dense: method "
+                             f"{self.cfg.method!r} converts it itself (prune.s0, prune.grad, prune.backend)")
         self.method.setup(self.model)
         self.model.to(self.device)
         self.forward_model = self.model
@@ -314,15 +322,14 @@ class Trainer:
     # ---------------------------------------------------------------- sparsity
     def sparsity(self) -> dict:
         """{"overall", "components": {...}, "layers": {...}} as floats (host sync: for logging)."""
-        if adapmtl.str_layers(self.model):
+        if adapmtl.pruned_weights(self.model):
             return adapmtl.live_sparsity(self.model).fractions()
         return adapmtl.sparsity_report(self.model).fractions()
 
     def thresholds(self) -> dict:
-        groups = getattr(self.model, REGISTRY, None)
-        if groups is not None:
-            return {name: float(torch.sigmoid(g.s.detach().double())) for name, g in groups.items()}
-        return {name: float(torch.sigmoid(layer.s.detach().double())) for name, layer in adapmtl.str_layers(self.model)}
+        """g(s) of every threshold, by its name (the component's, or the layer's in per-layer mode)."""
+        return {name: float(torch.sigmoid(g.s.detach().double()))
+                for name, g in adapmtl.threshold_groups(self.model).items()}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -366,7 +373,7 @@ class Trainer:
             "loss_weights": self.loss_weights.state_dict(), "method": self.method.state_dict(),
             "method_name": self.cfg.method, "iteration": self.iteration, "rng": rng_state(),
             "best_score": self.best_score, "best_iteration": self.best_iteration,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_dict(), "model_source": self.model_source, "data_source": self.data_source,
         }
 
     def save(self, name: str = "latest.pt") -> str | None:
@@ -426,7 +433,7 @@ class Trainer:
         s["sparsity/overall"] = sp["overall"]
         s.update({f"sparsity/component/{k}": v for k, v in sp["components"].items()})
         s.update({f"sparsity/layer/{k}": v for k, v in sp["layers"].items()})
-        if adapmtl.str_layers(self.model):
+        if adapmtl.pruned_weights(self.model):
             s.update({f"threshold/{k}": v for k, v in self.thresholds().items()})
         if "cap" in out:
             s["cap"] = out["cap"]
@@ -457,7 +464,8 @@ class Trainer:
         cfg, main = self.cfg, D.is_main()
         os.makedirs(self.out_dir, exist_ok=True)
         if main:
-            save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
+            save_config(cfg, os.path.join(self.out_dir, "config.yaml"), model_source=self.model_source,
+                        data_source=self.data_source)
         if not self.resumed:
             self.method.on_train_start(self)
         # On resume the logs are cut back to the checkpoint's iteration: the steps after it are re-run.

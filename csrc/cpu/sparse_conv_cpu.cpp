@@ -812,7 +812,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                          p.narrow(1, 0, B).copy_(xt);
                        });
   });
-  return out.view({OC, B}).t().reshape(out_shape);
+  // contiguous, as the op's fake kernel (and F.linear) says: a transposed view fails a compiled graph's stride check
+  return out.view({OC, B}).t().contiguous().view(out_shape);
 }
 
 }  // namespace

@@ -1,5 +1,8 @@
 """Target-sparsity control for soft-threshold pruning (docs/sparsity_control.md explains the design).
 
+`TargetSparsity` is the public object for any training loop; the trainer's `prune.control=controlled` uses
+the same object (adapmtl/baselines/adapmtl_method.py), and both decide through `SparsityController`.
+
 The paper's trainer sets the final sparsity only indirectly (s0, weight decay, schedule and length);
 `prune.control=controlled` makes the *overall* sparsity follow a required-sparsity schedule instead:
 
@@ -23,6 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
+
+from adapmtl.distributed import all_reduce_mean
+from adapmtl.sparsify import live_sparsity, pruned_weights, threshold_parameters
 
 MAX_PUSH = 0.5  # s units per step: bounds one step's change of every threshold to a factor e^0.5
 G_RANGE = (1e-3, 2.0)  # the plant-gain estimate is kept in this range
@@ -148,3 +156,134 @@ class SparsityController:
         self.shift = number("shift", state.get("shift"), -1e9, 1e9)
         self.integral = number("integral", state.get("integral"), -MAX_PUSH, MAX_PUSH)
         self.start_sparsity, self.anchor = start, anchor
+
+
+class TargetSparsity:
+    """Drive a sparsified model's overall sparsity to `target` in your own training loop.
+
+        adapmtl.sparsify(model)                       # default init=-15: nothing pruned yet
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        ctl = adapmtl.TargetSparsity(model, optimizer, target=0.9, total_steps=N)
+        for x, y in data:                             # N optimizer steps
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()   # nothing else to call
+
+    The overall sparsity (all thresholds together, weighted by the weights each prunes) follows a cubic ramp
+    from wherever the model is when the ramp starts (`ramp_start` x N steps) to `target` at `ramp_end` x N,
+    then holds it: after every optimizer step each threshold gets the same push, so their differences (the
+    split between components) stay what learning made them; in the hold the thresholds' own updates stop.
+    Measured from the kernels' non-zero counts of the step's forward pass (no extra pass over the weights;
+    all-reduced under DDP so every rank decides the same). It hooks `optimizer.step` (`hook=False`: call
+    `before_optimizer_step()` and `after_optimizer_step()` around it yourself, as the trainer does).
+
+    The thresholds need a parameter group without weight decay (decay would push them against the
+    controller): if the optimizer has them in a group with decay, they are moved, before the first step, into a
+    group of their own with the same settings and `weight_decay=0`. `state_dict()` / `load_state_dict()`
+    resume it exactly.
+
+    Args:
+        model: a model converted by `adapmtl.sparsify` (any mode).
+        optimizer: the optimizer that updates the model's thresholds (None: no hooks, no group check).
+        target: the overall sparsity to reach, in (0, 1).
+        total_steps: optimizer steps of the run (the ramp is placed within them).
+        ramp_start, ramp_end, gain: see `SparsityController`.
+        hook: register the optimizer hooks.
+    """
+
+    def __init__(self, model, optimizer=None, *, target: float, total_steps: int, ramp_start: float = 0.0,
+                 ramp_end: float = 0.7, gain: float = 0.5, hook: bool = True):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"TargetSparsity: argument 'total_steps' must be a positive int, got {total_steps!r}")
+        units = pruned_weights(model)
+        if not units:
+            raise ValueError("TargetSparsity: the model has no soft-thresholded weights; call adapmtl.sparsify(model) "
+                             "first")
+        self.model = model
+        self.controller = SparsityController(target, total_steps, ramp_start, ramp_end, gain)
+        self.thresholds = threshold_parameters(model)
+        counts = {id(s): 0 for s in self.thresholds}
+        for p in units:
+            counts[id(p.unit.s)] += p.numel
+        total = sum(counts.values())
+        self.shares = torch.tensor([counts[id(s)] / total for s in self.thresholds], dtype=torch.float64)
+        self.step_count = 0
+        self.last: ControlStep | None = None
+        self._handles = []
+        if optimizer is not None:
+            _thresholds_without_decay(optimizer, self.thresholds)
+            if hook:
+                self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
+                                 optimizer.register_step_post_hook(self._post_hook)]
+
+    def _pre_hook(self, optimizer, args, kwargs) -> None:
+        self.before_optimizer_step()
+
+    def _post_hook(self, optimizer, args, kwargs) -> None:
+        self.after_optimizer_step()
+
+    def before_optimizer_step(self, step: int | None = None) -> ControlStep:
+        """Decide this step from its forward pass's sparsity; in the hold, drop the thresholds' gradients (the
+        optimizer then leaves them alone). `step` defaults to the count of steps taken."""
+        t = self.step_count if step is None else int(step)
+        overall = live_sparsity(self.model).overall
+        if self.shares.device != overall.device:  # once: the model may move after construction
+            self.shares = self.shares.to(overall.device)
+        mean_s = (torch.stack([s.detach() for s in self.thresholds]).double() * self.shares).sum()
+        overall, mean_s = all_reduce_mean(torch.stack([overall, mean_s])).tolist()
+        self.last = self.controller.step(t, overall, mean_s)
+        self.step_count = t
+        if self.last.freeze:
+            for s in self.thresholds:
+                s.grad = None  # optimizers skip a parameter without grad: no update, no decay, no moments
+        return self.last
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Push every threshold by this step's decision."""
+        if self.last is None:
+            raise RuntimeError("TargetSparsity: after_optimizer_step() before before_optimizer_step()")
+        if self.last.push != 0.0:
+            for s in self.thresholds:
+                s.add_(self.last.push)
+        self.step_count += 1
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict:
+        return {"controller": self.controller.state_dict(), "step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        step = state.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"TargetSparsity: state 'step' must be an int >= 0, got {step!r}")
+        self.controller.load_state_dict(state["controller"])
+        self.step_count = step
+
+
+def _thresholds_without_decay(optimizer, thresholds) -> None:
+    """Check that `optimizer` updates every threshold, and move those in a group with weight decay into a group
+    of their own without it."""
+    where = {}
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            where[id(p)] = i
+    missing = [s for s in thresholds if id(s) not in where]
+    if missing:
+        raise ValueError(f"TargetSparsity: the optimizer does not update {len(missing)} of the model's "
+                         f"{len(thresholds)} thresholds; build it after adapmtl.sparsify(model), from model.parameters()")
+    decayed = [s for s in thresholds if optimizer.param_groups[where[id(s)]].get("weight_decay", 0.0)]
+    if not decayed:
+        return
+    if any(s in optimizer.state for s in decayed):
+        raise ValueError("TargetSparsity: the thresholds are in a parameter group with weight decay and the optimizer "
+                         "has already stepped; give them a group with weight_decay=0 (adapmtl.threshold_parameters)")
+    ids = {id(s) for s in decayed}
+    settings = {}
+    for s in decayed:
+        group = optimizer.param_groups[where[id(s)]]
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        settings = {k: v for k, v in group.items() if k != "params"}
+    optimizer.add_param_group({**settings, "params": decayed, "weight_decay": 0.0})
