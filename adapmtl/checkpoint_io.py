@@ -32,6 +32,7 @@ class _HashingWriter(io.RawIOBase):
 
     def __init__(self, fh):
         self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch.save reports a failed write as "unexpected pos": keep the cause
 
     def writable(self):
         return True
@@ -39,15 +40,22 @@ class _HashingWriter(io.RawIOBase):
     def write(self, b):
         self.sha.update(b)
         self.size += len(b)
-        return self.fh.write(b)
+        try:
+            return self.fh.write(b)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
-def atomic_save(obj, path: str, iteration: int = -1) -> None:
+def atomic_save(obj, path: str, iteration: int = -1, before_replace=None) -> None:
     """Write `obj` as a checksummed checkpoint file: a reader (or a crash at any moment) sees either the
-    old complete file or the new complete file, never a partial one."""
+    old complete file or the new complete file, never a partial one. `before_replace()` runs once the new
+    file is complete on disk, just before it takes `path`'s name (rotation: nothing is moved before the new
+    file exists). A failed write (a full disk) is an OSError naming its cause and the file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path), dir=directory)
+    writer = None
     try:
         with os.fdopen(fd, "w+b") as fh:
             fh.write(b"\0" * _HEADER.size)
@@ -58,10 +66,16 @@ def atomic_save(obj, path: str, iteration: int = -1) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, output_mode())  # mkstemp makes 0600; a checkpoint is an ordinary output file
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = writer.error if writer is not None and writer.error is not None else exc
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, f"cannot write checkpoint {path}: {os.strerror(cause.errno)} (in {directory}); "
+                          "the checkpoints already there are intact") from exc
         raise
     _fsync_dir(directory)
 

@@ -47,16 +47,36 @@ def _model_from_checkpoint(path: str):
     return trained.config, trained.model, trained.data_from_config
 
 
+EVAL_SETTINGS = ("data.", "device", "train.max_val_batches", "train.delta_t_miou")
+
+
+def _check_writable_file(path: str, option: str) -> None:
+    """Before the work: an output path that names a folder, or a file in a missing folder, is an error now."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path!r}: the folder {parent!r} does not exist")
+
+
 def cmd_eval(args) -> int:
     import adapmtl
     from adapmtl.train import Trainer
     from adapmtl.train.config import apply_override
 
+    overrides = list(args.set or []) + list(args.overrides or [])
+    for item in overrides:  # the model is the checkpoint's: only what evaluation reads may change
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(EVAL_SETTINGS):
+            raise ValueError(f"eval: {key} has no effect on evaluating a checkpoint (its model and method are the "
+                             "checkpoint's); eval takes data.*, device, train.max_val_batches, train.delta_t_miou")
+    if args.out:
+        _check_writable_file(args.out, "--out")
     cfg, model, data_from_config = _model_from_checkpoint(args.checkpoint)
     if not data_from_config:
         raise ValueError(f"{args.checkpoint} was trained on datasets given to Trainer(...), which its config does not "
                          "describe; evaluate it in Python with Trainer.evaluate on those datasets")
-    for item in list(args.set or []) + list(args.overrides or []):
+    for item in overrides:
         apply_override(cfg, item)
     cfg.method, cfg.train.resume, cfg.model.init_from = "dense", None, None  # model already converted/loaded
     cfg.train.progress = False
@@ -81,6 +101,9 @@ def cmd_export(args) -> int:
     import adapmtl
     from adapmtl.interchange import export_onnx, export_pt2
 
+    if args.input_size is not None and args.input_size < 1:
+        raise ValueError(f"export: --input-size must be a positive number of pixels, got {args.input_size}")
+    _check_writable_file(args.out, "--out")
     cfg, model, _ = _model_from_checkpoint(args.checkpoint)
     size = args.input_size or cfg.data.crop_size
     example = torch.randn(1, 3, size, size)
@@ -266,8 +289,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
                "compare": cmd_compare, "configs": cmd_configs}[args.command]
+    from adapmtl.train.run_guard import TrainingInterrupted
+
     try:
         return handler(args)
+    except TrainingInterrupted as e:  # a signal stopped training after a checkpoint: the signal's exit code
+        print(f"adapmtl {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"adapmtl {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -283,7 +311,10 @@ def _user_errors() -> tuple:
     """What bad input raises: bad values and types, unreadable or missing files, malformed YAML/safetensors."""
     import yaml
 
-    errors = [ValueError, TypeError, OSError, KeyError, ImportError, yaml.YAMLError]  # ImportError: an optional extra
+    from adapmtl.train.run_guard import RunLockedError
+
+    # ImportError: an optional extra is missing; RunLockedError: another trainer holds the out_dir
+    errors = [ValueError, TypeError, OSError, KeyError, ImportError, RunLockedError, yaml.YAMLError]
     try:
         from safetensors import SafetensorError
         errors.append(SafetensorError)

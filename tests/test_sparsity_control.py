@@ -216,10 +216,10 @@ def test_resume_mid_ramp_equals_an_uninterrupted_run(syn_root, tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_the_other_control_mode(syn_root, tmp_path):
     Trainer(run_cfg(syn_root, tmp_path / "p", **{"prune.control": "paper", "train.iterations": 2})).fit(stop_at=2)
-    with pytest.raises(ValueError, match="controller"):
+    with pytest.raises(ValueError, match="prune.control: 'paper' -> 'controlled'"):
         Trainer(run_cfg(syn_root, tmp_path / "p", **{"train.iterations": 2, "train.resume": "auto"}))
     Trainer(run_cfg(syn_root, tmp_path / "c", **{"train.iterations": 2})).fit(stop_at=2)
-    with pytest.raises(ValueError, match="controller"):
+    with pytest.raises(ValueError, match="prune.control: 'controlled' -> 'paper'"):
         Trainer(run_cfg(syn_root, tmp_path / "c", **{"prune.control": "paper", "train.iterations": 2,
                                                       "train.resume": "auto"}))
 

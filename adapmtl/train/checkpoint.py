@@ -67,14 +67,17 @@ def save_rotating(obj, directory: str, iteration: int, keep: int) -> str:
     """Write `latest.pt`; the previous `latest.pt` becomes `latest-<its iteration>.pt`, and only the newest
     `keep - 1` of those stay. A crash at any point leaves at least one complete checkpoint."""
     latest = os.path.join(directory, "latest.pt")
-    if keep > 1 and os.path.isfile(latest):
-        try:
-            _, previous = read_header(latest)
-        except (CheckpointError, OSError):
-            previous = None  # a bad latest.pt is not worth keeping
-        if previous is not None and previous >= 0 and previous != iteration:
-            os.replace(latest, rotated_path(directory, previous))
-    atomic_save(obj, latest, iteration)
+
+    def rotate():  # once the new file is complete: a failed write (a full disk) leaves latest.pt where it was
+        if keep > 1 and os.path.isfile(latest):
+            try:
+                _, previous = read_header(latest)
+            except (CheckpointError, OSError):
+                previous = None  # a bad latest.pt is not worth keeping
+            if previous is not None and previous >= 0 and previous != iteration:
+                os.replace(latest, rotated_path(directory, previous))
+
+    atomic_save(obj, latest, iteration, before_replace=rotate)
     older = sorted(rotated_checkpoints(directory), key=lambda p: -p[0])
     for _, path in older[max(keep - 1, 0):]:
         os.unlink(path)

@@ -17,7 +17,15 @@ import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from adapmtl.checkpoint_io import write_json_atomic
-from adapmtl.train.config import COMPARE_METHODS, METHODS, Config, apply_override, config_from_dict
+from adapmtl.train.config import (
+    COMPARE_METHODS,
+    METHODS,
+    RESUME_FREE,
+    Config,
+    flatten_config,
+    apply_override,
+    config_from_dict,
+)
 
 # the paper's ablations: name -> (trainer method, config overrides)
 ABLATIONS = {
@@ -105,10 +113,10 @@ def execute(runs: list[dict], jobs: int = 1, reuse: bool = False, progress: bool
     Returns {run name: results}."""
     done = {}
     for r in runs:
-        path = os.path.join(r["config"]["out_dir"], "results.json")
-        if reuse and os.path.isfile(path):
-            with open(path) as fh:
-                done[r["name"]] = json.load(fh)
+        if reuse:
+            reused = reusable_results(r)
+            if reused is not None:
+                done[r["name"]] = reused
     pending = [r for r in runs if r["name"] not in done]
     bar = None
     if progress:
@@ -144,6 +152,74 @@ def execute(runs: list[dict], jobs: int = 1, reuse: bool = False, progress: bool
     if bar is not None:
         bar.close()
     return done
+
+
+def reusable_results(run: dict) -> dict | None:
+    """The results of a finished run of the plan, or None to train it: a run folder whose config.yaml differs from
+    the planned config (another plan's run) is trained again, saying why. A results.json that is there but broken
+    or holds impossible values (non-finite metrics, sparsity outside [0, 1]) is an error naming the file."""
+    import warnings
+
+    import yaml
+
+    folder = run["config"]["out_dir"]
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(os.path.join(folder, "config.yaml")) as fh:
+            stored = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        stored = None
+    if not isinstance(stored, dict):
+        warnings.warn(f"compare --reuse: {folder} has no readable config.yaml; training {run['name']} again",
+                      UserWarning, stacklevel=2)
+        return None
+    old, new = flatten_config(stored), flatten_config(run["config"])
+    differ = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
+              if old.get(k) != new.get(k) and k not in RESUME_FREE and k.split(".")[0] not in RESUME_FREE]
+    if differ:
+        warnings.warn(f"compare --reuse: {run['name']} in {folder} was trained with another plan ({'; '.join(differ[:3])}"
+                      f"{'; ...' if len(differ) > 3 else ''}); training it again", UserWarning, stacklevel=2)
+        return None
+    return read_results(path, run)
+
+
+def read_results(path: str, run: dict) -> dict:
+    """A run's results.json, checked: ValueError naming the file for what a finished run cannot have written."""
+    def bad(problem):
+        return ValueError(f"compare: {path}: {problem}; delete it to train the run again")
+
+    try:
+        with open(path) as fh:
+            res = json.load(fh)  # NaN and Infinity parse: the checks below refuse them
+    except ValueError as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"compare: cannot read {path}: {exc.strerror}") from None
+    if not isinstance(res, dict):
+        raise bad(f"a JSON {type(res).__name__}, not the results object")
+    for key in ("test", "val", "sparsity", "iterations"):
+        if key not in res:
+            raise bad(f"no {key!r} entry")
+    if res["iterations"] != run["config"]["train"]["iterations"]:
+        raise bad(f"{res['iterations']!r} iterations, the plan has {run['config']['train']['iterations']}")
+    for split in ("test", "val"):
+        if not isinstance(res[split], dict) or not res[split]:
+            raise bad(f"{split!r} is not a non-empty object of tasks")
+        for task, metrics in res[split].items():
+            if not isinstance(metrics, dict):
+                raise bad(f"{split}.{task} is not an object of metrics")
+            for name, value in metrics.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise bad(f"{split}.{task}.{name} is {value!r}, not a finite number")
+    sparsity = res["sparsity"]
+    values = [sparsity.get("overall")] + list((sparsity.get("components") or {}).values()) if isinstance(
+        sparsity, dict) else [sparsity]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise bad(f"a sparsity of {value!r}, not a fraction in [0, 1]")
+    return res
 
 
 # ----------------------------------------------------------------------------------------- results

@@ -373,3 +373,50 @@ def save_config(cfg: Config, path: str, model_source: str = "config", data_sourc
     with open(path, "w") as fh:
         fh.write("".join(n + "\n" for n in notes))
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+# What a resume may change against the checkpoint's config (README, "Untrusted files and values"). Keys in
+# neither table shape the state the checkpoint holds (model, data, method, optimizer, schedule, loss weights,
+# pruning method): a resume that changes one is refused, since the restored state would keep the old value
+# while config.yaml recorded the new one.
+RESUME_FREE = ("device", "out_dir", "deterministic", "data.root", "data.allow_outside_root", "data.num_workers",
+               "data.eval_batch_size", "prune.backend", "train.log_every", "train.val_every", "train.ckpt_every",
+               "train.resume", "train.tensorboard", "train.plots", "train.progress", "train.max_val_batches",
+               "train.on_nonfinite", "train.keep_checkpoints", "train.retain_host_memory", "compare")
+RESUME_WARN = {
+    "seed": "the data order from here on follows the new seed (the random state is the checkpoint's)",
+    "train.amp": "autocast changes from the checkpoint's iteration on",
+    "train.iterations": "training goes on to the new length; the LR schedule continues and a sparsity ramp "
+                        "(prune.ramp_start/ramp_end) is placed on the new length",
+    "prune.target_sparsity": "pruning aims at the new target from here on, and checkpoints are selected at it",
+}
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_changes(saved: dict, now: Config) -> tuple[list[str], list[str]]:
+    """(refused, warned): the settings of `now` that differ from a checkpoint's config `saved`, as
+    "key: old -> new" lines (warned ones with what happens)."""
+    old, new = flatten_config(saved if isinstance(saved, dict) else {}), flatten_config(now.to_dict())
+    refused, warned = [], []
+    for key in sorted(set(old) | set(new)):
+        if key in old and key in new and old[key] == new[key]:
+            continue
+        if key in RESUME_FREE or key.split(".")[0] in RESUME_FREE:
+            continue
+        change = f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        if key in RESUME_WARN:
+            warned.append(f"{change} ({RESUME_WARN[key]})")
+        else:
+            refused.append(change)
+    return refused, warned

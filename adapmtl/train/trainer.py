@@ -15,7 +15,9 @@ import json
 import math
 import os
 import random
+import signal
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -39,10 +41,11 @@ from adapmtl.train.checkpoint import (
     save_rotating,
     set_rng_state,
 )
-from adapmtl.train.config import Config, save_config
+from adapmtl.train.config import Config, resume_changes, save_config
 from adapmtl.train.host_memory import retain_freed_memory
 from adapmtl.train.logging import RunLogger
 from adapmtl.train.loss_weights import AdaptiveLossWeights
+from adapmtl.train.run_guard import OutDirLock, StopSignals, TrainingInterrupted, check_free_space
 
 _DATA_EPOCH_SCORES = 1 << 30  # data-order "epoch" reserved for SNIP/DiSparse scoring batches
 
@@ -62,6 +65,13 @@ def delta_t_directions(cfg: Config, tasks) -> dict:
     """{task: {metric: lower_is_better}} that ΔT of a run of cfg sums over `tasks` (names or TaskSpecs)."""
     from adapmtl.metrics import directions
     return directions(tasks, miou=delta_t_miou(cfg))
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """Whether `flag` holds on any rank (every rank gets the same answer)."""
+    if not D.is_dist():
+        return flag
+    return bool(D.all_reduce_mean(torch.tensor([float(flag)], dtype=torch.float64, device=device)).item() > 0)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -138,8 +148,6 @@ class Trainer:
         elif cfg.train.retain_host_memory:
             retain_freed_memory()
         self.out_dir = cfg.out_dir
-        if D.is_main() and os.path.isdir(self.out_dir):
-            remove_orphan_temps(self.out_dir)  # writes a kill interrupted: never valid checkpoints
         seed_everything(cfg.seed, cfg.deterministic)
 
     def _setup_data(self, train_set, val_set, test_set, collate_fn):
@@ -409,6 +417,13 @@ class Trainer:
         if state.get("method_name") != self.cfg.method:
             raise ValueError(f"resume: {path} was written by method {state.get('method_name')!r}, "
                              f"this run is {self.cfg.method!r}")
+        refused, warned = resume_changes(state.get("config"), self.cfg)
+        if refused:
+            raise ValueError(f"resume: {path} was written with other settings that its state holds: "
+                             f"{'; '.join(refused)}; resume with the checkpoint's values, or start a new run "
+                             "(another out_dir, or train.resume=null)")
+        for change in warned:
+            warnings.warn(f"resume: {change}", UserWarning, stacklevel=3)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -460,9 +475,24 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> dict | None:
         """Train to cfg.train.iterations (or stop after `stop_at` iterations, saving latest.pt, for
         tests of resume), then evaluate the selected checkpoint on the test split. Returns the results
-        dict (also written to out_dir/results.json) when the run finished."""
-        cfg, main = self.cfg, D.is_main()
+        dict (also written to out_dir/results.json) when the run finished.
+
+        While it runs it holds out_dir (a second trainer there gets RunLockedError naming this one), and
+        SIGTERM/SIGINT stop it after the current step with a checkpoint: TrainingInterrupted (a second signal
+        stops it at once)."""
+        main = D.is_main()
         os.makedirs(self.out_dir, exist_ok=True)
+        with (OutDirLock(self.out_dir) if main else nullcontext()), StopSignals() as stop:
+            if main:
+                remove_orphan_temps(self.out_dir)  # writes a kill interrupted: never valid checkpoints
+                check_free_space(self.out_dir, self.model, self.optimizer, self.cfg.train.keep_checkpoints + 1)
+            if not self._train(stop_at, stop):
+                return None
+            return self.finish()
+
+    def _train(self, stop_at: int | None, stop: StopSignals) -> bool:
+        """The training loop of fit(); whether it reached cfg.train.iterations."""
+        cfg, main = self.cfg, D.is_main()
         if main:
             save_config(cfg, os.path.join(self.out_dir, "config.yaml"), model_source=self.model_source,
                         data_source=self.data_source)
@@ -494,15 +524,20 @@ class Trainer:
                     bar.update(1)
                 if it % cfg.train.val_every == 0 or it == cfg.train.iterations:
                     self._validate(logger)
-                if it % cfg.train.ckpt_every == 0 or it == end:
-                    self.save("latest.pt")
+                # every rank stops at the same step when any rank got a signal
+                stopping = _any_rank(stop.requested is not None, self.device)
+                if it % cfg.train.ckpt_every == 0 or it == end or stopping:
+                    path = self.save("latest.pt")
+                if stopping:
+                    name = signal.Signals(stop.requested or signal.SIGTERM).name
+                    raise TrainingInterrupted(stop.requested or signal.SIGTERM,
+                                              f"train: stopped on {name} after iteration {it}, checkpoint "
+                                              f"{path or 'latest.pt'} written; resume with train.resume=auto")
         finally:
             if bar is not None:
                 bar.close()
             logger.close()
-        if self.iteration < cfg.train.iterations:
-            return None
-        return self.finish()
+        return self.iteration >= cfg.train.iterations
 
     def finish(self) -> dict:
         """Test the selected checkpoint (best on val, else the final weights); write results, plots."""

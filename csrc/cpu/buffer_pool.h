@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 
+#include "cpu/env.h"
 #include "cpu/huge_pages.h"
 
 namespace adapmtl {
@@ -46,11 +47,9 @@ class BufferPool {
   }
 
  private:
-  BufferPool() {
-    const char* mb = std::getenv("ADAPMTL_CPU_BUFFER_POOL_MB");
-    limit_ = (mb && *mb) ? int64_t(std::strtoll(mb, nullptr, 10)) << 20 : int64_t(1024) << 20;
-    if (limit_ < 0) limit_ = 0;
-  }
+  // A bad ADAPMTL_CPU_BUFFER_POOL_MB throws here, at the first large output: construction is retried, so every
+  // call fails the same way until it is fixed.
+  BufferPool() : limit_(env_int("ADAPMTL_CPU_BUFFER_POOL_MB", 1024, 0, int64_t(1) << 30) << 20) {}
 
   void* take(size_t block) {
     std::lock_guard<std::mutex> lock(mutex_);

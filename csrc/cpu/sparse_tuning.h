@@ -13,17 +13,21 @@
 // candidates on the call's own input and keeps the fastest, for the process and, with a cache file
 // (ADAPMTL_CPU_AUTOTUNE_CACHE or set_cpu_autotune(cache_file=)), across processes: one line per entry,
 // keyed by the CPU model, so a file copied to another machine is not used there. The file is untrusted
-// input: a line that does not parse into a valid configuration is skipped (with one warning). Every
+// input: only a regular file is read, at most 4 MiB of it, opened without blocking; a line that does not parse
+// into a valid configuration (or is over 1 KiB) is skipped, with one warning. Every
 // candidate computes the same convolution; they differ in summation order (last-bit rounding), so with
 // autotuning on, results can differ between processes as they can with cudnn.benchmark.
 #pragma once
 #include <torch/extension.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -31,6 +35,7 @@
 #include <vector>
 
 #include "cpu/cpu_info.h"
+#include "cpu/env.h"
 
 namespace adapmtl {
 
@@ -166,13 +171,9 @@ class Autotuner {
     std::lock_guard<std::mutex> lock(mutex_);
     ++searches_;
     table_[full] = best;
-    if (!file_.empty()) {
-      if (FILE* f = std::fopen(file_.c_str(), "a")) {
-        std::fprintf(f, "%s\t%s\n", full.c_str(), best.str().c_str());
-        std::fclose(f);
-      } else {
-        TORCH_WARN_ONCE("adapmtl: cannot append to the autotuning cache file '", file_, "'; tuning stays in memory");
-      }
+    if (!file_.empty() && !append_entry(full + "\t" + best.str() + "\n")) {
+      TORCH_WARN_ONCE("adapmtl: cannot append to the autotuning cache file '", file_,
+                      "' (not a writable regular file); tuning stays in memory");
     }
     return best;
   }
@@ -192,8 +193,7 @@ class Autotuner {
 
  private:
   Autotuner() {
-    const char* on = std::getenv("ADAPMTL_CPU_AUTOTUNE");
-    enabled_ = on && std::string(on) == "1";
+    enabled_ = env_flag("ADAPMTL_CPU_AUTOTUNE", false);  // a bad value: an error at the first use, every use
     const char* file = std::getenv("ADAPMTL_CPU_AUTOTUNE_CACHE");
     file_ = file ? file : "";
   }
@@ -235,15 +235,58 @@ class Autotuner {
     return best;
   }
 
+  // The cache file is untrusted: only a regular file is read (a FIFO, a device or a directory is skipped, opened
+  // without blocking), at most kMaxFileBytes of it, and a line longer than kMaxLineBytes counts as malformed.
+  static constexpr int64_t kMaxFileBytes = int64_t(4) << 20;
+  static constexpr size_t kMaxLineBytes = 1024;
+
+  // Opens file_ for reading or appending; -1 (and a warning) unless it is a regular file.
+  int open_regular(int flags) {
+    const int fd = ::open(file_.c_str(), flags | O_NONBLOCK | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      TORCH_WARN_ONCE("adapmtl: the autotuning cache file '", file_, "' is not a regular file; it is not used");
+      return -1;
+    }
+    return fd;
+  }
+
+  bool append_entry(const std::string& entry) {
+    const int fd = open_regular(O_WRONLY | O_APPEND | O_CREAT);
+    if (fd < 0) return false;
+    const bool ok = ::write(fd, entry.data(), entry.size()) == ssize_t(entry.size());
+    ::close(fd);
+    return ok;
+  }
+
   void load_locked() {
     if (loaded_) return;
     loaded_ = true;
     if (file_.empty()) return;
-    std::ifstream f(file_);
+    const int fd = open_regular(O_RDONLY);
+    if (fd < 0) return;
+    std::string text;
+    char buf[65536];
+    ssize_t n;
+    while (int64_t(text.size()) <= kMaxFileBytes && (n = ::read(fd, buf, sizeof buf)) > 0) text.append(buf, size_t(n));
+    ::close(fd);
+    if (int64_t(text.size()) > kMaxFileBytes) {
+      TORCH_WARN("adapmtl: the autotuning cache file '", file_, "' is larger than ", kMaxFileBytes,
+                 " bytes; only its first ", kMaxFileBytes, " bytes are read");
+      text.resize(size_t(kMaxFileBytes));
+      text.resize(text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1);  // whole lines only
+    }
+    std::istringstream f(text);
     std::string line;
     int64_t bad = 0;
     while (std::getline(f, line)) {
       if (line.empty() || line[0] == '#') continue;
+      if (line.size() > kMaxLineBytes) {
+        ++bad;
+        continue;
+      }
       const auto tab = line.find('\t');
       Tuning t = default_tuning();
       if (tab == std::string::npos || tab == 0 || !parse_tuning(line.substr(tab + 1), t, nullptr) || t.layout < 0) {
