@@ -24,7 +24,7 @@ from adapmtl.nn.str_layers import (
     ThresholdGroup,
     _threshold_dtype,
 )
-from adapmtl.ops import BACKENDS, GRAD_MODES, resolve_backend, soft_threshold
+from adapmtl.ops import BACKENDS, GRAD_MODES, resolve_backend
 
 MODES = ("component", "global", "layer")
 # Shared thresholds are parameters of the model itself, named REGISTRY + "_" + the group's name: parameters,

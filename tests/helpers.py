@@ -115,3 +115,49 @@ def tiny_demo_overrides(data_root) -> list[str]:
     return [f"data.root={data_root}", "data.n_train=8", "data.n_test=2", "data.image_size=32", "data.crop_size=32",
             "data.batch_size=4", "data.val_fraction=0.25", "train.iterations=2", "train.val_every=2",
             "train.ckpt_every=2", "train.progress=false", "train.tensorboard=false", "train.plots=false"]
+
+
+def small_run_config(root, out_dir, **over):
+    """A Config for a few iterations of the tiny model on 12 + 4 synthetic scenes, logging and checkpointing every
+    iteration (the fault and hostile-input tests); `key.sub=value` overrides."""
+    return tiny_run_config(root, out_dir, {
+        "data": {"n_train": 12, "n_test": 4, "batch_size": 4, "eval_batch_size": 4, "val_fraction": 0.25},
+        "model": {"head_channels": 4},
+        "prune": {"s0": -4.0, "target_sparsity": 0.5},
+        "loss_weights": {"start": 1, "window": 2},
+        "train": {"iterations": 6, "log_every": 1, "val_every": 3, "ckpt_every": 1},
+    }, over)
+
+
+def last_logged_step(run) -> int:
+    """The last training step a run folder's log.jsonl shows (0 before the first); a line being written is not
+    counted."""
+    import json
+
+    try:
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("kind") == "train":
+            steps.append(int(row["step"]))
+    return max(steps)
+
+
+def start_and_wait_for_step(args, run, step, timeout=120, **popen):
+    """Start `args` (a training process writing to `run`) and return it once its log shows `step`; fails if it
+    ended first, so that whatever the caller does next lands mid-training."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, **popen)
+    deadline = time.time() + timeout
+    while last_logged_step(run) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}"
+    return proc

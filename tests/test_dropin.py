@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import adapmtl
-from adapmtl.nn import SoftThreshold, STRConv2d, STRLinear
+from adapmtl.nn import SoftThreshold, STRLinear
 from adapmtl.ops import soft_threshold_reference
 
 

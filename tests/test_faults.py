@@ -17,7 +17,7 @@ import adapmtl.train.run_guard as run_guard
 from adapmtl.train import RunLockedError, Trainer, TrainingInterrupted
 from adapmtl.train.checkpoint import load_checkpoint_file, read_header
 from adapmtl.train.run_guard import OutDirLock, StopSignals
-from helpers import tiny_demo_overrides, tiny_run_config
+from helpers import last_logged_step, small_run_config, start_and_wait_for_step, tiny_demo_overrides
 
 
 @pytest.fixture(scope="module")
@@ -25,25 +25,11 @@ def scenes(synthetic_scenes):
     return synthetic_scenes(12, 4)
 
 
-def _cfg(root, out_dir, **over):
-    return tiny_run_config(root, out_dir, {
-        "data": {"n_train": 12, "n_test": 4, "batch_size": 4, "eval_batch_size": 4, "val_fraction": 0.25},
-        "model": {"head_channels": 4},
-        "prune": {"s0": -4.0, "target_sparsity": 0.5},
-        "train": {"iterations": 6, "log_every": 1, "val_every": 3, "ckpt_every": 1},
-    }, over)
+_cfg = small_run_config
 
 
 def _cli(args, **kw):
     return subprocess.run([sys.executable, "-m", "adapmtl", *args], capture_output=True, text=True, timeout=300, **kw)
-
-
-def _last_step(run) -> int:
-    try:
-        rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    except (FileNotFoundError, ValueError):
-        return 0
-    return max([0] + [r["step"] for r in rows if r.get("kind") == "train"])
 
 
 def _yaml_config(tmp_path, cfg, name="cfg.yaml"):
@@ -71,12 +57,8 @@ def test_two_processes_on_one_folder(scenes, tmp_path):
     run = tmp_path / "run"
     path = _yaml_config(tmp_path, _cfg(scenes, run, **{"train.iterations": 40, "train.val_every": 40,
                                                        "train.ckpt_every": 40}))
-    a = subprocess.Popen([sys.executable, "-m", "adapmtl", "train", "-c", path], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while _last_step(run) < 1 and a.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert a.poll() is None, "A ended before B started"
+    a = start_and_wait_for_step([sys.executable, "-m", "adapmtl", "train", "-c", path], run, 1,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     b = _cli(["train", "-c", path, "seed=1"])
     assert b.returncode == 2 and len(b.stderr.strip().splitlines()) == 1, b.stderr
     assert f"in use by another trainer (pid {a.pid} " in b.stderr
@@ -84,11 +66,8 @@ def test_two_processes_on_one_folder(scenes, tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["iterations"] == 40 and yaml.safe_load((run / "config.yaml").read_text())["seed"] == 0
     # stale: a holder killed with SIGKILL
-    c = subprocess.Popen([sys.executable, "-m", "adapmtl", "train", "-c", path, "train.iterations=80",
-                          "train.resume=auto"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    while c.poll() is None and _last_step(run) < 41 and time.time() < deadline + 120:
-        time.sleep(0.02)
+    c = start_and_wait_for_step([sys.executable, "-m", "adapmtl", "train", "-c", path, "train.iterations=80",
+                                 "train.resume=auto"], run, 41, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c.kill()
     c.wait()
     assert (run / run_guard.LOCK_NAME).exists()
@@ -165,17 +144,13 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_with_its_code(
     Trainer(_cfg(scenes, ref, **over)).fit()
     run = tmp_path / "run"
     path = _yaml_config(tmp_path, _cfg(scenes, run, **over))
-    proc = subprocess.Popen([sys.executable, "-m", "adapmtl", "train", "-c", path], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while _last_step(run) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before the signal"
+    proc = start_and_wait_for_step([sys.executable, "-m", "adapmtl", "train", "-c", path], run, 3,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + sig, err
     _, at = read_header(str(run / "latest.pt"))
-    assert 3 <= at < 30 and _last_step(run) == at  # the step in progress finished and was saved, nothing lost
+    assert 3 <= at < 30 and last_logged_step(run) == at  # the step in progress finished and was saved, nothing lost
     assert f"stopped on {signal.Signals(sig).name} after iteration {at}" in err
     done = _cli(["train", "-c", path, "train.resume=auto"])
     assert done.returncode == 0, done.stderr[-2000:]

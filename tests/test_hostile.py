@@ -20,7 +20,7 @@ from adapmtl.export import export_sparse
 from adapmtl.export_format import METADATA_KEY, load_exported, save_exported
 from adapmtl.ops import SparseWeight
 from adapmtl.ops.sparse_conv import available_sparse_backends, sparse_conv2d, sparse_linear
-from helpers import tiny_run_config
+from helpers import last_logged_step, small_run_config, start_and_wait_for_step
 
 CPU_BACKENDS = [b for b in available_sparse_backends("cpu")]
 
@@ -553,14 +553,7 @@ def scenes(synthetic_scenes):
     return synthetic_scenes(12, 4)
 
 
-def _cfg(root, out_dir, **over):
-    return tiny_run_config(root, out_dir, {
-        "data": {"n_train": 12, "n_test": 4, "batch_size": 4, "eval_batch_size": 4, "val_fraction": 0.25},
-        "model": {"head_channels": 4},
-        "prune": {"s0": -4.0, "target_sparsity": 0.5},
-        "loss_weights": {"start": 1, "window": 2},
-        "train": {"iterations": 6, "log_every": 1, "val_every": 3, "ckpt_every": 1},
-    }, over)
+_cfg = small_run_config
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(scenes, tmp_path):
@@ -624,29 +617,11 @@ Trainer(cfg).fit()
 """
 
 
-def _last_train_step(run) -> int:
-    """The last training step a run has logged (0 before the first); a line being written is not counted."""
-    try:
-        lines = (run / "log.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("kind") == "train":
-            steps.append(int(row["step"]))
-    return max(steps)
-
-
 def test_kill9_then_resume_equals_uninterrupted_run(scenes, tmp_path):
     """A run killed with SIGKILL three times, each when its log shows it past a seeded step (so every kill lands
     mid-training, on any machine's speed), and resumed each time (train.resume=auto), ends bit for bit as an
     uninterrupted one, with every logging step recorded once."""
     import random
-    import time
 
     import yaml
 
@@ -661,16 +636,12 @@ def test_kill9_then_resume_equals_uninterrupted_run(scenes, tmp_path):
     rng = random.Random(0)
     killed_at = []
     for low in (3, 9, 15):
-        target = max(rng.randint(low, low + 4), _last_train_step(run) + 2)
+        target = max(rng.randint(low, low + 4), last_logged_step(run) + 2)
         assert target < iterations
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while _last_train_step(run) < target and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the kill at step {target}"
+        proc = start_and_wait_for_step(args, run, target, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         proc.kill()
         proc.wait()
-        seen = _last_train_step(run)
+        seen = last_logged_step(run)
         # the kill landed mid-training: past the target, before the last iteration, no results written
         assert target <= seen < iterations and not (run / "results.json").exists(), (target, seen)
         killed_at.append(seen)

@@ -1,8 +1,6 @@
 """AdapMTL (component thresholds + adaptive loss weights) and its ablations, as trainer methods."""
 from __future__ import annotations
 
-import torch
-
 import adapmtl
 from adapmtl.baselines.base import Method
 from adapmtl.distributed import all_reduce_mean
