@@ -22,6 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from adapmtl.export_format import default_concrete_args
+from adapmtl.export_passes import fold_batchnorm
 from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
 from adapmtl.timing import interleaved_median_ms
@@ -81,6 +83,7 @@ def export_sparse(
     example_input: Any = None,
     repeats: int = 5,
     inplace: bool = False,
+    fold_bn: bool = True,
 ) -> nn.Module:
     """Replace layers by sparse modules where that is faster (module docstring). Returns the model
     (a deep copy unless `inplace`) in eval mode with every parameter frozen (requires_grad False);
@@ -92,6 +95,9 @@ def export_sparse(
         policy: "time" or "crossover"; default "time" if `example_input` is given, else "crossover".
         example_input: a tensor (or tuple of positional arguments) for one forward pass ("time").
         repeats: timed runs per layer and variant ("time").
+        fold_bn: fold every BatchNorm2d that follows a Conv2d into it first (adapmtl.export_passes; the folded
+            convs keep their zeros). `model.folded_batchnorm` lists the (conv, batchnorm) pairs, None where the
+            forward could not be traced by torch.fx (nothing folded).
     """
     from adapmtl.sparsify import finalize  # late: sparsify imports the training-side layers
 
@@ -115,10 +121,14 @@ def export_sparse(
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"export_sparse: argument 'repeats' must be a positive int, got {repeats!r}")
 
+    if not isinstance(fold_bn, bool):
+        raise TypeError(f"export_sparse: argument 'fold_bn' must be a bool, got {type(fold_bn).__name__}")
+
     if not inplace:
         model = copy.deepcopy(model)
     finalize(model)
     model.eval()
+    folded = fold_batchnorm(model, default_concrete_args(model)) if fold_bn else []
     # An inference model: the sparse ops refuse inputs that require grad, and activations would if any
     # dense layer's parameters still did.
     for p in model.parameters():
@@ -164,4 +174,5 @@ def export_sparse(
                 entry["sparse"] = True
         report.append(entry)
     model.sparse_export_report = report
+    model.folded_batchnorm = folded
     return model

@@ -146,7 +146,7 @@ def _ctor_params(cls: type) -> list[str]:
 # Save.
 
 
-class _Tracer(fx.Tracer):
+class ExportTracer(fx.Tracer):
     """torch.nn built-ins and the sparse layers are leaves; user modules are traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -213,11 +213,13 @@ def _module_record(path: str, m: nn.Module) -> dict:
     return {"class": name, "init": _encode_value(init, where), "training": m.training}
 
 
-def _forward_params(model: nn.Module):
+def default_concrete_args(model: nn.Module) -> Optional[dict]:
+    """What tracing fixes when the caller does not say: MultiTaskModel's `tasks=None` (every head)."""
     try:
-        return inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return {}
+        return None
+    return {"tasks": None} if "tasks" in params else None
 
 
 def save_exported(model: nn.Module, path, concrete_args: Optional[dict] = None) -> None:
@@ -228,10 +230,10 @@ def save_exported(model: nn.Module, path, concrete_args: Optional[dict] = None) 
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_exported: argument 'model' must be an nn.Module, got {type(model).__name__}")
-    if concrete_args is None and "tasks" in _forward_params(model):
-        concrete_args = {"tasks": None}
+    if concrete_args is None:
+        concrete_args = default_concrete_args(model)
     try:
-        graph = _Tracer().trace(model, concrete_args=concrete_args)
+        graph = ExportTracer().trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; report them as one clear error
         raise ValueError(f"save_exported: the model's forward cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
                          "pass concrete_args for branch-selecting arguments" + PT2_HINT) from exc

@@ -218,3 +218,22 @@ def test_the_soft_threshold_and_str_step_benchmarks_run_and_record_their_setting
     rows = {r["variant"]: r for r in json.loads(step_file.read_text())["rows"]}
     assert rows["dense step"]["over_dense"] == 0 and rows["STR step"]["ms"] > 0
     assert all(r["over_dense_q1"] <= r["over_dense"] <= r["over_dense_q3"] for r in rows.values())
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_peer_benchmark_runs_and_names_the_best_dense_runtime(tmp_path):
+    """A smoke run of benchmarks/bench_peer.py (the compiled variants skipped: their compilation takes minutes):
+    every variant in one alternation, the ratio to the fastest dense runtime, a missing peer reported."""
+    peer = _bench_module("bench_peer")
+    rows = peer.main(["--quick", "--rows", "conv1x1_90", "--skip", "torch_compile", "ours_aoti",
+                      "--out-dir", str(tmp_path)])
+    (row,) = rows
+    assert {"torch_eager", "ours_eager"} <= set(row["ms"]) and "torch_compile" not in row["ms"]
+    dense = {k: v for k, v in row["ms"].items() if k in ("torch_eager", "onnxruntime")}
+    assert row["best_dense"] == min(dense, key=dense.get)
+    assert row["vs_best_dense"] == pytest.approx(dense[row["best_dense"]] / row["ms"]["ours_eager"])
+    saved = json.loads(next(tmp_path.glob("peer_*.json")).read_text())
+    assert saved["rows"][0]["ms"] == row["ms"] and saved["device"]["kind"] == "cpu"
+    assert next(tmp_path.glob("peer_*.png")).stat().st_size > 0
+    if "deepsparse" not in row["ms"]:
+        assert "deepsparse" in row["errors"]

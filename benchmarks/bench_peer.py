@@ -1,0 +1,252 @@
+"""Benchmark a pruned model against the runtimes a user could run instead (issue: "faster than the runtime a user
+already has"): the same pruned weights run dense in torch eager, torch.compile (Inductor) and onnxruntime (and
+DeepSparse when it is importable), and ours: `export_sparse(policy="time")` in eager and as an AOTInductor
+package of its torch.export program. Every variant of a row is timed in alternation in one process.
+
+    python benchmarks/bench_peer.py                        # the six rows at batch 1 (~15 min on 2 cores)
+    python benchmarks/bench_peer.py --rows aspp_d6_90 --batches 1 16
+    python benchmarks/bench_peer.py --quick                # a smoke run (small inputs, runs/bench)
+
+Rows: the ASPP 3x3 dilation-6 conv 512->1024 and the 1x1 conv 1024->1024 at 41x41 (90% and 95%, random
+unstructured masks), and DeepLab-ResNet-34 / MobileNetV2 with three ASPP heads at 321x321 at the paper's
+component sparsities. "vs best dense" divides the fastest dense runtime's median by ours (the better of
+eager and AOTInductor). GFLOP/s counts the dense model's multiply-adds (2 FLOPs each) in every column, so it
+reads as effective throughput. Results: a table, JSON and a PNG named by the CPU in benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_export import conv_flops  # noqa: E402
+from bench_sparse_conv import PAPER_SPARSITY, TASKS  # noqa: E402
+from common import device_description, device_tag, format_table, interleaved_median_ms, write_results  # noqa: E402
+
+import adapmtl  # noqa: E402
+
+ROWS = {
+    "aspp_d6_90": ("conv", dict(cin=512, cout=1024, k=3, dilation=6, size=41), 0.90),
+    "aspp_d6_95": ("conv", dict(cin=512, cout=1024, k=3, dilation=6, size=41), 0.95),
+    "conv1x1_90": ("conv", dict(cin=1024, cout=1024, k=1, dilation=1, size=41), 0.90),
+    "conv1x1_95": ("conv", dict(cin=1024, cout=1024, k=1, dilation=1, size=41), 0.95),
+    "resnet34": ("model", dict(backbone="resnet34", size=321), None),
+    "mobilenetv2": ("model", dict(backbone="mobilenetv2", size=321), None),
+}
+DENSE = ("torch_eager", "torch_compile", "onnxruntime", "deepsparse")
+OURS = ("ours_eager", "ours_aoti")
+
+
+class _Conv(nn.Module):
+    """One pruned conv as a model (so every runtime gets the same kind of input)."""
+
+    def __init__(self, cin, cout, k, dilation, sparsity, gen):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation)
+        with torch.no_grad():
+            self.conv.weight.mul_((torch.rand(self.conv.weight.shape, generator=gen) >= sparsity).float())
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def build_row(kind: str, spec: dict, sparsity, batch: int, quick: bool):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    size = spec["size"] if not quick else max(9, spec["size"] // 4)
+    if kind == "conv":
+        cin, cout = (spec["cin"], spec["cout"]) if not quick else (spec["cin"] // 8, spec["cout"] // 8)
+        model = _Conv(cin, cout, spec["k"], spec["dilation"], sparsity, gen)
+        x = torch.randn(batch, cin, size, size, generator=gen)
+        label = f"{spec['k']}x{spec['k']} d{spec['dilation']} {cin}->{cout} at {size}^2, {int(100 * sparsity)}%"
+    else:
+        from adapmtl.models import build_model
+        backbone = "tiny" if quick else spec["backbone"]
+        model = build_model(backbone, tasks=TASKS, dataset="nyuv2")
+        with torch.no_grad():
+            for name, component in model.components().items():
+                for m in component.modules():
+                    if isinstance(m, (nn.Conv2d, nn.Linear)):
+                        m.weight.mul_((torch.rand(m.weight.shape, generator=gen) >= PAPER_SPARSITY[name]).float())
+                    elif isinstance(m, nn.BatchNorm2d):  # trained-like statistics, so folding is not a no-op
+                        m.running_var.uniform_(0.5, 2.0, generator=gen)
+                        m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+        x = torch.randn(batch, 3, size, size, generator=gen)
+        label = f"{backbone} + 3 ASPP heads at {size}^2, paper sparsities"
+    return model.eval(), x, label
+
+
+def _onnxruntime(model, x, tmp):
+    import onnxruntime as ort
+
+    path = os.path.join(tmp, "m.onnx")
+    adapmtl.interchange.export_onnx(model, x, path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's threads spin after a run by default: on a 2-core machine they would take the cores from the
+    # variant timed next in the alternation (measured: our eager conv 48.8 ms after it vs ~25 ms with this off)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return (lambda: session.run(None, feed)), path
+
+
+def _deepsparse(onnx_path, x):
+    from deepsparse import compile_model  # only where it is installed (its own venv: Python <= 3.11)
+
+    engine = compile_model(onnx_path, batch_size=x.shape[0], num_cores=torch.get_num_threads())
+    inputs = [x.numpy()]
+    return lambda: engine(inputs)
+
+
+def _aoti(model, x, tmp):
+    from adapmtl.interchange import export_pt2
+
+    program = export_pt2(model, x, os.path.join(tmp, "m.pt2"), dynamic_batch=False)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(tmp, "m_aoti.pt2"))
+    runner = torch._inductor.aoti_load_package(package)
+    return lambda: runner(x)
+
+
+def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set) -> dict:
+    kind, spec, sparsity = ROWS[name]
+    model, x, label = build_row(kind, spec, sparsity, batch, quick)
+    flops = conv_flops(model, x)
+    fns, setup, errors = {"torch_eager": lambda: model(x)}, {}, {}
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+
+        def attempt(variant, make):
+            """Set up one variant (timed as setup_s); a runtime that fails is reported, not fatal."""
+            if variant in skip:
+                return None
+            t0 = time.perf_counter()
+            try:
+                made = make()
+            except ImportError as exc:
+                errors[variant] = f"not installed ({exc})"
+                return None
+            except Exception as exc:  # noqa: BLE001
+                errors[variant] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                return None
+            setup[variant] = time.perf_counter() - t0
+            return made
+
+        compiled = attempt("torch_compile", lambda: torch.compile(copy.deepcopy(model)))
+        if compiled is not None and attempt("torch_compile", lambda: compiled(x)) is not None:  # compile now
+            fns["torch_compile"] = lambda: compiled(x)
+        onnx = attempt("onnxruntime", lambda: _onnxruntime(model, x, tmp))
+        if onnx is not None:
+            fns["onnxruntime"] = onnx[0]
+            deepsparse = attempt("deepsparse", lambda: _deepsparse(onnx[1], x))
+            if deepsparse is not None:
+                fns["deepsparse"] = deepsparse
+        exported = attempt("ours_eager", lambda: adapmtl.export_sparse(model, policy="time", example_input=x))
+        if exported is not None:
+            fns["ours_eager"] = lambda: exported(x)
+            aoti = attempt("ours_aoti", lambda: _aoti(exported, x, tmp))
+            if aoti is not None:
+                fns["ours_aoti"] = aoti
+        names = list(fns)
+        times = interleaved_median_ms([fns[n] for n in names], torch.device("cpu"), reps=reps)
+    ms = dict(zip(names, times))
+    best_dense = min((ms[n], n) for n in DENSE[:3] if n in ms)
+    best_ours = min(((ms[n], n) for n in OURS if n in ms), default=(None, None))
+    row = {"row": name, "case": label, "batch": batch, "gflop": flops / 1e9, "ms": ms, "setup_s": setup,
+           "errors": errors, "best_dense": best_dense[1], "best_ours": best_ours[1],
+           "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
+    if "deepsparse" in ms and best_ours[0] is not None:
+        row["vs_deepsparse"] = ms["deepsparse"] / best_ours[0]
+    return row
+
+
+def fold_bn_ab(names, reps: int, quick: bool) -> dict:
+    """Our eager export with and without BatchNorm folding, in alternation (what the graph pass buys)."""
+    out = {}
+    for name in names:
+        kind, spec, sparsity = ROWS[name]
+        if kind != "model":
+            continue
+        model, x, _ = build_row(kind, spec, sparsity, 1, quick)
+        with torch.no_grad():
+            plain = adapmtl.export_sparse(model, policy="time", example_input=x, fold_bn=False)
+            folded = adapmtl.export_sparse(model, policy="time", example_input=x, fold_bn=True)
+            a, b = interleaved_median_ms([lambda: plain(x), lambda: folded(x)], torch.device("cpu"), reps=reps)
+        out[name] = {"unfolded_ms": a, "folded_ms": b, "gain": a / b, "folded": len(folded.folded_batchnorm)}
+        print(f"{name}: BatchNorm folding {a:.1f} -> {b:.1f} ms ({a / b:.3f}x, {out[name]['folded']} folded)", flush=True)
+    return out
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in DENSE + OURS if any(v in r["ms"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    width = 0.8 / max(len(variants), 1)
+    for i, v in enumerate(variants):
+        vals = [r["ms"].get(v, float("nan")) / r["ms"]["torch_eager"] for r in rows]
+        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=v)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r['row']}\nb{r['batch']}" for r in rows], fontsize=8)
+    ax.set_ylabel("time / torch eager dense (lower is faster)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--skip", nargs="*", default=[], choices=[v for v in DENSE + OURS if v != "torch_eager"],
+                   help="variants not to run (e.g. torch_compile ours_aoti: their compilation takes minutes)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: small inputs and channels, 2 reps, runs/bench")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--fold-bn-ab", action="store_true",
+                   help="instead: the model rows' export with and without BatchNorm folding (peer_fold_bn_*.json)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    reps = 2 if args.quick else args.reps
+    info = device_description("cpu")
+    if args.fold_bn_ab:
+        ab = fold_bn_ab(args.rows, reps, args.quick)
+        print(f"wrote {write_results('peer_fold_bn', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
+        return ab
+    rows = []
+    for batch in args.batches:
+        for name in args.rows:
+            row = bench_row(name, batch, reps, args.quick, set(args.skip))
+            rows.append(row)
+            print(f"{row['case']} b{batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
+                  + (f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x"
+                     if row["vs_best_dense"] else "") + (f"; errors {row['errors']}" if row["errors"] else ""),
+                  flush=True)
+    table = [{"case": r["case"], "b": r["batch"], **{k: r["ms"].get(k) for k in DENSE + OURS},
+              "ours/best": r["vs_best_dense"], "GF/s ours": r["gflop"] / (min(r["ms"].get(k, 1e30) for k in OURS) / 1e3)
+              if any(k in r["ms"] for k in OURS) else None} for r in rows]
+    print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, medians in ms\n")
+    print(format_table(table, [("case", "case", "<48"), ("b", "b", "d")] + [(k, k, ".2f") for k in DENSE + OURS]
+                       + [("ours/best", "ours vs best dense", ".2f"), ("GF/s ours", "GF/s ours", ".1f")]))
+    path = write_results("peer", info, {"reps": reps, "quick": args.quick, "rows": rows},
+                         out_dir=args.out_dir, smoke=args.quick)
+    out_dir = path.parent
+    plot(rows, out_dir / f"peer_{device_tag(info)}.png", f"pruned models vs dense runtimes, {info['device']}")
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
