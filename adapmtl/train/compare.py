@@ -17,15 +17,7 @@ import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from adapmtl.checkpoint_io import write_json_atomic
-from adapmtl.train.config import (
-    COMPARE_METHODS,
-    METHODS,
-    RESUME_FREE,
-    Config,
-    flatten_config,
-    apply_override,
-    config_from_dict,
-)
+from adapmtl.train.config import COMPARE_METHODS, METHODS, Config, apply_override, config_changes, config_from_dict
 
 # the paper's ablations: name -> (trainer method, config overrides)
 ABLATIONS = {
@@ -175,9 +167,7 @@ def reusable_results(run: dict) -> dict | None:
         warnings.warn(f"compare --reuse: {folder} has no readable config.yaml; training {run['name']} again",
                       UserWarning, stacklevel=2)
         return None
-    old, new = flatten_config(stored), flatten_config(run["config"])
-    differ = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
-              if old.get(k) != new.get(k) and k not in RESUME_FREE and k.split(".")[0] not in RESUME_FREE]
+    differ = [change for _, change in config_changes(stored, run["config"])]
     if differ:
         warnings.warn(f"compare --reuse: {run['name']} in {folder} was trained with another plan ({'; '.join(differ[:3])}"
                       f"{'; ...' if len(differ) > 3 else ''}); training it again", UserWarning, stacklevel=2)

@@ -404,17 +404,21 @@ def flatten_config(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_changes(old: dict, new: dict) -> list[tuple[str, str]]:
+    """(key, "key: old -> new") for every setting that differs between two config dicts and shapes what a run
+    computes (the RESUME_FREE ones do not)."""
+    old = flatten_config(old if isinstance(old, dict) else {})
+    new = flatten_config(new if isinstance(new, dict) else {})
+    return [(k, f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}") for k in sorted(set(old) | set(new))
+            if (k not in old or k not in new or old[k] != new[k])
+            and k not in RESUME_FREE and k.split(".")[0] not in RESUME_FREE]
+
+
 def resume_changes(saved: dict, now: Config) -> tuple[list[str], list[str]]:
     """(refused, warned): the settings of `now` that differ from a checkpoint's config `saved`, as
     "key: old -> new" lines (warned ones with what happens)."""
-    old, new = flatten_config(saved if isinstance(saved, dict) else {}), flatten_config(now.to_dict())
     refused, warned = [], []
-    for key in sorted(set(old) | set(new)):
-        if key in old and key in new and old[key] == new[key]:
-            continue
-        if key in RESUME_FREE or key.split(".")[0] in RESUME_FREE:
-            continue
-        change = f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+    for key, change in config_changes(saved, now.to_dict()):
         if key in RESUME_WARN:
             warned.append(f"{change} ({RESUME_WARN[key]})")
         else:

@@ -482,13 +482,13 @@ class Trainer:
         stops it at once)."""
         main = D.is_main()
         os.makedirs(self.out_dir, exist_ok=True)
-        with (OutDirLock(self.out_dir) if main else nullcontext()), StopSignals() as stop:
+        with OutDirLock(self.out_dir) if main else nullcontext():
             if main:
                 remove_orphan_temps(self.out_dir)  # writes a kill interrupted: never valid checkpoints
                 check_free_space(self.out_dir, self.model, self.optimizer, self.cfg.train.keep_checkpoints + 1)
-            if not self._train(stop_at, stop):
-                return None
-            return self.finish()
+            with StopSignals() as stop:  # the training loop only: a signal during the final test acts as usual
+                finished = self._train(stop_at, stop)
+            return self.finish() if finished else None
 
     def _train(self, stop_at: int | None, stop: StopSignals) -> bool:
         """The training loop of fit(); whether it reached cfg.train.iterations."""
