@@ -403,3 +403,61 @@ def test_reference_bound_catches_an_error_beyond_pytorchs_own():
     bad[0, 0, 4, 4] += 64 * torch.finfo(torch.float32).eps * scale
     with pytest.raises(AssertionError, match="max error"):
         assert_conv_close(bad, x, w, None, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- dead taps
+def _brute_margin(size, k, s, p, d):
+    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    if out <= 0:
+        return 0
+    live = [any(0 <= o * s - p + t * d < size for o in range(out)) for t in range(k)]
+    m = 0
+    while 2 * (m + 1) < k and not live[m] and not live[k - 1 - m] and p - (m + 1) * d >= 0:
+        m += 1
+    return m
+
+
+def test_dead_tap_margin_by_enumeration():
+    from adapmtl.ops.sparse_conv import dead_tap_margin
+
+    cases = [(size, k, s, p, d) for size in range(1, 14) for k in (1, 2, 3, 5, 7) for s in (1, 2, 3)
+             for p in range(0, 14) for d in (1, 2, 5, 6, 12)]
+    assert [dead_tap_margin(*c) for c in cases] == [_brute_margin(*c) for c in cases]
+    assert dead_tap_margin(11, 3, 1, 24, 24) == 1 and dead_tap_margin(41, 3, 1, 6, 6) == 0
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("cin,cout,k,d,s,hw", [(8, 6, 3, 12, 1, (11, 11)), (4, 4, 3, 24, 1, (11, 30)),
+                                               (4, 5, 5, 3, 2, (4, 4)), (3, 4, 3, 6, 1, (5, 9))])
+def test_dead_taps_are_skipped_at_any_input_size(backend, device, cin, cout, k, d, s, hw):
+    """A conv whose outer taps read only padding at this size runs without them (the MobileNetV2 heads' 3x3
+    convs with dilation >= 11 on 11x11 maps are 1x1 convs), and a larger input, where they are live, runs whole."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=d * (k // 2), dilation=d).to(device)
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) > 0.5).to(conv.weight.dtype))
+    layer = SparseConv2d.from_dense(conv, backend=backend)
+    for h, w in (hw, (hw[0] + 2 * d + 3, hw[1] + 2 * d + 3), hw):
+        x = torch.randn(2, cin, h, w, device=device)
+        with torch.no_grad():
+            out = layer(x)
+        assert_conv_close(out, x, conv.weight, conv.bias, (s, s), (d * (k // 2),) * 2, (d, d), msg=f"{h}x{w}")
+    assert any(key != "of" and v is not None for key, v in layer.__dict__["_trimmed"].items())
+    with torch.no_grad():  # a new weight (in place): the trimmed copy is made again
+        layer.values.mul_(2)
+        conv.weight.mul_(2)
+        x = torch.randn(1, cin, *hw, device=device)
+        assert_conv_close(layer(x), x, conv.weight, conv.bias, (s, s), (d * (k // 2),) * 2, (d, d), msg="rewritten")
+
+
+def test_a_non_finite_weight_on_a_dead_tap_keeps_its_nan():
+    w = torch.zeros(2, 1, 3, 3)
+    w[0, 0, 0, 0] = float("inf")  # reads only padding on a 4x4 map with dilation 6
+    w[1, 0, 1, 1] = 1.0
+    layer = SparseConv2d(SparseWeight.from_dense(w), padding=6, dilation=6)
+    x = torch.ones(1, 1, 4, 4)
+    with torch.no_grad():
+        out = layer(x)
+    want = F.conv2d(x, w, None, 1, 6, 6)
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.isnan(out[0, 0]).all()
+    torch.testing.assert_close(out[0, 1], want[0, 1])

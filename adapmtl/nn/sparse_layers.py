@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, int_pair, sparse_conv2d, sparse_linear
+from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, dead_tap_margin, int_pair, sparse_conv2d, sparse_linear
 from adapmtl.ops.sparse_weight import SparseWeight
 
 
@@ -105,8 +105,31 @@ class SparseConv2d(_SparseBase):
                    conv.dilation, conv.groups, backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        return sparse_conv2d(x, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
-                             self.groups, self.backend)
+        sw, padding = self._weight_for(x)
+        return sparse_conv2d(x, sw, self.bias, self.stride, padding, self.dilation, self.groups, self.backend)
+
+    def _weight_for(self, x: Tensor) -> tuple[SparseWeight, tuple[int, int]]:
+        """The packed weight and padding for this input's size: without the outer taps that read only padding
+        at this size (a 3x3 conv with dilation >= the map runs as the 1x1 it is; the kernels would pack and skip
+        all that padding), the same output. Kept per input size, rebuilt when the weight changes; traced
+        (torch.compile / export), the whole weight."""
+        sw = self.sparse_weight
+        if torch.compiler.is_compiling() or self.groups != 1 or x.dim() != 4:
+            return sw, self.padding
+        margin = tuple(dead_tap_margin(x.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
+                                       self.dilation[i]) for i in range(2))
+        if margin == (0, 0):
+            return sw, self.padding
+        cache = self.__dict__.setdefault("_trimmed", {})
+        if cache.get("of") is not sw:  # a new packed weight (a load, an in-place write): start over
+            cache.clear()
+            cache["of"] = sw
+        if margin not in cache:
+            cache[margin] = sw.trim_taps(margin)
+        if cache[margin] is None:  # a non-finite weight on a dead tap: its NaN on the padding must stay
+            return sw, self.padding
+        padding = (self.padding[0] - margin[0] * self.dilation[0], self.padding[1] - margin[1] * self.dilation[1])
+        return cache[margin], padding
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

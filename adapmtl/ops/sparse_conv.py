@@ -129,6 +129,27 @@ def _check_common(op: str, x, sw, bias, weight_dim: int) -> None:
         )
 
 
+def dead_tap_margin(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """How many kernel taps on each side of one dimension read only zero padding at every output position for
+    an input of `size`: a conv without them (and with `dilation * margin` less padding) gives the same output
+    (the same size too, since as many taps go from each side). E.g. 1 for a 3x3 conv with dilation >= the map,
+    which is a 1x1 conv in disguise."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    if out <= 0:
+        return 0
+
+    def live(tap):  # a position o * stride - padding + tap * dilation inside [0, size) for some output o
+        first = tap * dilation - padding
+        last = first + (out - 1) * stride
+        return last >= 0 and first < size and (first >= 0 or (-first + stride - 1) // stride * stride + first < size)
+
+    margin = 0
+    while 2 * (margin + 1) < kernel and not live(margin) and not live(kernel - 1 - margin) \
+            and padding - (margin + 1) * dilation >= 0:
+        margin += 1
+    return margin
+
+
 def sparse_conv2d(
     x: Tensor,
     sw: SparseWeight,

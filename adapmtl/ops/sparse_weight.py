@@ -114,6 +114,30 @@ class SparseWeight:
         dense[row_of * cols + self.col_idx.to(torch.int64)] = self.values
         return dense.reshape(self.shape)
 
+    def trim_taps(self, margin: tuple[int, int]) -> "SparseWeight | None":
+        """The conv weight without its outer `margin` = (rows, cols) of kernel taps on every side: a [C_out, C_in,
+        KH - 2 mh, KW - 2 mw] weight holding the stored entries of the taps in between (their order kept). None
+        when a dropped entry is not finite: on padding it gives NaN (inf * 0), which the trimmed conv would lose."""
+        if len(self.shape) != 4:
+            raise ValueError(f"SparseWeight.trim_taps: needs a 4-D conv weight, got shape {self.shape}")
+        c_out, c_in, kh, kw = self.shape
+        mh, mw = margin
+        if not (0 <= 2 * mh < kh and 0 <= 2 * mw < kw):
+            raise ValueError(f"SparseWeight.trim_taps: margin {margin} leaves no tap of a {kh}x{kw} kernel")
+        cols = self.col_idx.to(torch.int64)
+        channel, tap = cols // (kh * kw), cols % (kh * kw)
+        r, q = tap // kw, tap % kw
+        keep = (r >= mh) & (r < kh - mh) & (q >= mw) & (q < kw - mw)
+        if not bool(torch.isfinite(self.values[~keep]).all()):
+            return None
+        kh2, kw2 = kh - 2 * mh, kw - 2 * mw
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        row_of = torch.repeat_interleave(torch.arange(c_out, device=cols.device), counts)
+        row_ptr = torch.zeros(c_out + 1, dtype=torch.int32, device=cols.device)
+        row_ptr[1:] = torch.bincount(row_of[keep], minlength=c_out).cumsum(0).to(torch.int32)
+        col_idx = (channel * (kh2 * kw2) + (r - mh) * kw2 + (q - mw))[keep].to(torch.int32)
+        return SparseWeight(row_ptr, col_idx, self.values[keep], (c_out, c_in, kh2, kw2))
+
     def to_torch_csr(self) -> Tensor:
         """The same matrix [C_out, C_in*KH*KW] as a `torch.sparse_csr_tensor` (the torch.sparse peer)."""
         rows, cols = self.shape[0], math.prod(self.shape[1:])
