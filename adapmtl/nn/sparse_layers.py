@@ -120,16 +120,16 @@ class SparseConv2d(_SparseBase):
                                        self.dilation[i]) for i in range(2))
         if margin == (0, 0):
             return sw, self.padding
-        cache = self.__dict__.setdefault("_trimmed", {})
-        if cache.get("of") is not sw:  # a new packed weight (a load, an in-place write): start over
-            cache.clear()
-            cache["of"] = sw
-        if margin not in cache:
-            cache[margin] = sw.trim_taps(margin)
-        if cache[margin] is None:  # a non-finite weight on a dead tap: its NaN on the padding must stay
+        packed_from, trimmed = self.__dict__.get("_trimmed_by_margin", (None, None))
+        if packed_from is not sw:  # a new packed weight (a load, an in-place write): start over
+            trimmed = {}
+            self.__dict__["_trimmed_by_margin"] = (sw, trimmed)
+        if margin not in trimmed:
+            trimmed[margin] = sw.trim_taps(margin)
+        if trimmed[margin] is None:  # a non-finite weight on a dead tap: its NaN on the padding must stay
             return sw, self.padding
         padding = (self.padding[0] - margin[0] * self.dilation[0], self.padding[1] - margin[1] * self.dilation[1])
-        return cache[margin], padding
+        return trimmed[margin], padding
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
