@@ -84,6 +84,13 @@ class _ThresholdState:
     def s(self) -> nn.Parameter:
         return self.threshold_group.s
 
+    def _recorded(self, weight: Tensor) -> Tensor:
+        """w_hat of `weight` for this forward, its non-zero count kept in `last_nnz`."""
+        out, nnz = soft_threshold(weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True)
+        with torch.no_grad():
+            self.last_nnz.copy_(nnz)
+        return out
+
     def _str_repr(self) -> str:
         owner = "own" if self.owns_threshold else f"shared:{self.threshold_group.name or '?'}"
         return f"threshold={owner}, component={self.component!r}, grad={self.grad_mode!r}, backend={self.backend!r}"
@@ -105,27 +112,14 @@ class SoftThreshold(_ThresholdState, nn.Module):
         self._init_str(like, threshold, init, grad, backend, component, like.device)
 
     def forward(self, weight: Tensor) -> Tensor:
-        out, nnz = soft_threshold(weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True)
-        with torch.no_grad():
-            self.last_nnz.copy_(nnz)
-        return out
+        return self._recorded(weight)
 
     def extra_repr(self) -> str:
         return self._str_repr()
 
 
 class _STRMixin(_ThresholdState):
-    """What STRConv2d and STRLinear share beyond the threshold: the recorded forward weight, conversion."""
-
-    def _effective_weight_and_nnz(self) -> tuple[Tensor, Tensor]:
-        return soft_threshold(self.weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True)
-
-    def _recorded_weight(self) -> Tensor:
-        """w_hat for this forward, its non-zero count kept in `last_nnz`."""
-        weight, nnz = self._effective_weight_and_nnz()
-        with torch.no_grad():
-            self.last_nnz.copy_(nnz)
-        return weight
+    """What STRConv2d and STRLinear share beyond the threshold: conversion from a dense layer, the effective weight."""
 
     @classmethod
     def from_dense(cls, dense: nn.Module, *, threshold=None, init=-15.0, grad="exact", backend="auto", component=""):
@@ -182,7 +176,7 @@ class STRConv2d(_STRMixin, nn.Conv2d):
         self._init_str(self.weight, threshold, init, grad, backend, component, device)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self._recorded_weight(), self.bias)
+        return self._conv_forward(input, self._recorded(self.weight), self.bias)
 
     @staticmethod
     def _constructor_args(conv: nn.Conv2d) -> tuple:
@@ -211,7 +205,7 @@ class STRLinear(_STRMixin, nn.Linear):
         self._init_str(self.weight, threshold, init, grad, backend, component, device)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self._recorded_weight(), self.bias)
+        return F.linear(input, self._recorded(self.weight), self.bias)
 
     @staticmethod
     def _constructor_args(linear: nn.Linear) -> tuple:
