@@ -69,11 +69,6 @@ def _weight_name(module_name: str, param: str) -> str:
     return f"{module_name}.{param}" if module_name else param
 
 
-def _is_ours(module: nn.Module, param: str) -> bool:
-    return parametrize.is_parametrized(module, param) and any(
-        isinstance(p, SoftThreshold) for p in module.parametrizations[param])
-
-
 @dataclass(frozen=True)
 class PrunedWeight:
     """One soft-thresholded weight of a model: an STR layer's, or one parametrized by `SoftThreshold`."""

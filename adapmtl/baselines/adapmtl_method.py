@@ -23,7 +23,6 @@ class AdapMTLMethod(Method):
         super().__init__(cfg)
         self.mode, self.adaptive_weights, self.name = mode, adaptive_weights, name
         self.controller = None
-        self.last_control = None
 
     def prepare_model(self, model):
         p = self.cfg.prune
@@ -50,8 +49,7 @@ class AdapMTLMethod(Method):
         """Overall sparsity of this step's ŵ over all components, from the kernels' non-zero counts,
         all-reduced so every rank decides the same; reading it is the step's one host sync."""
         if self.controller is not None:
-            self.last_control = self.controller.before_optimizer_step(it)
-            return {"cap": float(self.last_control.freeze)}
+            return {"cap": float(self.controller.before_optimizer_step(it).freeze)}
         overall = adapmtl.live_sparsity(trainer.model).overall  # SPEC §3 cap
         freeze = float(all_reduce_mean(overall)) >= self.cfg.prune.target_sparsity
         if freeze:
@@ -64,7 +62,7 @@ class AdapMTLMethod(Method):
             self.controller.after_optimizer_step()
 
     def log_scalars(self) -> dict:
-        c = self.last_control
+        c = None if self.controller is None else self.controller.last
         if c is None:
             return {}
         ctl = self.controller.controller
