@@ -59,6 +59,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   });
   m.def("cpu_sparse_default_config", [] { return adapmtl::default_tuning().str(); });
+  m.def("cpu_sparse_panel_calls", [] {
+    const auto* c = adapmtl::panel_calls();
+    return std::make_tuple(c[0].load(), c[1].load(), c[2].load());
+  }, "sparse conv/linear calls of this process that ran one output channel, panels of 4 and of 8 per tile");
   m.def("cpu_cache_sizes", [] {
     const auto& c = adapmtl::cache_sizes();
     return std::make_tuple(c.l1d, c.l2, c.l3);

@@ -221,6 +221,22 @@ def test_the_soft_threshold_and_str_step_benchmarks_run_and_record_their_setting
 
 
 @pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_kernel_roofline_benchmark_runs(tmp_path):
+    """A smoke run of benchmarks/bench_kernel_roofline.py: the inner-loop microbenchmark in units of the core's
+    FMA peak (where g++ is found) and the real kernel's one-channel / panel / auto timings, into --out-dir."""
+    import shutil
+    roof = _bench_module("bench_kernel_roofline")
+    loop, rows = roof.main(["--quick", "--out-dir", str(tmp_path)])
+    assert len(rows) == 2 * 2 * 5 and all(set(r["ms"]) == set(roof.CONFIGS) for r in rows)
+    assert all(t > 0 for r in rows for t in r["ms"].values())
+    if shutil.which("g++"):
+        (line,) = loop
+        assert line["peak_vfma_per_s"] > 0 and line["block_4"]["loads_per_fma"] < line["single_2x3"]["loads_per_fma"]
+    saved = json.loads(next(tmp_path.glob("kernel_roofline_*.json")).read_text())
+    assert saved["quick"] and saved["real_kernel"] == rows
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
 def test_the_peer_benchmark_runs_and_names_the_best_dense_runtime(tmp_path):
     """A smoke run of benchmarks/bench_peer.py (the compiled variants skipped: their compilation takes minutes):
     every variant in one alternation, the ratio to the fastest dense runtime, a missing peer reported."""

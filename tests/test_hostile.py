@@ -23,6 +23,8 @@ from adapmtl.ops.sparse_conv import available_sparse_backends, sparse_conv2d, sp
 from helpers import last_logged_step, small_run_config, start_and_wait_for_step
 
 CPU_BACKENDS = [b for b in available_sparse_backends("cpu")]
+# The C++ kernel's block layouts and channel panels, forced, and its own choice ("").
+CPP_CONFIGS = ["", "layout=tap", "layout=channel", "panel=4", "panel=8"]
 
 
 # ---------------------------------------------------------------------------------------------- export files
@@ -401,7 +403,7 @@ def test_huge_conv_arguments_never_crash(backend, kw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_sparse_conv_against_f_conv2d(data):
-    n, c, oc = data.draw(st.integers(0, 2)), data.draw(st.integers(1, 4)), data.draw(st.integers(0, 5))
+    n, c, oc = data.draw(st.integers(0, 2)), data.draw(st.integers(1, 4)), data.draw(st.integers(0, 9))
     h, w = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))
     kh, kw = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
     stride = (data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)))
@@ -410,9 +412,11 @@ def test_fuzz_sparse_conv_against_f_conv2d(data):
     density = data.draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
     backend = data.draw(st.sampled_from([b for b in CPU_BACKENDS if b != "triton"]))
-    layout = data.draw(st.sampled_from(["", "tap", "channel"]))
+    config = data.draw(st.sampled_from(CPP_CONFIGS))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    weight = torch.randn(oc, c, kh, kw, generator=g, dtype=dtype) * (torch.rand(oc, c, kh, kw, generator=g) < density)
+    block = data.draw(st.sampled_from([1, 1, 2, 4, 8]))  # non-zeros shared by `block` output channels (panels)
+    live = torch.rand(-(-oc // block), c, kh, kw, generator=g) < density
+    weight = torch.randn(oc, c, kh, kw, generator=g, dtype=dtype) * live.repeat_interleave(block, 0)[:oc]
     bias = torch.randn(oc, generator=g, dtype=dtype) if data.draw(st.booleans()) else None
     x = torch.randn(n, c, h, w, generator=g, dtype=dtype)
     if data.draw(st.booleans()):
@@ -426,7 +430,7 @@ def test_fuzz_sparse_conv_against_f_conv2d(data):
             ref = ref + bias.reshape(1, -1, 1, 1)
     except RuntimeError:
         ref = None  # e.g. the input is smaller than the dilated kernel
-    os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = f"layout={layout}" if layout else ""
+    os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
     try:
         with torch.no_grad():
             out = sparse_conv2d(x, SparseWeight.from_dense(weight), bias, stride, padding, dilation, backend=backend)
@@ -447,15 +451,15 @@ def _conv_backends():
     out = []
     for b in CPU_BACKENDS:
         if b == "cpp":
-            out += [("cpp", "tap"), ("cpp", "channel"), ("cpp", "")]
+            out += [("cpp", config) for config in CPP_CONFIGS]
         else:
             out.append((b, ""))
     return out
 
 
-@pytest.mark.parametrize("backend,layout", _conv_backends())
-def test_nonfinite_input_reaches_outputs_only_through_stored_weights(backend, layout, monkeypatch):
-    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", f"layout={layout}" if layout else "")
+@pytest.mark.parametrize("backend,config", _conv_backends())
+def test_nonfinite_input_reaches_outputs_only_through_stored_weights(backend, config, monkeypatch):
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     torch.manual_seed(0)
     w = torch.randn(4, 3, 3, 3)
     w[:, 1] = 0  # input channel 1 is read by pruned weights only
@@ -476,12 +480,12 @@ def test_nonfinite_input_reaches_outputs_only_through_stored_weights(backend, la
     torch.testing.assert_close(out.isnan(), F.conv2d(x_bad, w, padding=1).isnan())
 
 
-@pytest.mark.parametrize("backend,layout", _conv_backends())
+@pytest.mark.parametrize("backend,config", _conv_backends())
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_nonfinite_weight_on_padding_only_tap_matches_f_conv2d(backend, layout, bad, monkeypatch):
+def test_nonfinite_weight_on_padding_only_tap_matches_f_conv2d(backend, config, bad, monkeypatch):
     """A dilated conv whose corner taps read only zero padding (the C++ kernel skips such taps): an inf/NaN
     weight there gives NaN exactly where F.conv2d does (0 * inf = NaN), in every layout."""
-    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", f"layout={layout}" if layout else "")
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     torch.manual_seed(1)
     w = torch.randn(3, 2, 3, 3) * (torch.rand(3, 2, 3, 3) < 0.5)
     w[0, 0, 0, 0] = bad

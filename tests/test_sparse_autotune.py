@@ -60,8 +60,9 @@ def test_every_configuration_the_autotuner_may_pick_matches_the_reference(config
 def test_the_candidates_cover_both_layouts_tile_heights_and_this_machines_default():
     C = _ext.cpu_extension()
     with_tap, one_tap = C.cpu_sparse_candidates(True), C.cpu_sparse_candidates(False)
-    assert len(with_tap) == 2 * len(one_tap) and all("layout=channel" in c for c in one_tap)
-    assert {"rows=1", "rows=2"} <= {part for c in with_tap for part in c.split(",")}
+    assert len(with_tap) == len(one_tap) + len(one_tap) // 2 and all("layout=channel" in c for c in one_tap)
+    assert {"rows=1", "rows=2", "panel=1", "panel=4", "panel=8"} <= {part for c in with_tap for part in c.split(",")}
+    assert not any("layout=tap" in c and "panel=1" not in c for c in with_tap)  # panels: channel-major only
     default = dict(kv.split("=") for kv in C.cpu_sparse_default_config().split(","))
     l1, l2, l3 = C.cpu_cache_sizes()
     assert int(default["l1_budget"]) == l1 * 5 // 8 and l1 >= 4096 and l3 >= l2 >= l1

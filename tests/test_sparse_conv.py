@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapmtl import _ext
 from adapmtl.nn.sparse_layers import SparseConv2d, SparseLinear
 from adapmtl.ops.sparse_conv import available_sparse_backends, sparse_conv2d, sparse_linear
 from adapmtl.ops.sparse_weight import SparseWeight
@@ -341,8 +342,79 @@ def test_cpp_kernel_block_layouts(layout, monkeypatch):
         assert_conv_close(out, x, w, b, case["stride"], case["pad"], case["dil"], msg=f"shuffled {case}")
 
 
+def block_pruned(oc, c, k, block, density, dtype=torch.float32, gen=None):
+    """Non-zeros shared by `block` consecutive output channels (a block live with probability `density`)."""
+    live = torch.rand(-(-oc // block), c, k, k, generator=gen) < density
+    return torch.randn(oc, c, k, k, generator=gen, dtype=dtype) * live.repeat_interleave(block, 0)[:oc]
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+@pytest.mark.parametrize("config", ["panel=4", "panel=8", "panel=4,oc_chunk=6", "panel=8,min_segment=1", ""])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_kernel_channel_panels(config, dtype, monkeypatch):
+    """Panels of 4 and 8 output channels per register tile (each column of the weight loaded once for the
+    channels holding it), forced and by the kernel's own choice: unstructured and block-pruned weights, output
+    channels that do not fill the last panel, chunks that are not a whole number of panels, many channel blocks,
+    shuffled and duplicate columns in a row (summed), dead taps (dropped), channels-last input, and linear."""
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
+    g = torch.Generator().manual_seed(21)
+    shapes = [(150, 37, 3, 1, 2, 13, 2), (301, 19, 1, 1, 1, 9, 4), (64, 40, 3, 1, 6, 11, 8), (33, 17, 5, 2, 1, 17, 1),
+              (20, 9, 3, 1, 24, 41, 4), (16, 13, 3, 1, 12, 5, 8)]
+    for c, oc, k, s, d, hw, block in shapes:
+        w = block_pruned(oc, c, k, block, 0.3, dtype, g)
+        x = torch.randn(2, c, hw, hw, generator=g, dtype=dtype)
+        b = torch.randn(oc, generator=g, dtype=dtype)
+        sw = SparseWeight.from_dense(w)
+        args = ([oc, c, k, k], [s, s], [d * (k // 2)] * 2, [d, d])
+        perm = torch.cat([torch.randperm(int(sw.row_ptr[r + 1] - sw.row_ptr[r]), generator=g) + int(sw.row_ptr[r])
+                          for r in range(oc)])
+        for xin, cols, vals in [(x, sw.col_idx, sw.values), (x, sw.col_idx[perm], sw.values[perm]),
+                                (x.contiguous(memory_format=torch.channels_last), sw.col_idx, sw.values)]:
+            out = torch.ops.adapmtl.sparse_conv2d(xin, sw.row_ptr, cols, vals, b, *args)
+            assert_conv_close(out, x, w, b, s, d * (k // 2), d, msg=f"{config} {(c, oc, k, s, d, hw, block)}")
+        # every non-zero of row 0 twice, with half its value each time: the kernel sums duplicates
+        n0 = int(sw.row_ptr[1])
+        dup_cols = torch.cat([sw.col_idx[:n0], sw.col_idx[:n0], sw.col_idx[n0:]])
+        dup_vals = torch.cat([sw.values[:n0] / 2, sw.values[:n0] / 2, sw.values[n0:]])
+        dup_ptr = sw.row_ptr.clone()
+        dup_ptr[1:] += n0
+        out = torch.ops.adapmtl.sparse_conv2d(x, dup_ptr, dup_cols, dup_vals, b, *args)
+        assert_conv_close(out, x, w, b, s, d * (k // 2), d, msg=f"duplicates {config} {(c, oc, k, block)}")
+        lin_w = w.flatten(1)
+        xl = torch.randn(5, lin_w.shape[1], generator=g, dtype=dtype)
+        lsw = SparseWeight.from_dense(lin_w)
+        out = torch.ops.adapmtl.sparse_linear(xl, lsw.row_ptr, lsw.col_idx, lsw.values, b, lin_w.shape[1])
+        assert_linear_close(out, xl, lin_w, b, msg=f"linear {config} {(c, oc, k, block)}")
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch):
+    """By default: panels of 4 for a weight pruned in blocks of >= 4 output channels (each loaded input feeds 4
+    multiply-adds), one channel per tile for an unstructured one (a panel finds ~1.2 at 90%), and one channel
+    under a forced panel=1."""
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "")
+    C = _ext.cpu_extension()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, 12, 12, generator=g)
+
+    def ran(w):
+        before = C.cpu_sparse_panel_calls()
+        sparse_conv2d(x, SparseWeight.from_dense(w), None, 1, 1, backend="cpp")
+        return tuple(a - b for a, b in zip(C.cpu_sparse_panel_calls(), before))
+
+    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (0, 1, 0)
+    assert ran(block_pruned(64, 64, 3, 8, 0.1, gen=g)) == (0, 1, 0)
+    assert ran(block_pruned(64, 64, 3, 1, 0.1, gen=g)) == (1, 0, 0)
+    assert ran(block_pruned(64, 64, 3, 2, 0.1, gen=g)) == (1, 0, 0)
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "panel=1")
+    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (1, 0, 0)
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "panel=8")
+    assert ran(block_pruned(64, 64, 3, 1, 0.1, gen=g)) == (0, 0, 1)
+
+
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
 @pytest.mark.parametrize("config", ["layout=diagonal", "rows=3", "min_segment=0", "oc_chunk=1.5", "l1_budget=7",
+                                    "panel=3", "panel=2", "layout=tap,panel=4",
                                     "speed=max", "layout"])
 def test_cpp_kernel_rejects_a_bad_forced_config(monkeypatch, config):
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)

@@ -103,6 +103,10 @@ struct Plan {
   int64_t blocks;          // = taps * channel_blocks; block b belongs to (pseudo-)tap b / channel_blocks
   int64_t channel_blocks;  // blocks per tap
   int64_t taps;            // taps of the liveness tables: the kernel's taps if tap-major, else 1 (all live)
+  // Channel panels (panel > 1, channel-major, one row per tile): the non-zeros of M = panel consecutive output
+  // channels grouped by column (input channel, tap) and by which of them a column holds (encode_panels).
+  int64_t panel;       // output channels per register tile (1: one channel, the segments above)
+  const int32_t* pseg;  // [panels][blocks][2 * panel_keys + 1]: entry ranges per key, then value starts
 };
 
 // One output channel of a tile: R rows x vectors [V0, V1) of NV, over non-zeros [k0, k1).
@@ -218,6 +222,106 @@ inline __attribute__((always_inline)) void item_rows(const Plan<T>& g, int64_t r
   }
 }
 
+// ---- Channel panels --------------------------------------------------------------------------------------
+// A tile of one row x NV vectors for each of M consecutive output channels. A column of the weight (input
+// channel, tap) that several of them hold is loaded once and feeds each of their accumulators: NV loads
+// for popcount(pattern) x NV FMAs instead of one load per FMA. The columns of a panel and block are grouped
+// by their pattern (which of the M channels hold them) and each group runs one micro-kernel compiled for its
+// pattern, so the kernel has no per-matrix code (Sparse Register Tiling, Wilkinson et al., PLDI'23, groups
+// columns the same way). M = 4: a key per pattern (15). M = 8: a key for the full pattern, and the other
+// patterns run as their two halves (15 + 15 keys). A weight pruned in blocks of 4 or 8 output channels has
+// full patterns only; docs/cpu_sparse_kernel.md has what each panel reaches on unstructured and block weights.
+template <int M>
+constexpr int panel_keys() {
+  return M == 4 ? 15 : 31;
+}
+
+template <int M, int KEY>
+constexpr int panel_mask() {
+  if constexpr (M == 4) return KEY + 1;
+  else return KEY < 15 ? KEY + 1 : KEY < 30 ? (KEY - 14) << 4 : 255;
+}
+
+// Columns [e0, e1) of one pattern: NV input loads each, then one FMA per channel of the pattern per vector;
+// the values of a column are stored together, in channel order (w advances by popcount(MASK) per column).
+template <typename T, int M, int NV, int MASK>
+inline __attribute__((always_inline)) void panel_columns(typename Vec<T>::type (&acc)[M][NV], const T* __restrict base,
+                                                         const int32_t* __restrict off, const T* __restrict w,
+                                                         int64_t e0, int64_t e1) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::kLanes;
+  constexpr int n = __builtin_popcount(MASK);
+  for (int64_t e = e0; e < e1; ++e, w += n) {
+    const T* b = base + off[e];
+    V x[NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) x[i] = load(b + i * L);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      if (MASK >> m & 1) {
+        const T v = w[__builtin_popcount(MASK & ((1 << m) - 1))];
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) acc[m][i] += v * x[i];
+      }
+    }
+  }
+}
+
+template <typename T, int M, int NV, int KEY = 0>
+inline __attribute__((always_inline)) void panel_all_keys(typename Vec<T>::type (&acc)[M][NV], const T* base,
+                                                          const int32_t* off, const T* val, const int32_t* sg) {
+  constexpr int K = panel_keys<M>();
+  if constexpr (KEY < K) {
+    const int32_t e0 = sg[KEY], e1 = sg[KEY + 1];
+    if (e0 < e1) panel_columns<T, M, NV, panel_mask<M, KEY>()>(acc, base, off, val + sg[K + 1 + KEY], e0, e1);
+    panel_all_keys<T, M, NV, KEY + 1>(acc, base, off, val, sg);
+  }
+}
+
+// Block b of the tile over the panels of output channels [oc0, oc1) (oc0 a multiple of M).
+template <typename T, int M, int NV>
+inline __attribute__((always_inline)) void sweep_panel(const Plan<T>& g, const T* base, int64_t b, bool first,
+                                                       bool last, T* out, int64_t count, int64_t oc0, int64_t oc1,
+                                                       T* __restrict scratch) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::kLanes;
+  constexpr int K = panel_keys<M>();
+  for (int64_t p0 = oc0; p0 < oc1; p0 += M) {
+    const int32_t* sg = g.pseg + ((p0 / M) * g.blocks + b) * (2 * K + 1);
+    if (sg[0] == sg[K] && !first && !last) continue;  // the parked tiles are already right
+    const int64_t valid = std::min<int64_t>(M, g.OC - p0);  // the last panel may hold fewer channels
+    V acc[M][NV];
+    T* park = scratch + (p0 - oc0) * (NV * L);
+    if (first) {
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const T bv = g.bias && m < valid ? g.bias[p0 + m] : T(0);
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) acc[m][i] = V{} + bv;
+      }
+    } else {
+      std::memcpy(&acc[0][0], park, sizeof(acc));
+    }
+    panel_all_keys<T, M, NV>(acc, base, g.off, g.val, sg);
+    if (last) {
+      for (int64_t m = 0; m < valid; ++m) std::memcpy(out + (p0 + m) * g.OH * g.OW, &acc[m][0], count * sizeof(T));
+    } else {
+      std::memcpy(park, &acc[0][0], sizeof(acc));
+    }
+  }
+}
+
+// Output channels [oc0, oc1) of output row `group` and column tile `tile` of image n, over every block.
+template <typename T, int M, int NV>
+inline __attribute__((always_inline)) void item_panel(const Plan<T>& g, int64_t n, int64_t group, int64_t tile,
+                                                      int64_t count, int64_t oc0, int64_t oc1, T* __restrict scratch) {
+  const int64_t oy = group, ox = tile * g.cols;
+  const T* base = g.P + n * g.in_batch + oy * g.row_step + ox;
+  T* out = g.out + (n * g.OC * g.OH + oy) * g.OW + ox;
+  for (int64_t b = 0; b < g.blocks; ++b)
+    sweep_panel<T, M, NV>(g, base, b, b == 0, b == g.blocks - 1, out, count, oc0, oc1, scratch);
+}
+
 // Items [begin, end) of the (n, row group, column tile, channel chunk) space, channel chunk fastest so the
 // input rows of a row group stay in L2 while the chunks pass over them.
 template <typename T>
@@ -234,6 +338,23 @@ ADAPMTL_SPARSE_MULTIVERSION void run_items(const Plan<T>& g, int64_t begin, int6
     const int64_t oc0 = chunk * g.oc_chunk, oc1 = std::min(g.OC, oc0 + g.oc_chunk);
     const int64_t count = std::min(g.cols, g.OW - tile * g.cols);
     const int64_t rows = std::min(g.rows, g.OH - group * g.rows);
+    if (g.panel == 4) {
+      switch ((count + L - 1) / L) {
+        case 1: item_panel<T, 4, 1>(g, n, group, tile, count, oc0, oc1, scratch); break;
+        case 2: item_panel<T, 4, 2>(g, n, group, tile, count, oc0, oc1, scratch); break;
+        case 3: item_panel<T, 4, 3>(g, n, group, tile, count, oc0, oc1, scratch); break;
+        default: item_panel<T, 4, 4>(g, n, group, tile, count, oc0, oc1, scratch); break;
+      }
+      continue;
+    }
+    if (g.panel == 8) {
+      switch ((count + L - 1) / L) {
+        case 1: item_panel<T, 8, 1>(g, n, group, tile, count, oc0, oc1, scratch); break;
+        case 2: item_panel<T, 8, 2>(g, n, group, tile, count, oc0, oc1, scratch); break;
+        default: item_panel<T, 8, 3>(g, n, group, tile, count, oc0, oc1, scratch); break;
+      }
+      continue;
+    }
     switch ((count + L - 1) / L) {
       case 1: item_rows<T, 1>(g, rows, n, group, tile, count, oc0, oc1, scratch); break;
       case 2: item_rows<T, 2>(g, rows, n, group, tile, count, oc0, oc1, scratch); break;
@@ -306,7 +427,8 @@ struct ConvShape {
   // direct pass; tiles run every block whole).
   bool tap_major = false;
   int64_t cb = 1;
-  Tuning tuning;  // the configuration this call runs with (sparse_tuning.h)
+  int64_t panel = 1;  // output channels per register tile (channel panels: channel-major, rows == 1)
+  Tuning tuning;      // the configuration this call runs with (sparse_tuning.h)
 };
 
 // Channels per block (of one tap): as many as keep a work item's input within tuning.l1_budget bytes, but
@@ -456,6 +578,27 @@ struct EncodedRows {
   bool nonfinite_skipped = false;  // some row with an inf/NaN value would skip padding it reads
 };
 
+// Per column of a weight row (input channel c, tap t; index c * taps + t): its offset in P, its block and
+// whether its tap is used. A table, so that the per-non-zero passes do no integer division (two divisions per
+// non-zero cost ~1.5 ms on a 470k-non-zero conv).
+struct ColumnTable {
+  int64_t ncols;
+  std::vector<int32_t> off, block;
+  std::vector<uint8_t> used;
+  bool all_used;
+  ColumnTable(const ConvShape& s, int64_t channel_blocks)
+      : ncols(s.C * s.taps), off(ncols), block(ncols), used(ncols) {
+    for (int64_t c = 0; c < s.C; ++c) {
+      for (int64_t t = 0; t < s.taps; ++t) {
+        off[c * s.taps + t] = int32_t(c * s.plane + s.tap[t]);
+        block[c * s.taps + t] = int32_t((s.tap_major ? t * channel_blocks : 0) + c / s.cb);
+        used[c * s.taps + t] = s.tap_used[t];
+      }
+    }
+    all_used = std::find(s.tap_used.begin(), s.tap_used.end(), 0) == s.tap_used.end();
+  }
+};
+
 // Each row's non-zeros become offsets into P, grouped by block, without those of dead taps (their products
 // are all 0 * w). Channel-major blocks follow the order of sorted rows (SparseWeight's): one direct pass,
 // and with every tap used the values are read in place. Tap-major blocks (and unsorted rows) take a stable
@@ -464,20 +607,11 @@ struct EncodedRows {
 template <typename T>
 EncodedRows<T> encode_rows(const char* op, const int32_t* rp, const int32_t* ci, const T* vals, int64_t nnz,
                            int64_t OC, const ConvShape& s, int64_t blocks, int64_t channel_blocks) {
-  const int64_t cb = s.cb;
-  // Per column of a weight row: its offset in P and its block. A table, so that the per-non-zero pass
-  // below does no integer division (two divisions per non-zero cost ~1.5 ms on a 470k-non-zero conv).
-  const int64_t ncols = s.C * s.taps;
-  std::vector<int32_t> col_off(ncols), col_block(ncols);
-  std::vector<uint8_t> col_used(ncols);
-  for (int64_t c = 0; c < s.C; ++c) {
-    for (int64_t t = 0; t < s.taps; ++t) {
-      col_off[c * s.taps + t] = int32_t(c * s.plane + s.tap[t]);
-      col_block[c * s.taps + t] = int32_t((s.tap_major ? t * channel_blocks : 0) + c / cb);
-      col_used[c * s.taps + t] = s.tap_used[t];
-    }
-  }
-  const bool all_used = std::find(s.tap_used.begin(), s.tap_used.end(), 0) == s.tap_used.end();
+  const ColumnTable cols(s, channel_blocks);
+  const int64_t ncols = cols.ncols;
+  const std::vector<int32_t>&col_off = cols.off, &col_block = cols.block;
+  const std::vector<uint8_t>& col_used = cols.used;
+  const bool all_used = cols.all_used;
   const bool direct = !s.tap_major;
   const bool in_place = direct && all_used;
   EncodedRows<T> enc;
@@ -565,6 +699,145 @@ EncodedRows<T> encode_rows(const char* op, const int32_t* rp, const int32_t* ci,
   return enc;
 }
 
+// The keys a column pattern of an M-panel runs under (see panel_mask): up to two, -1 for none.
+inline std::pair<int, int> panel_keys_of(int64_t M, int pattern) {
+  if (M == 4) return {pattern - 1, -1};
+  if (pattern == 255) return {30, -1};
+  const int lo = pattern & 15, hi = pattern >> 4;
+  return {lo ? lo - 1 : -1, hi ? 14 + hi : -1};
+}
+
+inline int panel_key_mask(int64_t M, int key) {
+  return M == 4 ? key + 1 : key < 15 ? key + 1 : key < 30 ? (key - 14) << 4 : 255;
+}
+
+// The non-zeros of each panel of M output channels (channel-major blocks), grouped by block, then by key
+// (pattern), then by column. Per entry (a column and key) its offset into P; its values, one per channel of the
+// key's pattern in channel order, in `val`. A panel's entries and values both fit in the index range its rows
+// hold in the CSR (an entry has at least one value; duplicate columns of a row are summed), so the arrays
+// have the CSR's size and every panel writes its own range. Dead taps are dropped and column indices checked,
+// as in encode_rows.
+template <typename T>
+struct EncodedPanels {
+  std::unique_ptr<int32_t[]> off;
+  std::vector<T> val;
+  std::vector<int32_t> seg;  // see Plan::pseg
+  bool nonfinite_skipped = false;
+};
+
+template <typename T>
+EncodedPanels<T> encode_panels(const char* op, const int32_t* rp, const int32_t* ci, const T* vals, int64_t nnz,
+                               int64_t OC, const ConvShape& s, int64_t blocks) {
+  const int64_t M = s.panel, K = M == 4 ? 15 : 31, stride = 2 * K + 1, panels = (OC + M - 1) / M;
+  const ColumnTable cols(s, (s.C + s.cb - 1) / s.cb);
+  const bool check_finite = !cols.all_used;
+  EncodedPanels<T> enc;
+  enc.off.reset(new int32_t[std::max<int64_t>(nnz, 1)]);
+  enc.val.resize(nnz);
+  enc.seg.resize(panels * blocks * stride);
+  std::vector<uint8_t> nonfinite(panels, 0);
+  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> pattern(cols.ncols, 0);  // of the panel at hand; reset through `touched`
+    std::vector<T> cval(cols.ncols * M);
+    std::vector<int32_t> touched, ecur(blocks * K), vcur(blocks * K);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r0 = p * M, r1 = std::min(OC, r0 + M);
+      touched.clear();
+      bool bad = false;
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t bit = uint8_t(1u << (r - r0));
+        for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+          const int32_t col = ci[k];
+          TORCH_CHECK_VALUE(col >= 0 && col < cols.ncols, op, ": argument 'col_idx' entries must lie in [0, ",
+                            cols.ncols, "), got ", col, " at position ", k);
+          if (check_finite) bad |= !std::isfinite(vals[k]);
+          if (!cols.used[col]) continue;
+          if (!pattern[col]) touched.push_back(col);
+          T& v = cval[col * M + (r - r0)];
+          v = (pattern[col] & bit) ? v + vals[k] : vals[k];
+          pattern[col] |= bit;
+        }
+      }
+      nonfinite[p] = bad;
+      std::sort(touched.begin(), touched.end());  // each key's columns in memory order
+      std::fill(ecur.begin(), ecur.end(), 0);
+      std::fill(vcur.begin(), vcur.end(), 0);
+      for (const int32_t col : touched) {
+        const auto [k1, k2] = panel_keys_of(M, pattern[col]);
+        for (const int key : {k1, k2}) {
+          if (key < 0) continue;
+          ecur[cols.block[col] * K + key] += 1;
+          vcur[cols.block[col] * K + key] += __builtin_popcount(panel_key_mask(M, key));
+        }
+      }
+      int32_t* sg = enc.seg.data() + p * blocks * stride;
+      int32_t e = rp[r0], v = rp[r0];
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t key = 0; key < K; ++key) {
+          sg[b * stride + key] = e;
+          sg[b * stride + K + 1 + key] = v;
+          const int32_t ne = ecur[b * K + key], nv = vcur[b * K + key];
+          ecur[b * K + key] = e, vcur[b * K + key] = v;  // now the cursors
+          e += ne, v += nv;
+        }
+        sg[b * stride + K] = e;
+      }
+      for (const int32_t col : touched) {
+        const auto [k1, k2] = panel_keys_of(M, pattern[col]);
+        for (const int key : {k1, k2}) {
+          if (key < 0) continue;
+          const int64_t at = cols.block[col] * K + key;
+          enc.off[ecur[at]++] = cols.off[col];
+          const int mask = panel_key_mask(M, key);
+          for (int64_t m = 0; m < M; ++m)
+            if (mask >> m & 1) enc.val[vcur[at]++] = cval[col * M + m];
+        }
+        pattern[col] = 0;
+      }
+    }
+  });
+  enc.nonfinite_skipped = check_finite && std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end();
+  return enc;
+}
+
+// Output channels per register tile for a channel-major plan, from the weight's own column patterns: the reuse
+// of 4-channel panels, values / entries (multiply-adds per input load), over up to 16 panels spread over the
+// weight. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): on unstructured weights a panel finds little
+// reuse (1.2 at 90%) and its encoding costs more than it saves, so one channel; on weights pruned in blocks
+// of >= 4 output channels (reuse 4) a 4-panel is 5-15% faster. Panels of 8 measured no better than 4: the
+// autotuner and ADAPMTL_CPU_SPARSE_CONFIG reach them.
+int64_t choose_panel(const ConvShape& s, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC) {
+  constexpr int64_t M = 4;
+  const int64_t panels = OC / M;
+  if (panels == 0 || col_idx.numel() == 0) return 1;
+  const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous();
+  const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
+  const int64_t ncols = s.C * s.taps, step = std::max<int64_t>(1, panels / 16);
+  std::vector<int32_t> seen(ncols, -1);  // the last sampled panel holding the column
+  int64_t entries = 0, values = 0;
+  for (int64_t p = 0; p < panels; p += step) {
+    for (int64_t k = rp[p * M]; k < rp[(p + 1) * M]; ++k) {
+      const int32_t col = ci[k];
+      if (col < 0 || col >= ncols || !s.tap_used[col % s.taps]) continue;  // bad indices raise when encoded
+      entries += seen[col] != p;
+      seen[col] = int32_t(p);
+      ++values;
+    }
+  }
+  return entries && values >= 3 * entries ? 4 : 1;
+}
+
+// Switches a channel-major plan to panels of `panel` channels: one output row per tile, and at most 3 vectors
+// for panels of 8 (24 accumulators, the loaded input and a value fill the 32 vector registers).
+void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t OH, int64_t OW, int64_t L) {
+  if (panel <= 1) return;
+  s.panel = panel;
+  s.tuning.layout = 0;
+  s.rows = 1;
+  s.cols = std::min<int64_t>(nv, panel == 8 ? 3 : 4) * L;
+  find_live_taps(s, OH, OW, L);
+}
+
 // Runs a plan over the batch. Images go through in passes whose packed input fits the reused workspace: a
 // fresh buffer for a whole large batch costs more in page faults than the kernel (measured: batch 16, 1x1
 // 1024->1024 at 41x41, ~150 ms of faults per call on top of a 60 ms kernel).
@@ -611,9 +884,16 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   const int64_t nnz = ci_t.numel();
   const int64_t channel_blocks = (s.C + s.cb - 1) / s.cb;
   const int64_t blocks = (s.tap_major ? s.taps : 1) * channel_blocks;
-  const EncodedRows<T> enc =
-      encode_rows<T>(op, rp_t.data_ptr<int32_t>(), ci_t.data_ptr<int32_t>(), vals, nnz, OC, s, blocks, channel_blocks);
-  if (enc.nonfinite_skipped) return false;
+  const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
+  EncodedRows<T> enc;
+  EncodedPanels<T> panels;
+  if (s.panel > 1) {
+    panels = encode_panels<T>(op, rp, ci, vals, nnz, OC, s, blocks);
+    if (panels.nonfinite_skipped) return false;
+  } else {
+    enc = encode_rows<T>(op, rp, ci, vals, nnz, OC, s, blocks, channel_blocks);
+    if (enc.nonfinite_skipped) return false;
+  }
   // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
   std::vector<uint8_t> all_rows, all_vectors;
   if (!s.tap_major) {
@@ -627,9 +907,18 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   }
   const at::Tensor b_t = bias.has_value() ? bias->contiguous() : at::Tensor();
   Plan<T> g;
-  g.off = enc.off.get();
-  g.val = enc.val.empty() ? vals : enc.val.data();
-  g.seg = enc.seg.data();
+  g.panel = s.panel;
+  if (s.panel > 1) {
+    g.off = panels.off.get();
+    g.val = panels.val.data();
+    g.seg = nullptr;
+    g.pseg = panels.seg.data();
+  } else {
+    g.off = enc.off.get();
+    g.val = enc.val.empty() ? vals : enc.val.data();
+    g.seg = enc.seg.data();
+    g.pseg = nullptr;
+  }
   g.bias = b_t.defined() ? b_t.data_ptr<T>() : nullptr;
   g.OC = OC, g.OH = OH, g.OW = OW;
   g.in_batch = in_batch;
@@ -639,7 +928,8 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   g.row_live = s.tap_major ? s.row_live.data() : all_rows.data();
   g.live_vectors = s.tap_major ? s.live_vectors.data() : all_vectors.data();
   // Chunks of output channels: enough items to balance the threads; parked tiles (<= 64 KiB) stay in L2.
-  g.oc_chunk = std::min<int64_t>(OC, s.tuning.oc_chunk);
+  g.oc_chunk = round_up(std::min<int64_t>(OC, s.tuning.oc_chunk), s.panel);  // whole panels
+  count_panel_call(s.panel);
   run_passes<T>(g, out, nnz, pack);
   return true;
 }
@@ -720,7 +1010,6 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.C = C, s.taps = KH * KW;
   // Register tile columns: up to kMaxVectors vectors (its rows are a tuning choice).
   const int64_t nv = std::min<int64_t>(kMaxVectors, (OW + L - 1) / L);
-  s.cols = nv * L;
   // Tap (kh, kw) reads padded column (ox + q) * sw + p of row oy * sh + kh * dh, with p = (kw * dw) % sw and
   // q = (kw * dw) / sw. Each input row is stored once per distinct (p, q % L) as a "copy" holding phase p
   // shifted left by q % L, so the tap's loads start q - q % L + ox elements into the copy: whole vectors.
@@ -752,8 +1041,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   // The whole convolution with configuration t, into `out`.
   const auto run = [&](const Tuning& t) {
     s.tuning = t;
+    s.panel = 1;
     s.rows = std::min<int64_t>(t.rows, OH);
+    s.cols = nv * L;
     find_live_taps(s, OH, OW, L);
+    if (t.panel > 1) s.tuning.layout = 0;  // panels run over channel-major blocks
+    choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+    if (!s.tap_major) use_panel(s, t.panel ? t.panel : choose_panel(s, row_ptr, col_idx, OC), nv, OH, OW, L);
     bool done = false;
     while (!done) {  // at most twice: the second pass skips nothing (run_conv)
       choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
@@ -803,6 +1097,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.rows = 1, s.cols = std::min<int64_t>(kMaxVectors, Wrow / L) * L;
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
   find_live_taps(s, 1, B, L);  // no padding: nothing is skipped, so run_conv never asks for a rerun
+  choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);  // one tap: channel-major
+  use_panel(s, s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC), s.cols / L, 1, B, L);
   choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
     run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, checked_mul(op, "the packed input", in_features, Wrow),

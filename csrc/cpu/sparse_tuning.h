@@ -2,10 +2,10 @@
 // autotuner that times them per convolution (cuDNN's benchmark mode, for the CPU kernel).
 //
 // Choices (Tuning): the block layout (the cost model's, channel-major or tap-major), output rows per
-// register tile, the non-zeros a row segment holds at least, the bytes of input a block keeps (a share of
+// register tile, output channels per register tile (one, or a panel of 4 or 8), the non-zeros a row segment holds at least, the bytes of input a block keeps (a share of
 // L1d) and the output channels per work item (their parked tiles a share of L2). The defaults depend only on
 // the cache sizes, read at run time, so results are deterministic. ADAPMTL_CPU_SPARSE_CONFIG forces any of
-// them ("layout=tap,rows=1,min_segment=20,oc_chunk=256,l1_budget=20480"; tests use it to run every
+// them ("layout=tap,rows=1,min_segment=20,oc_chunk=256,l1_budget=20480,panel=1"; tests use it to run every
 // configuration the autotuner may pick).
 //
 // Autotuning (off by default; ADAPMTL_CPU_AUTOTUNE=1 or adapmtl.ops.set_cpu_autotune): at the first call of
@@ -31,6 +31,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -45,11 +46,15 @@ struct Tuning {
   double min_segment = 40.0;  // non-zeros a row segment holds at least (on average)
   int64_t l1_budget = 0;      // bytes of input a block keeps for one work item
   int64_t oc_chunk = 128;     // output channels per work item
+  int64_t panel = 0;          // output channels per register tile: 1, 4 or 8; 0: chosen from the weight's
+                              // column patterns (sparse_conv_cpu.cpp, choose_panel)
 
   std::string str() const {
     std::ostringstream o;
     o << "layout=" << (layout < 0 ? "auto" : layout ? "tap" : "channel") << ",rows=" << rows
-      << ",min_segment=" << min_segment << ",l1_budget=" << l1_budget << ",oc_chunk=" << oc_chunk;
+      << ",min_segment=" << min_segment << ",l1_budget=" << l1_budget << ",oc_chunk=" << oc_chunk << ",panel=";
+    if (panel == 0) o << "auto";
+    else o << panel;
     return o.str();
   }
 };
@@ -71,7 +76,7 @@ inline bool parse_tuning(const std::string& text, Tuning& t, const char* source)
   const auto fail = [&](const std::string& why) {
     TORCH_CHECK_VALUE(source == nullptr, "adapmtl: ", source, " must be comma-separated key=value pairs of ",
                       "layout (auto|channel|tap), rows (1|2), min_segment (1..1000), l1_budget (1024..16777216 "
-                      "bytes), oc_chunk (1..65536): ", why, " in '", text, "'");
+                      "bytes), oc_chunk (1..65536), panel (auto|1|4|8): ", why, " in '", text, "'");
     return false;
   };
   while (std::getline(items, item, ',')) {
@@ -94,10 +99,16 @@ inline bool parse_tuning(const std::string& text, Tuning& t, const char* source)
       t.l1_budget = int64_t(number);
     } else if (key == "oc_chunk" && numeric && number >= 1 && number <= 65536 && number == int64_t(number)) {
       t.oc_chunk = int64_t(number);
+    } else if (key == "panel" && value == "auto") {
+      t.panel = 0;
+    } else if (key == "panel" && numeric && (number == 1 || number == 4 || number == 8)) {
+      t.panel = int64_t(number);
     } else {
       return fail("'" + item + "'");
     }
   }
+  // Panels run over channel-major blocks only (one row per tile; a forced rows=2 is not used by them).
+  if (t.layout == 1 && t.panel > 1) return fail("panel=" + std::to_string(t.panel) + " with layout=tap");
   return true;
 }
 
@@ -120,21 +131,39 @@ inline std::vector<int64_t> candidate_chunks() {
   return chunks;
 }
 
-// Every configuration the staged search may time: layouts x rows x min_segment x oc_chunk on the defaults.
-inline std::vector<Tuning> candidate_tunings(bool with_tap_major) {
-  std::vector<Tuning> out;
+// The (layout, rows, panel) triples the search tries: one output channel per tile in either layout and
+// either tile height, and the channel panels (channel-major, one row: their accumulators fill the registers).
+inline std::vector<std::tuple<int, int64_t, int64_t>> candidate_shapes(bool with_tap_major) {
+  std::vector<std::tuple<int, int64_t, int64_t>> out;
   for (int layout : {0, 1}) {
     if (layout == 1 && !with_tap_major) continue;
-    for (int64_t rows : {1, 2})
-      for (double seg : {10.0, 20.0, 40.0, 80.0})
-        for (int64_t chunk : candidate_chunks()) {
-          Tuning t = default_tuning();
-          t.layout = layout, t.rows = rows, t.min_segment = seg, t.oc_chunk = chunk;
-          out.push_back(t);
-        }
+    for (int64_t rows : {2, 1}) out.emplace_back(layout, rows, 1);
   }
+  for (int64_t panel : {4, 8}) out.emplace_back(0, 1, panel);
   return out;
 }
+
+// Every configuration the staged search may time: those shapes x min_segment x oc_chunk on the defaults.
+inline std::vector<Tuning> candidate_tunings(bool with_tap_major) {
+  std::vector<Tuning> out;
+  for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major))
+    for (double seg : {10.0, 20.0, 40.0, 80.0})
+      for (int64_t chunk : candidate_chunks()) {
+        Tuning t = default_tuning();
+        t.layout = layout, t.rows = rows, t.panel = panel, t.min_segment = seg, t.oc_chunk = chunk;
+        out.push_back(t);
+      }
+  return out;
+}
+
+// Sparse conv/linear calls of this process by output channels per register tile (1, 4, 8): the tests check
+// which kernel the weight's structure selects.
+inline std::atomic<int64_t>* panel_calls() {
+  static std::atomic<int64_t> calls[3];
+  return calls;
+}
+
+inline void count_panel_call(int64_t panel) { panel_calls()[panel == 8 ? 2 : panel == 4 ? 1 : 0].fetch_add(1); }
 
 class Autotuner {
  public:
@@ -198,7 +227,7 @@ class Autotuner {
     file_ = file ? file : "";
   }
 
-  // Stage by stage, each stage's values on the best so far: layout x rows, then min_segment, then oc_chunk.
+  // Stage by stage, each stage's values on the best so far: (layout, rows, panel), then min_segment, then oc_chunk.
   // A candidate's time is the fastest of three runs after a warm-up run (the least disturbed by a shared
   // machine's noise).
   template <typename TimeFn>
@@ -208,16 +237,13 @@ class Autotuner {
       return std::min({time_ms(t), time_ms(t), time_ms(t)});
     };
     Tuning best = default_tuning();
-    best.layout = 0;
+    best.layout = 0, best.panel = 1;
     double best_ms = 1e300;
-    for (int layout : {0, 1}) {
-      if (layout == 1 && !with_tap_major) continue;
-      for (int64_t rows : {2, 1}) {
-        Tuning t = best;
-        t.layout = layout, t.rows = rows;
-        const double ms = measure(t);
-        if (ms < best_ms) best_ms = ms, best = t;
-      }
+    for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major)) {
+      Tuning t = default_tuning();
+      t.layout = layout, t.rows = rows, t.panel = panel;
+      const double ms = measure(t);
+      if (ms < best_ms) best_ms = ms, best = t;
     }
     for (double seg : {10.0, 20.0, 80.0}) {  // 40 is the default, timed above
       Tuning t = best;

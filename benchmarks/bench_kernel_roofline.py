@@ -1,0 +1,115 @@
+"""Where the CPU sparse kernel stands against the machine: vector FMAs per cycle and loads per FMA.
+
+Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in docs/cpu_sparse_kernel.md:
+  inner loop: benchmarks/kernel_roofline.cpp (g++ -O3 -march=native, one thread): the inner loop of one
+      output channel per tile (today's kernel) against panels of 2-8 channels sharing each input load, on
+      unstructured and on M x 1 block-pruned non-zeros, in units of this core's measured FMA peak;
+  real kernel: torch.ops.adapmtl.sparse_conv2d on the ASPP 3x3 d6 and 1x1 head convs (41x41, batch 1) at
+      90/95%, unstructured and pruned in 2/4/8/16 x 1 blocks, with one channel per tile, panels of 4 and 8,
+      and the kernel's own choice (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation, 2 threads.
+
+    python benchmarks/bench_kernel_roofline.py            # ~3 minutes on 2 cores
+    python benchmarks/bench_kernel_roofline.py --quick    # a smoke run (small convs, runs/bench)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_description, format_table, interleaved_median_ms, write_results  # noqa: E402
+
+from adapmtl.ops.sparse_weight import SparseWeight  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parent / "kernel_roofline.cpp"
+CONFIGS = {"one channel": "panel=1", "panel 4": "panel=4", "panel 8": "panel=8", "auto": ""}
+CONVS = {"ASPP 3x3 d6 512->1024": (512, 1024, 3, 6), "1x1 1024->1024": (1024, 1024, 1, 1)}
+
+
+def inner_loop(densities=(0.1, 0.05), reps: int = 20) -> list[dict]:
+    """The microbenchmark's JSON lines, or [] (with a note) where g++ is missing."""
+    if shutil.which("g++") is None:
+        print("g++ not found: the inner-loop part is skipped")
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "roofline"
+        subprocess.run(["g++", "-O3", "-march=native", "-std=c++17", "-o", str(exe), str(SOURCE)], check=True)
+        return [json.loads(subprocess.run([str(exe), str(d), "432", str(reps)], check=True, capture_output=True,
+                                          text=True).stdout)
+                for d in densities]
+
+
+def block_pruned(oc: int, c: int, k: int, block: int, density: float, gen) -> torch.Tensor:
+    """A weight whose non-zeros come in `block` x 1 blocks (consecutive output channels), a block live with
+    probability `density` (so the weight's density is `density` whatever the block)."""
+    live = torch.rand((oc + block - 1) // block, c, k, k, generator=gen) < density
+    return torch.randn(oc, c, k, k, generator=gen) * live.repeat_interleave(block, 0)[:oc]
+
+
+def real_kernel(quick: bool, reps: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, (cin, cout, k, dil) in CONVS.items():
+        if quick:
+            cin, cout = cin // 8, cout // 8
+        size = 11 if quick else 41
+        x = torch.randn(1, cin, size, size, generator=gen)
+        for sparsity in (0.9, 0.95):
+            for block in (1, 2, 4, 8, 16):
+                w = block_pruned(cout, cin, k, block, 1 - sparsity, gen)
+                sw = SparseWeight.from_dense(w)
+                pad = dil * (k // 2)
+
+                def call(config, sw=sw, w=w, x=x, pad=pad, dil=dil):
+                    def fn():
+                        os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
+                        return torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None,
+                                                               list(w.shape), [1, 1], [pad, pad], [dil, dil])
+                    return fn
+
+                try:
+                    ms = interleaved_median_ms([call(c) for c in CONFIGS.values()], "cpu", reps=reps)
+                finally:
+                    os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+                flop = 2 * sw.values.numel() * size * size  # the non-zeros' multiply-adds, every output pixel
+                row = {"conv": name, "size": size, "sparsity": sparsity, "block": f"{block}x1",
+                       "ms": dict(zip(CONFIGS, ms)), "gflop_per_s": {c: flop / t / 1e6 for c, t in zip(CONFIGS, ms)}}
+                rows.append(row)
+                print(f"{name} {sparsity:.0%} {block}x1: " + ", ".join(f"{c} {t:.2f} ms" for c, t in zip(CONFIGS, ms)),
+                      flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run: small convs, 2 reps, runs/bench")
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    info = device_description("cpu")
+    loop = inner_loop((0.1,), reps=2) if args.quick else inner_loop()
+    for line in loop:
+        print(f"inner loop at density {line['density']}: peak {line['peak_vfma_per_s'] / 1e9:.2f} G vector FMA/s; "
+              + ", ".join(f"{k} {v['vfma_per_peak']:.2f}/peak ({v['loads_per_fma']:.2f} loads/FMA)"
+                          for k, v in line.items() if isinstance(v, dict)))
+    rows = real_kernel(args.quick, 2 if args.quick else args.reps)
+    table = [{"case": f"{r['conv']} {r['sparsity']:.0%} {r['block']}", **r["ms"]} for r in rows]
+    print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
+    print(format_table(table, [("case", "case", "<36")] + [(c, c, ".2f") for c in CONFIGS]))
+    path = write_results("kernel_roofline", info, {"quick": args.quick, "inner_loop": loop, "real_kernel": rows},
+                         out_dir=args.out_dir, smoke=args.quick)
+    print(f"\nwrote {path}")
+    return loop, rows
+
+
+if __name__ == "__main__":
+    main()
