@@ -23,6 +23,10 @@ TORCH_LIBRARY(adapmtl, m) {
   m.def("soft_threshold_forward(Tensor w, Tensor s, bool ste) -> (Tensor, Tensor)");
   // (dL/dw, dL/ds) from grad_out = dL/dw_hat; dL/dw = grad_out * mask (exact) or grad_out (ste).
   m.def("soft_threshold_backward(Tensor grad_out, Tensor w, Tensor s, bool ste) -> (Tensor, Tensor)");
+  // Block (group) soft threshold over blocks of `block` consecutive output channels (dim 0) at each position of
+  // the other dims: w_B * relu(1 - sigmoid(s) / ||w_B||), and its non-zeros; its (dL/dw, dL/ds).
+  m.def("block_soft_threshold_forward(Tensor w, Tensor s, int block, bool ste) -> (Tensor, Tensor)");
+  m.def("block_soft_threshold_backward(Tensor grad_out, Tensor w, Tensor s, int block, bool ste) -> (Tensor, Tensor)");
 
   // Sparse inference kernels over a pruned weight packed as CSR rows per output channel
   // (layout documented in adapmtl/ops/sparse_weight.py): row_ptr int32 [C_out + 1], col_idx int32 [nnz]

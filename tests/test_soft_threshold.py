@@ -258,3 +258,17 @@ def test_cpp_kernel_rejects_bad_input_directly():
         torch.ops.adapmtl.soft_threshold_forward(torch.randn(3), torch.zeros(2), False)
     with pytest.raises(ValueError, match="'grad_out'"):
         torch.ops.adapmtl.soft_threshold_backward(torch.randn(4), torch.randn(3), torch.tensor(0.0), False)
+
+
+@param_backends([p for p in COMPILED if p[0] != "cpp"])
+@pytest.mark.parametrize("s_dtype", [torch.float16, torch.bfloat16])
+def test_grad_s_in_a_half_precision_s(backend, device, s_dtype):
+    """dL/ds is stored in s's dtype: a bfloat16 s under the Triton interpreter once got 0 (its float64 ->
+    bfloat16 conversion), found by the block op's tests. Within two of s's ulps of the float64 value."""
+    w, _ = make((301,), torch.float32, device, s_value=-1.0)
+    s = torch.tensor(-1.0, dtype=s_dtype, device=device, requires_grad=True)
+    G = torch.randn(301, generator=torch.Generator().manual_seed(2)).to(device)
+    (soft_threshold(w, s, backend=backend) * G).sum().backward()
+    s64 = s.detach().double().requires_grad_()
+    (soft_threshold_reference(w.double(), s64) * G.double()).sum().backward()
+    assert abs(float(s.grad) - float(s64.grad)) <= 2 * torch.finfo(s_dtype).eps * abs(float(s64.grad)) + 1e-6

@@ -111,16 +111,21 @@ def _count_finish_kernel(count_ptr, nnz_ptr, num, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _grad_s_finish_kernel(partial_ptr, g_ptr, grad_s_ptr, num, BLOCK: tl.constexpr):
+def _grad_s_finish_kernel(partial_ptr, g_ptr, grad_s_ptr, num, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
     # one program, slots summed in a fixed order, in float64 (a few thousand values: cheap even where
-    # float64 is slow), then grad_s = -g(1 - g) * sum, stored in s's dtype
+    # float64 is slow), then grad_s = -g(1 - g) * sum, stored in s's dtype (a bfloat16 s under the interpreter
+    # through _bf16_rne: its float64 -> bfloat16 conversion gives 0)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, num, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < num, other=0.0).to(tl.float64)
     total = tl.sum(acc, axis=0)
     g = tl.load(g_ptr).to(tl.float64)
-    tl.store(grad_s_ptr, (-(g * (1.0 - g)) * total).to(grad_s_ptr.dtype.element_ty))
+    value = -(g * (1.0 - g)) * total
+    if SOFT_BF16:
+        tl.store(grad_s_ptr, _bf16_rne(value.to(tl.float32)))
+    else:
+        tl.store(grad_s_ptr, value.to(grad_s_ptr.dtype.element_ty))
 
 
 def _thresholds(s, dtype):
@@ -186,5 +191,6 @@ def soft_threshold_backward(
     with _device_guard(w):
         _backward_kernel[(programs,)](grad, w, g_w, grad_w, partials, n, BLOCK=BLOCK_SIZE, STE=ste, F64=f64,
                                       num_warps=_NUM_WARPS)
-        _grad_s_finish_kernel[(1,)](partials, g_s, grad_s, programs, BLOCK=_FINISH_BLOCK, num_warps=4)
+        _grad_s_finish_kernel[(1,)](partials, g_s, grad_s, programs, BLOCK=_FINISH_BLOCK,
+                                    SOFT_BF16=s.dtype == torch.bfloat16 and not s.is_cuda, num_warps=4)
     return grad_w, grad_s

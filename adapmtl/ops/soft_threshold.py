@@ -17,6 +17,7 @@ from torch import Tensor
 
 from adapmtl import _ext
 from adapmtl.ops.backends import HAS_CPP, SOFT_THRESHOLD_BACKENDS, available, check_device, resolve
+from adapmtl.ops.block_soft_threshold import block_of, block_soft_threshold
 from adapmtl.ops.reference import soft_threshold_reference
 
 BACKENDS = SOFT_THRESHOLD_BACKENDS
@@ -50,8 +51,9 @@ def _check_args(w, s, grad):
         raise ValueError(f"soft_threshold: argument 'grad' must be one of {GRAD_MODES}, got {grad!r}")
 
 
-def soft_threshold(w: Tensor, s: Tensor, *, grad: str = "exact", backend: str = "auto", return_nnz: bool = False):
-    """Soft-threshold `w` by `sigmoid(s)`: `sign(w) * relu(|w| - sigmoid(s))`.
+def soft_threshold(w: Tensor, s: Tensor, *, grad: str = "exact", backend: str = "auto", return_nnz: bool = False,
+                   block=(1, 1)):
+    """Soft-threshold `w` by `sigmoid(s)`: `sign(w) * relu(|w| - sigmoid(s))`, or per block of output channels.
 
     Args:
         w: weight tensor of any shape (floating point; any strides).
@@ -60,13 +62,19 @@ def soft_threshold(w: Tensor, s: Tensor, *, grad: str = "exact", backend: str = 
         backend: one of "auto", "torch", "cpp", "cuda", "triton" (module docstring).
         return_nnz: also return the number of non-zeros of the result, an int64 0-d tensor on `w`'s
             device (free in the fused kernels: no extra pass, no host sync).
+        block: (bo, 1) or bo: soft-threshold blocks of bo consecutive output channels (dim 0) by their
+            norm, `w_B * relu(1 - sigmoid(s) / ||w_B||)` (adapmtl/ops/block_soft_threshold.py; backends
+            torch, cpp, triton). (1, 1), the default, is the element-wise op above, bit for bit.
 
     Returns:
         `w_hat` (contiguous, `w`'s shape and dtype), or `(w_hat, nnz)` with `return_nnz`.
     """
     _check_args(w, s, grad)
-    which = resolve("soft_threshold", backend, w)
+    bo = block_of(block)
     ste = grad == "ste"
+    if bo > 1:
+        return block_soft_threshold(w, s, bo, ste=ste, backend=backend, return_nnz=return_nnz)
+    which = resolve("soft_threshold", backend, w)
     if which == "torch":
         out = soft_threshold_reference(w, s, ste=ste)
         return (out, torch.count_nonzero(out.detach())) if return_nnz else out
