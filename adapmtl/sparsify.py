@@ -25,6 +25,7 @@ from adapmtl.nn.str_layers import (
     _threshold_dtype,
 )
 from adapmtl.ops import BACKENDS, GRAD_MODES, resolve_backend
+from adapmtl.ops.block_soft_threshold import block_of
 
 MODES = ("component", "global", "layer")
 # Shared thresholds are parameters of the model itself, named REGISTRY + "_" + the group's name: parameters,
@@ -196,6 +197,7 @@ def sparsify(
     mode: str = "component",
     grad: str = "exact",
     backend: str = "auto",
+    block=1,
 ) -> dict[str, ThresholdGroup]:
     """Soft-threshold, in place, every prunable weight under the given submodules.
 
@@ -221,6 +223,9 @@ def sparsify(
         mode: "component" (AdapMTL: one `s` per group), "global" (one `s` for everything) or "layer"
             (original STR: one `s` per weight).
         grad, backend: passed to every layer (see `adapmtl.ops.soft_threshold`).
+        block: (bo, 1) or bo: every weight thresholded in blocks of bo consecutive rows of dim 0 (output
+            channels of convs and linears, input channels of transposed convs, rows of embeddings) by their
+            norm; 1 (default) is the element-wise threshold. Weights are still counted one by one.
 
     Returns:
         The thresholds created: component name -> group ("component"), {"global": group}, or
@@ -235,6 +240,10 @@ def sparsify(
         raise ValueError(f"sparsify: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
     if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
         raise ValueError(f"sparsify: argument 'init' must be a finite number (e.g. -15.0), got {init!r}")
+    try:
+        block = block_of(block)
+    except ValueError as exc:
+        raise ValueError(f"sparsify: {exc}") from None
     if pruned_weights(model) or any(n.startswith(REGISTRY + "_") for n, _ in model.named_parameters(recurse=False)):
         raise ValueError("sparsify: the model is already sparsified (it has soft-thresholded weights); call it once "
                          "per model")
@@ -270,7 +279,7 @@ def sparsify(
     for step in steps:
         weight = getattr(step.module, step.param)
         shared = None if mode == "layer" else group_for(step.component if mode == "component" else GLOBAL_GROUP, weight)
-        options = dict(threshold=shared, init=init, grad=grad, backend=backend, component=step.component)
+        options = dict(threshold=shared, init=init, grad=grad, backend=backend, component=step.component, block=block)
         if step.parent is not None:
             cls = STRConv2d if isinstance(step.module, nn.Conv2d) else STRLinear
             unit = cls.from_dense(step.module, **options)

@@ -9,6 +9,7 @@ from adapmtl.ops.reference import block_soft_threshold_reference, soft_threshold
 from helpers import assert_close_to_reference, assert_sum_close, backend_device_pairs, param_backend_dtypes
 
 PAIRS = [p for p in backend_device_pairs("block_soft_threshold") if p[0] != "torch"]
+CPU_COMPILED = [b for b, d in PAIRS if d == "cpu"]  # the compiled backends that run the CPU tensors below
 # (shape, block): partial last blocks, 1-d and 0-d weights, a block larger than the channels, block 1
 CASES = [((7, 5, 3, 3), 4), ((16, 33), 8), ((5,), 2), ((9, 4, 1, 1), 16), ((13, 7), 1), ((1030, 3), 3), ((), 2),
          ((6, 0), 2), ((33, 17, 3, 3), 4)]
@@ -58,7 +59,7 @@ def test_matches_the_reference_formula(backend, device, dtype):
 def test_block_one_is_the_element_wise_op():
     w, s = _inputs((17, 9), torch.float64, "cpu", seed=3)
     torch.testing.assert_close(block_soft_threshold_reference(w, s, 1), soft_threshold_reference(w, s))
-    for backend in [b for b, d in PAIRS] + ["torch"]:  # (1, 1) runs the element-wise op itself: bit for bit
+    for backend in CPU_COMPILED + ["torch"]:  # (1, 1) runs the element-wise op itself: bit for bit
         torch.testing.assert_close(soft_threshold(w, s, block=(1, 1), backend=backend),
                                    soft_threshold(w, s, backend=backend), rtol=0, atol=0)
 
@@ -83,7 +84,7 @@ def test_the_derived_gradient_is_autograd_of_the_formula():
     assert live.any() and not live.all()
 
 
-@pytest.mark.parametrize("backend", ["torch"] + [b for b, _ in PAIRS])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_COMPILED)
 @pytest.mark.parametrize("block", [1, 3, 4])
 def test_gradcheck_float64(backend, block):
     w, s = _inputs((7, 3, 2), torch.float64, "cpu", seed=block)
@@ -92,7 +93,7 @@ def test_gradcheck_float64(backend, block):
     torch.autograd.gradcheck(lambda a, b: soft_threshold(a, b, block=block, backend=backend), (w, s))
 
 
-@pytest.mark.parametrize("backend", [b for b, _ in PAIRS])
+@pytest.mark.parametrize("backend", CPU_COMPILED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(backend, dtype):
     fwd, bwd = _ops(backend)
@@ -102,7 +103,7 @@ def test_opcheck(backend, dtype):
         torch.library.opcheck(bwd, (torch.randn_like(w), w, s, 4, ste))
 
 
-@pytest.mark.parametrize("backend", ["torch"] + [b for b, _ in PAIRS])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_COMPILED)
 def test_compiles_without_graph_breaks(backend):
     w, s = _inputs((12, 7), torch.float32, "cpu", seed=2)
     w = w.requires_grad_()
@@ -115,7 +116,7 @@ def test_compiles_without_graph_breaks(backend):
     assert w.grad is not None and torch.isfinite(w.grad).all()
 
 
-@pytest.mark.parametrize("backend", ["torch"] + [b for b, _ in PAIRS])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_COMPILED)
 def test_whole_blocks_are_zeroed_nan_blocks_stay_nan_and_zero_blocks_have_zero_gradient(backend):
     w = torch.tensor([[3.0, 0.0], [4.0, 0.0], [0.1, float("nan")], [0.1, 1.0], [0.0, 0.0]], requires_grad=True)
     s = torch.tensor(0.0, requires_grad=True)  # g = 0.5
@@ -136,10 +137,96 @@ def test_bad_block_arguments_are_one_line_errors(block, match):
         soft_threshold(torch.randn(4, 3), torch.tensor(0.0), block=block)
 
 
-@pytest.mark.parametrize("backend", [b for b, _ in PAIRS])
+@pytest.mark.parametrize("backend", CPU_COMPILED)
 def test_direct_op_calls_are_checked(backend):
     fwd, _ = _ops(backend)
     with pytest.raises(ValueError, match="block"):
         fwd(torch.randn(4, 3), torch.tensor(0.0), 0, False)
     with pytest.raises((ValueError, TypeError), match="s"):
         fwd(torch.randn(4, 3), torch.zeros(2), 2, False)
+
+
+# ---------------------------------------------------------------------------------------------- downstream
+
+
+def _whole_blocks(w, block):
+    """Whether every block of `block` rows of dim 0 (fewer in the last) at each column is all zero or all non-zero."""
+    rows = w.reshape(w.shape[0], -1)
+    for b in range(0, rows.shape[0], block):
+        nz = rows[b:b + block] != 0
+        if not (nz.all(0) | ~nz.any(0)).all():
+            return False
+    return True
+
+
+def test_str_layers_threshold_blocks():
+    from adapmtl.nn import STRConv2d, STRLinear
+
+    torch.manual_seed(0)
+    conv = STRConv2d(6, 10, 3, padding=1, init=-1.5, block=(4, 1))
+    x = torch.randn(2, 6, 7, 7)
+    want = torch.nn.functional.conv2d(x, block_soft_threshold_reference(conv.weight, conv.s, 4), conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), want)
+    assert _whole_blocks(conv.effective_weight(), 4) and int(conv.last_nnz) == int((conv.effective_weight() != 0).sum())
+    assert "block=(4, 1)" in repr(conv)
+    lin = STRLinear.from_dense(torch.nn.Linear(9, 7), init=-1.0, block=2)
+    assert _whole_blocks(lin.effective_weight(), 2) and (lin.effective_weight() == 0).any()
+    with pytest.raises(ValueError, match="STRConv2d: argument 'block'"):
+        STRConv2d(3, 4, 3, block=(2, 3))
+
+
+def test_sparsify_with_blocks_zeroes_whole_blocks_of_every_weight():
+    import adapmtl
+    from adapmtl.models import build_model
+
+    model = build_model("tiny", ["depth", "normal"])
+    adapmtl.sparsify(model, init=-2.5, block=4)
+    pruned = adapmtl.pruned_weights(model)
+    assert pruned and all(p.unit.block == 4 for p in pruned)
+    model(torch.randn(1, 3, 32, 32))
+    for p in pruned:
+        assert _whole_blocks(p.effective(), 4), p.name
+    report = adapmtl.sparsity_report(model)
+    assert 0 < report.overall < 1
+    with pytest.raises(ValueError, match="sparsify: argument 'block'"):
+        adapmtl.sparsify(build_model("tiny", ["depth"]), block=0)
+
+
+def test_a_run_with_blocks_trains_to_its_target_and_exports_to_channel_panels(synthetic_scenes, tmp_path):
+    """prune.block=4 end to end: the controller reaches the target counting weights, every weight of the trained
+    model is zero in whole blocks, and the exported model runs the CPU kernel's panels of 4 and equals it."""
+    import adapmtl
+    from adapmtl import _ext
+    from adapmtl.train import Trainer
+    from helpers import small_run_config
+
+    cfg = small_run_config(synthetic_scenes(12, 4), tmp_path / "run", **{"prune.block": 4, "train.iterations": 12,
+                                                                        "prune.target_sparsity": 0.6})
+    tr = Trainer(cfg)
+    results = tr.fit()
+    assert abs(results["sparsity"]["overall"] - 0.6) < 0.05
+    model = tr.model.eval()
+    for name, layer in adapmtl.str_layers(model):
+        assert layer.block == 4 and _whole_blocks(layer.effective_weight(), 4), name
+    with pytest.raises(ValueError, match="prune.block"):
+        small_run_config(synthetic_scenes(12, 4), tmp_path / "bad", **{"prune.block": 0})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        got = adapmtl.export_sparse(model, min_sparsity=0.0)(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+    C = _ext.cpu_extension()
+    if C is None:
+        return
+    # the packed weight of a trained conv: the C++ kernel finds its 4-channel blocks and runs panels of 4
+    from adapmtl.ops import SparseWeight, sparse_conv2d
+
+    name, conv = max(((n, m) for n, m in adapmtl.str_layers(model) if isinstance(m, torch.nn.Conv2d)),
+                     key=lambda item: item[1].weight.shape[0])
+    w = conv.effective_weight()
+    xin = torch.randn(1, w.shape[1], 9, 9)
+    before = C.cpu_sparse_panel_calls()
+    out = sparse_conv2d(xin, SparseWeight.from_dense(w), None, 1, conv.padding, conv.dilation, backend="cpp")
+    assert C.cpu_sparse_panel_calls()[1] == before[1] + 1, name
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(xin, w, None, 1, conv.padding, conv.dilation))

@@ -82,7 +82,7 @@ def test_changed_settings_on_resume_are_refused_or_applied_and_said(scenes, tmp_
     auto = {"train.resume": "auto"}
     for key, value in (("optim.lr", 0.1), ("optim.betas", "[0.9,0.99]"), ("optim.weight_decay", 0.5),
                        ("optim.step_size", 7), ("optim.gamma", 0.9), ("model.channels", "[8,8,8,8]"),
-                       ("data.tasks", "[depth]"), ("prune.control", "paper")):
+                       ("data.tasks", "[depth]"), ("prune.control", "paper"), ("prune.block", 4)):
         with pytest.raises(ValueError, match=rf"resume: .*latest.pt was written with other settings .*{key}: "):
             Trainer(_cfg(scenes, run, **auto, **{key: value}))
     # what a resume may change: said in a warning, then used

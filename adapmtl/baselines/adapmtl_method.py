@@ -26,7 +26,8 @@ class AdapMTLMethod(Method):
 
     def prepare_model(self, model):
         p = self.cfg.prune
-        adapmtl.sparsify(model, init=p.s0, mode=self.mode, grad=p.grad, backend=p.backend)
+        block = tuple(p.block) if isinstance(p.block, list) else p.block
+        adapmtl.sparsify(model, init=p.s0, mode=self.mode, grad=p.grad, backend=p.backend, block=block)
         self.thresholds = adapmtl.threshold_parameters(model)
 
     def setup(self, model):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapmtl.ops import BACKENDS, GRAD_MODES, soft_threshold
+from adapmtl.ops.block_soft_threshold import block_of
 
 
 class ThresholdGroup(nn.Module):
@@ -39,7 +40,11 @@ class _ThresholdState:
     """What every soft-thresholded weight holds: its threshold (owned or shared), grad mode and backend, its
     component and the non-zero count of its last forward. Shared by the STR layers and the parametrization."""
 
-    def _init_str(self, weight, threshold, init, grad, backend, component, device):
+    def _init_str(self, weight, threshold, init, grad, backend, component, device, block=1):
+        try:
+            self.block = block_of(block)
+        except ValueError as exc:
+            raise ValueError(f"{type(self).__name__}: {exc}") from None
         if grad not in GRAD_MODES:
             raise ValueError(f"{type(self).__name__}: argument 'grad' must be one of {GRAD_MODES}, got {grad!r}")
         if backend not in BACKENDS:
@@ -86,14 +91,17 @@ class _ThresholdState:
 
     def _recorded(self, weight: Tensor) -> Tensor:
         """w_hat of `weight` for this forward, its non-zero count kept in `last_nnz`."""
-        out, nnz = soft_threshold(weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True)
+        out, nnz = soft_threshold(weight, self.s, grad=self.grad_mode, backend=self.backend, return_nnz=True,
+                                  block=self.block)
         with torch.no_grad():
             self.last_nnz.copy_(nnz)
         return out
 
     def _str_repr(self) -> str:
         owner = "own" if self.owns_threshold else f"shared:{self.threshold_group.name or '?'}"
-        return f"threshold={owner}, component={self.component!r}, grad={self.grad_mode!r}, backend={self.backend!r}"
+        block = f", block=({self.block}, 1)" if self.block > 1 else ""
+        return (f"threshold={owner}, component={self.component!r}, grad={self.grad_mode!r}, backend={self.backend!r}"
+                + block)
 
 
 class SoftThreshold(_ThresholdState, nn.Module):
@@ -107,9 +115,9 @@ class SoftThreshold(_ThresholdState, nn.Module):
     """
 
     def __init__(self, like: Tensor, *, threshold: "ThresholdGroup | None" = None, init: float = -15.0,
-                 grad: str = "exact", backend: str = "auto", component: str = ""):
+                 grad: str = "exact", backend: str = "auto", component: str = "", block=1):
         super().__init__()
-        self._init_str(like, threshold, init, grad, backend, component, like.device)
+        self._init_str(like, threshold, init, grad, backend, component, like.device, block)
 
     def forward(self, weight: Tensor) -> Tensor:
         return self._recorded(weight)
@@ -122,10 +130,11 @@ class _STRMixin(_ThresholdState):
     """What STRConv2d and STRLinear share beyond the threshold: conversion from a dense layer, the effective weight."""
 
     @classmethod
-    def from_dense(cls, dense: nn.Module, *, threshold=None, init=-15.0, grad="exact", backend="auto", component=""):
+    def from_dense(cls, dense: nn.Module, *, threshold=None, init=-15.0, grad="exact", backend="auto", component="",
+                   block=1):
         """An STR layer that reuses `dense`'s weight and bias Parameters (optimizer state stays valid)."""
         layer = cls(*cls._constructor_args(dense), device="meta", dtype=dense.weight.dtype, threshold=threshold,
-                    init=init, grad=grad, backend=backend, component=component)
+                    init=init, grad=grad, backend=backend, component=component, block=block)
         _adopt_parameters(layer, dense, threshold, init)
         return layer
 
@@ -135,7 +144,7 @@ class _STRMixin(_ThresholdState):
     @torch.no_grad()
     def effective_weight(self) -> Tensor:
         """The soft-thresholded weight `w_hat` (detached)."""
-        return soft_threshold(self.weight, self.s, backend=self.backend)
+        return soft_threshold(self.weight, self.s, backend=self.backend, block=self.block)
 
 class STRConv2d(_STRMixin, nn.Conv2d):
     """`nn.Conv2d` with a soft-thresholded weight. Same constructor and forward as `nn.Conv2d`, plus:
@@ -148,6 +157,8 @@ class STRConv2d(_STRMixin, nn.Conv2d):
         grad: "exact" or "ste" (SPEC §1).
         backend: soft-threshold backend (see `adapmtl.ops.soft_threshold`).
         component: name of the component the layer belongs to (used by reports).
+        block: (bo, 1) or bo: threshold blocks of bo consecutive output channels by their norm (group soft
+            threshold, `adapmtl.ops.soft_threshold`); 1, the default, is the element-wise threshold.
     """
 
     def __init__(
@@ -169,11 +180,12 @@ class STRConv2d(_STRMixin, nn.Conv2d):
         grad: str = "exact",
         backend: str = "auto",
         component: str = "",
+        block=1,
     ):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self._init_str(self.weight, threshold, init, grad, backend, component, device)
+        self._init_str(self.weight, threshold, init, grad, backend, component, device, block)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self._recorded(self.weight), self.bias)
@@ -200,9 +212,10 @@ class STRLinear(_STRMixin, nn.Linear):
         grad: str = "exact",
         backend: str = "auto",
         component: str = "",
+        block=1,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_str(self.weight, threshold, init, grad, backend, component, device)
+        self._init_str(self.weight, threshold, init, grad, backend, component, device, block)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self._recorded(self.weight), self.bias)

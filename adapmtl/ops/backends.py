@@ -38,11 +38,10 @@ AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 
 # Op families: their backends (auto first) and the argument whose device and dtype pick the backend.
 SOFT_THRESHOLD_BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
-BLOCK_SOFT_THRESHOLD_BACKENDS = ("auto", "torch", "cpp", "triton")  # no CUDA kernel yet: auto on CUDA is Triton
 SPARSE_BACKENDS = ("auto", "torch", "torch_csr", "cpp", "cuda", "triton")
 OPS = {
     "soft_threshold": (SOFT_THRESHOLD_BACKENDS, "w"),
-    "block_soft_threshold": (BLOCK_SOFT_THRESHOLD_BACKENDS, "w"),
+    "block_soft_threshold": (SOFT_THRESHOLD_BACKENDS, "w"),
     "sparse_conv2d": (SPARSE_BACKENDS, "x"),
     "sparse_linear": (SPARSE_BACKENDS, "x"),
 }

@@ -21,9 +21,10 @@ a block with n <= g is zero in a neighbourhood (for n < g) and passes nothing to
 (grad="ste"): dL/dw = G everywhere, dL/ds as above. The tests check both against autograd of the formula
 (`adapmtl.ops.reference.block_soft_threshold_reference`) with gradcheck in float64.
 
-Backends: torch (that reference), cpp (fused C++ CPU kernel, float32/64), triton (CUDA, or CPU under
-TRITON_INTERPRET=1); auto picks the compiled one for the tensor. Not yet: a CUDA kernel (auto on CUDA runs
-Triton), blocks along the input dims (bi > 1), and a threshold scaled with the block size (g as given).
+Backends: torch (that reference), cpp (fused C++ CPU kernel, float32/64), cuda (fused CUDA kernel, compiled
+here but not yet run on a GPU), triton (CUDA, or CPU under TRITON_INTERPRET=1); auto picks the compiled one
+for the tensor. Not done: blocks along the input dims (bi > 1) and a threshold scaled with the block size (g
+is used as given; the controller moves s to the target sparsity either way).
 """
 from __future__ import annotations
 

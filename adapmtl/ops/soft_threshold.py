@@ -63,8 +63,8 @@ def soft_threshold(w: Tensor, s: Tensor, *, grad: str = "exact", backend: str = 
         return_nnz: also return the number of non-zeros of the result, an int64 0-d tensor on `w`'s
             device (free in the fused kernels: no extra pass, no host sync).
         block: (bo, 1) or bo: soft-threshold blocks of bo consecutive output channels (dim 0) by their
-            norm, `w_B * relu(1 - sigmoid(s) / ||w_B||)` (adapmtl/ops/block_soft_threshold.py; backends
-            torch, cpp, triton). (1, 1), the default, is the element-wise op above, bit for bit.
+            norm, `w_B * relu(1 - sigmoid(s) / ||w_B||)` (adapmtl/ops/block_soft_threshold.py; the same
+            backends). (1, 1), the default, is the element-wise op above, bit for bit.
 
     Returns:
         `w_hat` (contiguous, `w`'s shape and dtype), or `(w_hat, nnz)` with `return_nnz`.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from adapmtl.data.synthetic import DEMO_CLASSES, MAX_CLASSES
+from adapmtl.ops.block_soft_threshold import block_of
 
 METHODS = ("adapmtl", "single_threshold", "str", "dense", "imp", "lth", "snip", "disparse")
 DATASETS = ("synthetic", "nyuv2", "taskonomy")
@@ -60,6 +61,9 @@ class PruneConfig:
     s0: float = -15.0
     grad: str = "exact"
     backend: str = "auto"
+    # soft-threshold methods: blocks of `block` output channels thresholded by their norm (an int bo or [bo, 1];
+    # 1: the paper's element-wise threshold; adapmtl/ops/block_soft_threshold.py). The mask baselines ignore it.
+    block: int | list = 1
     # soft-threshold methods: "controlled" follows a cubic ramp to target_sparsity (docs/sparsity_control.md);
     # "paper" is SPEC §3 (weight decay pushes the thresholds up, the cap stops them at the target)
     control: str = "controlled"
@@ -163,6 +167,10 @@ class Config:
             bad("train.select", f"one of {SELECT}", self.train.select)
         if self.prune.grad not in ("exact", "ste"):
             bad("prune.grad", "'exact' or 'ste'", self.prune.grad)
+        try:
+            block_of(tuple(self.prune.block) if isinstance(self.prune.block, list) else self.prune.block)
+        except ValueError:
+            bad("prune.block", "an int bo in [1, 4096] or [bo, 1]", self.prune.block)
         if self.train.on_nonfinite not in ON_NONFINITE:
             bad("train.on_nonfinite", f"one of {ON_NONFINITE}", self.train.on_nonfinite)
         if self.train.delta_t_miou not in DELTA_T_MIOU:

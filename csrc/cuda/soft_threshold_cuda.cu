@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "cuda/launch.cuh"
 
 namespace adapmtl {
 namespace {
@@ -40,37 +41,9 @@ struct Vec {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
-int64_t sm_count() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return std::max(count, 1);
-}
+int64_t grid_for(int64_t work) { return cuda_launch::grid_for(work, kThreads, kBlocksPerSm); }
 
-// Blocks for a grid-stride loop over `work` items: enough to cover them, at most a few per SM.
-int64_t grid_for(int64_t work) {
-  const int64_t cap = sm_count() * kBlocksPerSm;
-  const int64_t need = (work + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min(need, cap));
-}
-
-// Sum over the block; the result is valid in thread 0. The order of additions is fixed by the thread
-// layout alone, so a float sum is reproducible.
-template <typename A>
-__device__ A block_sum(A x, A* shared) {
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffffu, x, off);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) shared[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = blockDim.x >> 5;
-    x = lane < warps ? shared[lane] : A(0);
-    for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffffu, x, off);
-  }
-  return x;
-}
+using cuda_launch::block_sum;
 
 // One element of the forward. `a <= 0` is false for NaN, so NaN in w stays NaN in out (and counts as non-zero).
 template <typename T, typename A>
@@ -159,20 +132,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
-// One block: sums the `count` partials in a fixed order and writes grad_s = -g(1-g) * sum in s's dtype.
-template <typename A, typename S>
-__global__ void __launch_bounds__(kFinalThreads)
-    finalize_grad_s_kernel(const A* __restrict__ partials, int64_t count, const S* __restrict__ g_ptr,
-                           S* __restrict__ grad_s) {
-  __shared__ A shared[kFinalThreads / 32];
-  A sum = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += partials[i];
-  const A total = block_sum(sum, shared);
-  if (threadIdx.x == 0) {
-    const double g = static_cast<double>(*g_ptr);
-    *grad_s = static_cast<S>(-g * (1.0 - g) * static_cast<double>(total));
-  }
-}
+using cuda_launch::finalize_grad_s_kernel;
 
 std::tuple<at::Tensor, at::Tensor> soft_threshold_forward_cuda(const at::Tensor& w_in, const at::Tensor& s,
                                                                bool /*ste*/) {
