@@ -6,6 +6,7 @@ package of its torch.export program. Every variant of a row is timed in alternat
     python benchmarks/bench_peer.py                        # the six rows at batch 1 (~15 min on 2 cores)
     python benchmarks/bench_peer.py --rows aspp_d6_90 --batches 1 16
     python benchmarks/bench_peer.py --quick                # a smoke run (small inputs, runs/bench)
+    python benchmarks/bench_peer.py --block 4              # weights pruned in 4x1 blocks (prune.block=4)
 
 Rows: the ASPP 3x3 dilation-6 conv 512->1024 and the 1x1 conv 1024->1024 at 41x41 (90% and 95%, random
 unstructured masks), and DeepLab-ResNet-34 / MobileNetV2 with three ASPP heads at 321x321 at the paper's
@@ -45,26 +46,33 @@ DENSE = ("torch_eager", "torch_compile", "onnxruntime", "deepsparse")
 OURS = ("ours_eager", "ours_aoti")
 
 
+def pruning_mask(shape, sparsity: float, block: int, gen) -> torch.Tensor:
+    """A random mask keeping 1 - sparsity of the weights: per weight (block 1), or per block of `block`
+    consecutive output channels at each (input channel, tap), as `prune.block` training leaves them."""
+    live = torch.rand((-(-shape[0] // block), *shape[1:]), generator=gen) >= sparsity
+    return live.repeat_interleave(block, 0)[: shape[0]].float()
+
+
 class _Conv(nn.Module):
     """One pruned conv as a model (so every runtime gets the same kind of input)."""
 
-    def __init__(self, cin, cout, k, dilation, sparsity, gen):
+    def __init__(self, cin, cout, k, dilation, sparsity, gen, block=1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation)
         with torch.no_grad():
-            self.conv.weight.mul_((torch.rand(self.conv.weight.shape, generator=gen) >= sparsity).float())
+            self.conv.weight.mul_(pruning_mask(self.conv.weight.shape, sparsity, block, gen))
 
     def forward(self, x):
         return self.conv(x)
 
 
-def build_row(kind: str, spec: dict, sparsity, batch: int, quick: bool):
+def build_row(kind: str, spec: dict, sparsity, batch: int, quick: bool, block: int = 1):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     size = spec["size"] if not quick else max(9, spec["size"] // 4)
     if kind == "conv":
         cin, cout = (spec["cin"], spec["cout"]) if not quick else (spec["cin"] // 8, spec["cout"] // 8)
-        model = _Conv(cin, cout, spec["k"], spec["dilation"], sparsity, gen)
+        model = _Conv(cin, cout, spec["k"], spec["dilation"], sparsity, gen, block)
         x = torch.randn(batch, cin, size, size, generator=gen)
         label = f"{spec['k']}x{spec['k']} d{spec['dilation']} {cin}->{cout} at {size}^2, {int(100 * sparsity)}%"
     else:
@@ -75,12 +83,14 @@ def build_row(kind: str, spec: dict, sparsity, batch: int, quick: bool):
             for name, component in model.components().items():
                 for m in component.modules():
                     if isinstance(m, (nn.Conv2d, nn.Linear)):
-                        m.weight.mul_((torch.rand(m.weight.shape, generator=gen) >= PAPER_SPARSITY[name]).float())
+                        m.weight.mul_(pruning_mask(m.weight.shape, PAPER_SPARSITY[name], block, gen))
                     elif isinstance(m, nn.BatchNorm2d):  # trained-like statistics, so folding is not a no-op
                         m.running_var.uniform_(0.5, 2.0, generator=gen)
                         m.running_mean.uniform_(-0.5, 0.5, generator=gen)
         x = torch.randn(batch, 3, size, size, generator=gen)
         label = f"{backbone} + 3 ASPP heads at {size}^2, paper sparsities"
+    if block > 1:
+        label += f", {block}x1 blocks"
     return model.eval(), x, label
 
 
@@ -117,9 +127,9 @@ def _aoti(model, x, tmp):
     return lambda: runner(x)
 
 
-def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set) -> dict:
+def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set, block: int = 1) -> dict:
     kind, spec, sparsity = ROWS[name]
-    model, x, label = build_row(kind, spec, sparsity, batch, quick)
+    model, x, label = build_row(kind, spec, sparsity, batch, quick, block)
     flops = conv_flops(model, x)
     fns, setup, errors = {"torch_eager": lambda: model(x)}, {}, {}
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
@@ -215,6 +225,8 @@ def main(argv=None):
                    help="variants not to run (e.g. torch_compile ours_aoti: their compilation takes minutes)")
     p.add_argument("--quick", action="store_true", help="a smoke run: small inputs and channels, 2 reps, runs/bench")
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--block", type=int, default=1,
+                   help="prune in blocks of this many output channels (as prune.block trains); results peer_block<N>_*")
     p.add_argument("--fold-bn-ab", action="store_true",
                    help="instead: the model rows' export with and without BatchNorm folding (peer_fold_bn_*.json)")
     args = p.parse_args(argv)
@@ -228,7 +240,7 @@ def main(argv=None):
     rows = []
     for batch in args.batches:
         for name in args.rows:
-            row = bench_row(name, batch, reps, args.quick, set(args.skip))
+            row = bench_row(name, batch, reps, args.quick, set(args.skip), args.block)
             rows.append(row)
             print(f"{row['case']} b{batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
                   + (f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x"
@@ -240,10 +252,12 @@ def main(argv=None):
     print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, medians in ms\n")
     print(format_table(table, [("case", "case", "<48"), ("b", "b", "d")] + [(k, k, ".2f") for k in DENSE + OURS]
                        + [("ours/best", "ours vs best dense", ".2f"), ("GF/s ours", "GF/s ours", ".1f")]))
-    path = write_results("peer", info, {"reps": reps, "quick": args.quick, "rows": rows},
+    name = "peer" if args.block == 1 else f"peer_block{args.block}"
+    path = write_results(name, info, {"reps": reps, "quick": args.quick, "block": args.block, "rows": rows},
                          out_dir=args.out_dir, smoke=args.quick)
     out_dir = path.parent
-    plot(rows, out_dir / f"peer_{device_tag(info)}.png", f"pruned models vs dense runtimes, {info['device']}")
+    what = "pruned models" if args.block == 1 else f"models pruned in {args.block}x1 blocks"
+    plot(rows, out_dir / f"{name}_{device_tag(info)}.png", f"{what} vs dense runtimes, {info['device']}")
     print(f"\nwrote {path}")
     return rows
 

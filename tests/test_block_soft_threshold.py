@@ -225,7 +225,7 @@ def test_a_run_with_blocks_trains_to_its_target_and_exports_to_channel_panels(sy
     name, conv = max(((n, m) for n, m in adapmtl.str_layers(model) if isinstance(m, torch.nn.Conv2d)),
                      key=lambda item: item[1].weight.shape[0])
     w = conv.effective_weight()
-    xin = torch.randn(1, w.shape[1], 9, 9)
+    xin = torch.randn(1, w.shape[1], 32, 32)  # >= 1024 output pixels: where the kernel picks panels
     before = C.cpu_sparse_panel_calls()
     out = sparse_conv2d(xin, SparseWeight.from_dense(w), None, 1, conv.padding, conv.dilation, backend="cpp")
     assert C.cpu_sparse_panel_calls()[1] == before[1] + 1, name

@@ -390,17 +390,20 @@ def test_cpp_kernel_channel_panels(config, dtype, monkeypatch):
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
 def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch):
     """By default: panels of 4 for a weight pruned in blocks of >= 4 output channels (each loaded input feeds 4
-    multiply-adds), one channel per tile for an unstructured one (a panel finds ~1.2 at 90%), and one channel
+    multiply-adds) on a map of >= 1024 output pixels, one channel per tile for an unstructured one (a panel
+    finds ~1.2 at 90%) or on a smaller map (the panel's plan costs more than it saves there), and one channel
     under a forced panel=1."""
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "")
     C = _ext.cpu_extension()
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 64, 12, 12, generator=g)
+    x = torch.randn(1, 64, 32, 32, generator=g)
 
-    def ran(w):
+    def ran(w, inp=x):
         before = C.cpu_sparse_panel_calls()
-        sparse_conv2d(x, SparseWeight.from_dense(w), None, 1, 1, backend="cpp")
+        sparse_conv2d(inp, SparseWeight.from_dense(w), None, 1, 1, backend="cpp")
         return tuple(a - b for a, b in zip(C.cpu_sparse_panel_calls(), before))
+
+    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g), x[..., :31, :32]) == (1, 0, 0)  # 992 output pixels
 
     assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (0, 1, 0)
     assert ran(block_pruned(64, 64, 3, 8, 0.1, gen=g)) == (0, 1, 0)

@@ -804,12 +804,18 @@ EncodedPanels<T> encode_panels(const char* op, const int32_t* rp, const int32_t*
 // of 4-channel panels, values / entries (multiply-adds per input load), over up to 16 panels spread over the
 // weight. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): on unstructured weights a panel finds little
 // reuse (1.2 at 90%) and its encoding costs more than it saves, so one channel; on weights pruned in blocks
-// of >= 4 output channels (reuse 4) a 4-panel is 5-15% faster. Panels of 8 measured no better than 4: the
-// autotuner and ADAPMTL_CPU_SPARSE_CONFIG reach them.
-int64_t choose_panel(const ConvShape& s, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC) {
+// of >= 4 output channels (reuse 4) a 4-panel is 5-15% faster, but only where each non-zero meets enough
+// output pixels to pay for the panel's costlier plan (~3 ns more per non-zero): at 41x41 it wins, on
+// MobileNetV2's 11x11 head maps and smaller backbone maps it lost (whole model 62 -> 74 ms), so panels need
+// kPanelMinPixels output pixels (batch x height x width). Panels of 8 measured no better than 4: the autotuner
+// and ADAPMTL_CPU_SPARSE_CONFIG reach them.
+constexpr int64_t kPanelMinPixels = 1024;
+
+int64_t choose_panel(const ConvShape& s, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC,
+                     int64_t pixels) {
   constexpr int64_t M = 4;
   const int64_t panels = OC / M;
-  if (panels == 0 || col_idx.numel() == 0) return 1;
+  if (panels == 0 || col_idx.numel() == 0 || pixels < kPanelMinPixels) return 1;
   const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous();
   const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
   const int64_t ncols = s.C * s.taps, step = std::max<int64_t>(1, panels / 16);
@@ -1047,7 +1053,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
     find_live_taps(s, OH, OW, L);
     if (t.panel > 1) s.tuning.layout = 0;  // panels run over channel-major blocks
     choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-    if (!s.tap_major) use_panel(s, t.panel ? t.panel : choose_panel(s, row_ptr, col_idx, OC), nv, OH, OW, L);
+    if (!s.tap_major)
+      use_panel(s, t.panel ? t.panel : choose_panel(s, row_ptr, col_idx, OC, N * OH * OW), nv, OH, OW, L);
     bool done = false;
     while (!done) {  // at most twice: the second pass skips nothing (run_conv)
       choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
@@ -1098,7 +1105,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
   find_live_taps(s, 1, B, L);  // no padding: nothing is skipped, so run_conv never asks for a rerun
   choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);  // one tap: channel-major
-  use_panel(s, s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC), s.cols / L, 1, B, L);
+  use_panel(s, s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC, B), s.cols / L, 1, B, L);
   choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
     run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, checked_mul(op, "the packed input", in_features, Wrow),
