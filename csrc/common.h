@@ -35,6 +35,20 @@ inline void check_soft_threshold_args(const char* op, const at::Tensor& w, const
                     w.device(), " and ", s.device());
 }
 
+// Block soft threshold (csrc/*/block_soft_threshold_*): blocks of `block` output channels, at most this many.
+constexpr int64_t kMaxThresholdBlock = 4096;
+
+inline void check_threshold_block(const char* op, int64_t block) {
+  TORCH_CHECK_VALUE(block >= 1 && block <= kMaxThresholdBlock, op, ": argument 'block' must be in [1, ",
+                    kMaxThresholdBlock, "], got ", block);
+}
+
+// The rows (dim 0; 1 for a 0-d w) the block soft threshold groups, and the columns of each row.
+inline std::pair<int64_t, int64_t> threshold_rows_cols(const at::Tensor& w) {
+  const int64_t oc = w.dim() ? w.size(0) : 1;
+  return {oc, oc ? w.numel() / oc : 0};
+}
+
 inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& w) {
   TORCH_CHECK_VALUE(grad_out.sizes() == w.sizes(), op, ": argument 'grad_out' must have the shape of 'w' ", w.sizes(),
                     ", got ", grad_out.sizes());

@@ -82,6 +82,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           adapmtl::check_input_dtype(op.c_str(), "w", w, /*reduced=*/true);  // the Triton kernels' dtypes
           if (grad_out.has_value()) adapmtl::check_grad_out(op.c_str(), *grad_out, w);
         });
+  m.def("check_threshold_block", [](const std::string& op, int64_t block) {
+    adapmtl::check_threshold_block(op.c_str(), block);
+  });
   m.def("check_sparse_conv2d_args",
         [](const std::string& op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
            const at::Tensor& values, const c10::optional<at::Tensor>& bias, const std::vector<int64_t>& weight_shape,

@@ -26,8 +26,7 @@ class AdapMTLMethod(Method):
 
     def prepare_model(self, model):
         p = self.cfg.prune
-        block = tuple(p.block) if isinstance(p.block, list) else p.block
-        adapmtl.sparsify(model, init=p.s0, mode=self.mode, grad=p.grad, backend=p.backend, block=block)
+        adapmtl.sparsify(model, init=p.s0, mode=self.mode, grad=p.grad, backend=p.backend, block=p.block)
         self.thresholds = adapmtl.threshold_parameters(model)
 
     def setup(self, model):

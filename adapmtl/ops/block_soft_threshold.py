@@ -35,7 +35,7 @@ from adapmtl import _ext
 from adapmtl.ops.backends import HAS_CPP, check_device, resolve
 from adapmtl.ops.reference import block_soft_threshold_reference
 
-MAX_BLOCK = 4096
+MAX_BLOCK = 4096  # csrc/common.h's kMaxThresholdBlock, which the compiled ops check
 
 
 def block_of(block) -> int:
@@ -74,9 +74,9 @@ def block_soft_threshold(w: Tensor, s: Tensor, block: int, *, ste: bool = False,
 
 def _check_triton_args(op, w, s, block, grad_out=None):
     check_device(op, "triton", "w", w)
-    _ext.require_cpu_extension().check_soft_threshold_args(op, w, s, grad_out)
-    if not 1 <= block <= MAX_BLOCK:
-        raise ValueError(f"{op}: argument 'block' must be in [1, {MAX_BLOCK}], got {block}")
+    checks = _ext.require_cpu_extension()
+    checks.check_soft_threshold_args(op, w, s, grad_out)
+    checks.check_threshold_block(op, block)
 
 
 @torch.library.custom_op("adapmtl::block_soft_threshold_forward_triton", mutates_args=())

@@ -168,7 +168,7 @@ class Config:
         if self.prune.grad not in ("exact", "ste"):
             bad("prune.grad", "'exact' or 'ste'", self.prune.grad)
         try:
-            block_of(tuple(self.prune.block) if isinstance(self.prune.block, list) else self.prune.block)
+            block_of(self.prune.block)
         except ValueError:
             bad("prune.block", "an int bo in [1, 4096] or [bo, 1]", self.prune.block)
         if self.train.on_nonfinite not in ON_NONFINITE:

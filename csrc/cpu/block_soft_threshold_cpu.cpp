@@ -93,24 +93,14 @@ ADAPMTL_BLOCK_MULTIVERSION double backward_item(const T* __restrict grad, const 
   return sum;
 }
 
-void check_block(const char* op, int64_t block) {
-  TORCH_CHECK_VALUE(block >= 1 && block <= 4096, op, ": argument 'block' must be in [1, 4096], got ", block);
-}
-
-// Rows (dim 0, 1 for a 0-d w) and the columns of each row.
-std::pair<int64_t, int64_t> rows_cols(const at::Tensor& w) {
-  const int64_t oc = w.dim() ? w.size(0) : 1;
-  return {oc, oc ? w.numel() / oc : 0};
-}
-
 std::tuple<at::Tensor, at::Tensor> block_soft_threshold_forward_cpu(const at::Tensor& w_in, const at::Tensor& s,
                                                                     int64_t block, bool /*ste*/) {
   const char* op = "block_soft_threshold_forward";
   check_soft_threshold_args(op, w_in, s);
-  check_block(op, block);
+  check_threshold_block(op, block);
   const at::Tensor w = w_in.contiguous();
   at::Tensor out = pooled_empty(w.sizes(), w.options());
-  const auto [OC, R] = rows_cols(w);
+  const auto [OC, R] = threshold_rows_cols(w);
   const int64_t blocks = (OC + block - 1) / block, chunks = (R + kColumns - 1) / kColumns;
   std::vector<int64_t> counts(blocks * chunks, 0);
   const double g = at::sigmoid(s.reshape({})).item<double>();
@@ -138,10 +128,10 @@ std::tuple<at::Tensor, at::Tensor> block_soft_threshold_backward_cpu(const at::T
   const char* op = "block_soft_threshold_backward";
   check_soft_threshold_args(op, w_in, s);
   check_grad_out(op, grad_in, w_in);
-  check_block(op, block);
+  check_threshold_block(op, block);
   const at::Tensor w = w_in.contiguous(), grad = grad_in.contiguous();
   at::Tensor grad_w = pooled_empty(w.sizes(), w.options());
-  const auto [OC, R] = rows_cols(w);
+  const auto [OC, R] = threshold_rows_cols(w);
   const int64_t blocks = (OC + block - 1) / block, chunks = (R + kColumns - 1) / kColumns;
   std::vector<double> partials(blocks * chunks, 0.0);
   const double g = at::sigmoid(s.reshape({})).item<double>();

@@ -106,7 +106,7 @@ struct Plan {
   // Channel panels (panel > 1, channel-major, one row per tile): the non-zeros of M = panel consecutive output
   // channels grouped by column (input channel, tap) and by which of them a column holds (encode_panels).
   int64_t panel;       // output channels per register tile (1: one channel, the segments above)
-  const int32_t* pseg;  // [panels][blocks][2 * panel_keys + 1]: entry ranges per key, then value starts
+  const int32_t* pseg;  // [panels][blocks][2 * panel_keys(panel) + 1]: entry ranges per key, then value starts
 };
 
 // One output channel of a tile: R rows x vectors [V0, V1) of NV, over non-zeros [k0, k1).
@@ -231,15 +231,12 @@ inline __attribute__((always_inline)) void item_rows(const Plan<T>& g, int64_t r
 // columns the same way). M = 4: a key per pattern (15). M = 8: a key for the full pattern, and the other
 // patterns run as their two halves (15 + 15 keys). A weight pruned in blocks of 4 or 8 output channels has
 // full patterns only; docs/cpu_sparse_kernel.md has what each panel reaches on unstructured and block weights.
-template <int M>
-constexpr int panel_keys() {
-  return M == 4 ? 15 : 31;
-}
+// Keys of an M-panel, and the channels (bit mask) key `key` multiplies into; the kernels take both as template
+// arguments, the encoder (encode_panels) calls them at run time.
+constexpr int panel_keys(int64_t M) { return M == 4 ? 15 : 31; }
 
-template <int M, int KEY>
-constexpr int panel_mask() {
-  if constexpr (M == 4) return KEY + 1;
-  else return KEY < 15 ? KEY + 1 : KEY < 30 ? (KEY - 14) << 4 : 255;
+constexpr int panel_key_mask(int64_t M, int key) {
+  return M == 4 ? key + 1 : key < 15 ? key + 1 : key < 30 ? (key - 14) << 4 : 255;
 }
 
 // Columns [e0, e1) of one pattern: NV input loads each, then one FMA per channel of the pattern per vector;
@@ -270,10 +267,10 @@ inline __attribute__((always_inline)) void panel_columns(typename Vec<T>::type (
 template <typename T, int M, int NV, int KEY = 0>
 inline __attribute__((always_inline)) void panel_all_keys(typename Vec<T>::type (&acc)[M][NV], const T* base,
                                                           const int32_t* off, const T* val, const int32_t* sg) {
-  constexpr int K = panel_keys<M>();
+  constexpr int K = panel_keys(M);
   if constexpr (KEY < K) {
     const int32_t e0 = sg[KEY], e1 = sg[KEY + 1];
-    if (e0 < e1) panel_columns<T, M, NV, panel_mask<M, KEY>()>(acc, base, off, val + sg[K + 1 + KEY], e0, e1);
+    if (e0 < e1) panel_columns<T, M, NV, panel_key_mask(M, KEY)>(acc, base, off, val + sg[K + 1 + KEY], e0, e1);
     panel_all_keys<T, M, NV, KEY + 1>(acc, base, off, val, sg);
   }
 }
@@ -285,7 +282,7 @@ inline __attribute__((always_inline)) void sweep_panel(const Plan<T>& g, const T
                                                        T* __restrict scratch) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::kLanes;
-  constexpr int K = panel_keys<M>();
+  constexpr int K = panel_keys(M);
   for (int64_t p0 = oc0; p0 < oc1; p0 += M) {
     const int32_t* sg = g.pseg + ((p0 / M) * g.blocks + b) * (2 * K + 1);
     if (sg[0] == sg[K] && !first && !last) continue;  // the parked tiles are already right
@@ -699,16 +696,12 @@ EncodedRows<T> encode_rows(const char* op, const int32_t* rp, const int32_t* ci,
   return enc;
 }
 
-// The keys a column pattern of an M-panel runs under (see panel_mask): up to two, -1 for none.
+// The keys a column pattern of an M-panel runs under (the inverse of panel_key_mask): up to two, -1 for none.
 inline std::pair<int, int> panel_keys_of(int64_t M, int pattern) {
   if (M == 4) return {pattern - 1, -1};
   if (pattern == 255) return {30, -1};
   const int lo = pattern & 15, hi = pattern >> 4;
   return {lo ? lo - 1 : -1, hi ? 14 + hi : -1};
-}
-
-inline int panel_key_mask(int64_t M, int key) {
-  return M == 4 ? key + 1 : key < 15 ? key + 1 : key < 30 ? (key - 14) << 4 : 255;
 }
 
 // The non-zeros of each panel of M output channels (channel-major blocks), grouped by block, then by key
@@ -728,7 +721,7 @@ struct EncodedPanels {
 template <typename T>
 EncodedPanels<T> encode_panels(const char* op, const int32_t* rp, const int32_t* ci, const T* vals, int64_t nnz,
                                int64_t OC, const ConvShape& s, int64_t blocks) {
-  const int64_t M = s.panel, K = M == 4 ? 15 : 31, stride = 2 * K + 1, panels = (OC + M - 1) / M;
+  const int64_t M = s.panel, K = panel_keys(M), stride = 2 * K + 1, panels = (OC + M - 1) / M;
   const ColumnTable cols(s, (s.C + s.cb - 1) / s.cb);
   const bool check_finite = !cols.all_used;
   EncodedPanels<T> enc;
@@ -834,14 +827,17 @@ int64_t choose_panel(const ConvShape& s, const at::Tensor& row_ptr, const at::Te
 }
 
 // Switches a channel-major plan to panels of `panel` channels: one output row per tile, and at most 3 vectors
-// for panels of 8 (24 accumulators, the loaded input and a value fill the 32 vector registers).
-void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t OH, int64_t OW, int64_t L) {
+// for panels of 8 (24 accumulators, the loaded input and a value fill the 32 vector registers); the liveness
+// tables and the channel blocks are redone for that tile.
+void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t nnz, int64_t OC, int64_t OH, int64_t OW,
+               int64_t element_size, int64_t L) {
   if (panel <= 1) return;
   s.panel = panel;
   s.tuning.layout = 0;
   s.rows = 1;
   s.cols = std::min<int64_t>(nv, panel == 8 ? 3 : 4) * L;
   find_live_taps(s, OH, OW, L);
+  choose_layout(s, nnz, OC, OH, OW, element_size, L);
 }
 
 // Runs a plan over the batch. Images go through in passes whose packed input fits the reused workspace: a
@@ -1053,19 +1049,22 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
     find_live_taps(s, OH, OW, L);
     if (t.panel > 1) s.tuning.layout = 0;  // panels run over channel-major blocks
     choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-    if (!s.tap_major)
-      use_panel(s, t.panel ? t.panel : choose_panel(s, row_ptr, col_idx, OC, N * OH * OW), nv, OH, OW, L);
-    bool done = false;
-    while (!done) {  // at most twice: the second pass skips nothing (run_conv)
-      choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+    if (!s.tap_major) {
+      const int64_t panel = t.panel ? t.panel : choose_panel(s, row_ptr, col_idx, OC, N * OH * OW);
+      use_panel(s, panel, nv, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+    }
+    for (;;) {  // at most twice: the second pass skips nothing (run_conv)
       const std::vector<uint8_t> needed = needed_rows(s, OH, Hp, U, copy_of);
+      bool done = false;
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
         done = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
                                   [&](scalar_t* P, int64_t n0, int64_t count) {
                                     pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies, needed);
                                   });
       });
-      if (!done) make_all_live(s, OW, L);
+      if (done) break;
+      make_all_live(s, OW, L);
+      choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
     }
   };
   bool forced = false;
@@ -1105,8 +1104,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
   find_live_taps(s, 1, B, L);  // no padding: nothing is skipped, so run_conv never asks for a rerun
   choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);  // one tap: channel-major
-  use_panel(s, s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC, B), s.cols / L, 1, B, L);
-  choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);
+  use_panel(s, s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC, B), s.cols / L,
+            col_idx.numel(), OC, 1, B, x.element_size(), L);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
     run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, checked_mul(op, "the packed input", in_features, Wrow),
                        [&](scalar_t* P, int64_t, int64_t) {

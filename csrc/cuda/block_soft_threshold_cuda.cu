@@ -91,27 +91,18 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
-void check_block(const char* op, int64_t block) {
-  TORCH_CHECK_VALUE(block >= 1 && block <= 4096, op, ": argument 'block' must be in [1, 4096], got ", block);
-}
-
-std::pair<int64_t, int64_t> rows_cols(const at::Tensor& w) {
-  const int64_t oc = w.dim() ? w.size(0) : 1;
-  return {oc, oc ? w.numel() / oc : 0};
-}
-
 std::tuple<at::Tensor, at::Tensor> block_soft_threshold_forward_cuda(const at::Tensor& w_in, const at::Tensor& s,
                                                                      int64_t block, bool /*ste*/) {
   const char* op = "block_soft_threshold_forward";
   check_soft_threshold_args(op, w_in, s);
-  check_block(op, block);
+  check_threshold_block(op, block);
   TORCH_CHECK_VALUE(w_in.is_cuda(), op, ": argument 'w' must be a CUDA tensor, got ", w_in.device());
   const c10::cuda::CUDAGuard guard(w_in.device());
   const at::Tensor w = w_in.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options());
   at::Tensor nnz = at::zeros({}, w.options().dtype(at::kLong));
   if (w.numel() == 0) return {out, nnz};
-  const auto [OC, R] = rows_cols(w);
+  const auto [OC, R] = threshold_rows_cols(w);
   const at::Tensor g = at::sigmoid(s.reshape({})).to(w.scalar_type());  // as the reference: in w's dtype
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = cuda_launch::grid_for((OC + block - 1) / block * R, kThreads, kBlocksPerSm);
@@ -129,14 +120,14 @@ std::tuple<at::Tensor, at::Tensor> block_soft_threshold_backward_cuda(const at::
   const char* op = "block_soft_threshold_backward";
   check_soft_threshold_args(op, w_in, s);
   check_grad_out(op, grad_in, w_in);
-  check_block(op, block);
+  check_threshold_block(op, block);
   TORCH_CHECK_VALUE(w_in.is_cuda(), op, ": argument 'w' must be a CUDA tensor, got ", w_in.device());
   const c10::cuda::CUDAGuard guard(w_in.device());
   const at::Tensor w = w_in.contiguous(), grad = grad_in.contiguous();
   at::Tensor grad_w = at::empty(w.sizes(), w.options());
   if (w.numel() == 0) return {grad_w, at::zeros(s.sizes(), s.options())};
   at::Tensor grad_s = at::empty(s.sizes(), s.options());
-  const auto [OC, R] = rows_cols(w);
+  const auto [OC, R] = threshold_rows_cols(w);
   const at::Tensor g_s = at::sigmoid(s.reshape({}));
   const at::Tensor g_w = g_s.to(w.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -156,12 +147,7 @@ std::tuple<at::Tensor, at::Tensor> block_soft_threshold_backward_cuda(const at::
           gp, wp, gwp, gwt, OC, R, block, pp);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "block_soft_threshold_grad_s_cuda", [&] {
-      using s_t = scalar_t;
-      cuda_launch::finalize_grad_s_kernel<acc_t, s_t><<<1, 256, 0, stream>>>(pp, blocks, g_s.const_data_ptr<s_t>(),
-                                                                             grad_s.mutable_data_ptr<s_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    cuda_launch::finish_grad_s(pp, blocks, g_s, grad_s, stream);
   });
   return {grad_w, grad_s};
 }

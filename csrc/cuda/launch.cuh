@@ -1,5 +1,7 @@
 // Launch sizing, block reductions and the dL/ds finish kernel shared by the CUDA soft-threshold kernels.
 #pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
@@ -55,6 +57,16 @@ __global__ void finalize_grad_s_kernel(const A* __restrict__ partials, int64_t c
     const double g = static_cast<double>(*g_ptr);
     *grad_s = static_cast<S>(-g * (1.0 - g) * static_cast<double>(total));
   }
+}
+
+// Launches finalize_grad_s_kernel (one block of 256 threads) over `count` partials into grad_s, in s's dtype.
+template <typename A>
+void finish_grad_s(const A* partials, int64_t count, const at::Tensor& g_s, at::Tensor& grad_s, cudaStream_t stream) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_s.scalar_type(), "finish_grad_s_cuda", [&] {
+    finalize_grad_s_kernel<A, scalar_t><<<1, 256, 0, stream>>>(partials, count, g_s.const_data_ptr<scalar_t>(),
+                                                               grad_s.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace cuda_launch

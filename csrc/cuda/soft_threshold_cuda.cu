@@ -31,7 +31,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 4;
 constexpr int kVecBytes = 16;
-constexpr int kFinalThreads = 256;
 
 template <typename T>
 struct Vec {
@@ -132,8 +131,6 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
-using cuda_launch::finalize_grad_s_kernel;
-
 std::tuple<at::Tensor, at::Tensor> soft_threshold_forward_cuda(const at::Tensor& w_in, const at::Tensor& s,
                                                                bool /*ste*/) {
   check_soft_threshold_args("soft_threshold_forward", w_in, s);
@@ -196,12 +193,7 @@ std::tuple<at::Tensor, at::Tensor> soft_threshold_backward_cuda(const at::Tensor
                                                                                                 vectorised, pp);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "soft_threshold_grad_s_cuda", [&] {
-      using s_t = scalar_t;
-      finalize_grad_s_kernel<acc_t, s_t><<<1, kFinalThreads, 0, stream>>>(
-          pp, blocks, g_s.const_data_ptr<s_t>(), grad_s.mutable_data_ptr<s_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    cuda_launch::finish_grad_s(pp, blocks, g_s, grad_s, stream);
   });
   return {grad_w, grad_s};
 }
