@@ -185,7 +185,7 @@ def cmd_compare(args) -> int:
     flags = {"compare.sparsities": None if args.sparsity is None else f"[{args.sparsity}]",
              "compare.methods": None if args.methods is None else "[" + args.methods + "]",
              "compare.seeds": args.seeds, "compare.start": args.start, "compare.start_iterations": args.start_iterations,
-             "out_dir": args.out}
+             "compare.rows": args.rows, "out_dir": args.out}
     for key, value in flags.items():
         if value is not None:
             apply_override(cfg, f"{key}={value}")
@@ -276,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with "
                    "its share of the CPU threads")
     c.add_argument("--out", help="folder for the runs and results (default: the config's out_dir)")
-    c.add_argument("--reuse", action="store_true", help="reuse finished runs' results.json")
+    c.add_argument("--rows", help="folder of per-run result rows (small JSON with the CPU), written as runs finish "
+                   "(default: compare.rows, none)")
+    c.add_argument("--reuse", action="store_true", help="take finished runs from their rows (--rows), else from their "
+                   "folders' results.json, when of this plan; interrupted runs continue from their last checkpoint")
     c.add_argument("--directions", default=None, help="'nyuv2' or 'taskonomy' metric set (default: per task kind)")
     g = command("configs", "list the bundled configs, print one, or write a copy to edit")
     g.add_argument("name", nargs="?", help="a bundled config (omit to list them)")

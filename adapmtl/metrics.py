@@ -17,7 +17,9 @@ Normals (valid pixels): "angle_mean", "angle_median" (exact, as numpy's median o
   cosine similarity, Taskonomy's metric).
 Depth (valid: mask and gt > 3e-5): "abs_err", "rel_err" (|p - g| / g), "delta_1.25",
   "delta_1.25^2", "delta_1.25^3" (% of pixels with max(p/g, g/p) below the threshold; p is clamped
-  to 1e-9 before the ratio).
+  to 1e-9 before the ratio); "si_log": the scale-invariant log error of Eigen et al. (2014, lambda = 1),
+  100 * the standard deviation of log p - log g over an image's valid pixels, averaged over the images
+  (the one metric taken per image: it removes each image's global depth scale; not in ΔT).
 Dense L1 (keypoints2d, edge_texture; label != 255): "l1_err".
 
 NaN predictions are never dropped silently: every task reports "nan_fraction" (share of its valid
@@ -45,7 +47,7 @@ METRIC_DIRECTIONS: dict[str, bool] = {
     "mIoU": False, "mIoU_all": False, "pixel_acc": False, "ce_err": True,
     "angle_mean": True, "angle_median": True, "within_11.25": False, "within_22.5": False, "within_30": False,
     "cosine": False,
-    "abs_err": True, "rel_err": True, "delta_1.25": False, "delta_1.25^2": False, "delta_1.25^3": False,
+    "abs_err": True, "rel_err": True, "si_log": True, "delta_1.25": False, "delta_1.25^2": False, "delta_1.25^3": False,
     "l1_err": True, "nan_fraction": True,
 }
 
@@ -230,6 +232,8 @@ class DepthMeter(_PixelMeter):
         self.abs_sum = 0.0
         self.rel_sum = 0.0
         self.delta = [0, 0, 0]
+        self.si_sum = 0.0
+        self.si_images = 0
 
     def update(self, pred: Tensor, label: Tensor, batch: dict):
         size = label.shape[-2:]
@@ -237,6 +241,13 @@ class DepthMeter(_PixelMeter):
         g = label.cpu().double()[:, 0]
         valid = valid_mask(self.spec, batch, label).cpu() & (g > DEPTH_MIN_VALID)
         good = self._count(valid, p)
+        log_ratio = torch.where(good, p.clamp_min(1e-9).log() - g.clamp_min(DEPTH_MIN_VALID).log(), 0.0).flatten(1)
+        mask = good.flatten(1)
+        n_img = mask.sum(1).clamp_min(1)
+        mean = log_ratio.sum(1, keepdim=True) / n_img[:, None]
+        var = torch.where(mask, log_ratio - mean, 0.0).square().sum(1) / n_img  # two passes: no cancellation
+        self.si_sum += float(var.sqrt()[mask.any(1)].sum()) * 100
+        self.si_images += int(mask.any(1).sum())
         p, g = p[good], g[good]
         err = (p - g).abs()
         self.abs_sum += float(err.sum())
@@ -248,7 +259,8 @@ class DepthMeter(_PixelMeter):
 
     def compute(self) -> dict[str, float]:
         n = self.total - self.nan
-        out = {"abs_err": self.abs_sum / n if n else _nan(), "rel_err": self.rel_sum / n if n else _nan()}
+        out = {"abs_err": self.abs_sum / n if n else _nan(), "rel_err": self.rel_sum / n if n else _nan(),
+               "si_log": self.si_sum / self.si_images if self.si_images else _nan()}
         for (name, _), c in zip(self.THRESHOLDS, self.delta):
             out[name] = c / self.total * 100 if self.total else _nan()
         out.update(self._coverage())

@@ -9,43 +9,10 @@ from pathlib import Path
 import torch
 
 from adapmtl.checkpoint_io import write_json_atomic
+from adapmtl.timing import ISA_FLAGS, cpu_facts  # noqa: F401 - the benchmarks use them from here
 from adapmtl.timing import interleaved_median_ms, interleaved_times_ms, median_time_ms  # noqa: F401 - the benchmarks use them from here
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_facts() -> dict:
-    """The CPU a result comes from: model name, vendor, family/model/stepping (two EPYCs share a name), the
-    vector extensions that matter to the kernels, and the cache sizes of one core (sysfs)."""
-    facts = {"model": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block
-                key, _, value = (part.strip() for part in line.partition(":"))
-                if key == "model name":
-                    facts["model"] = value
-                elif key in ("vendor_id", "cpu family", "model", "stepping"):
-                    facts[{"vendor_id": "vendor", "cpu family": "family", "model": "model_number"}.get(key, key)] = value
-                elif key == "flags":
-                    facts["isa"] = [flag for flag in ISA_FLAGS if flag in value.split()]
-    except OSError:
-        pass
-    caches = {}
-    root = Path("/sys/devices/system/cpu/cpu0/cache")
-    for index in sorted(root.glob("index*")) if root.is_dir() else []:
-        try:
-            level, kind, size = ((index / n).read_text().strip() for n in ("level", "type", "size"))
-        except OSError:
-            continue
-        caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
-    facts["caches_per_core"] = caches
-    return facts
 
 
 def device_description(device) -> dict:

@@ -7,6 +7,7 @@ from torch import nn
 import adapmtl
 from adapmtl.baselines import global_topk_masks, prunable_weights
 from adapmtl.baselines.imp import round_schedule
+from adapmtl.baselines.lth import rounds_schedule
 from adapmtl.train import Trainer, config_from_dict
 from adapmtl.train.config import apply_override
 
@@ -96,23 +97,39 @@ def test_mask_baselines_hit_target_and_enforce_masks(syn_root, tmp_path, method)
         assert not w.grad[~masks[name]].any(), name
 
 
-def test_lth_rewinds_survivors_to_init(syn_root, tmp_path):
-    cfg = tiny_cfg(syn_root, tmp_path, "lth")
+def test_lth_prunes_iteratively_and_rewinds_every_round(syn_root, tmp_path):
+    cfg = tiny_cfg(syn_root, tmp_path, "lth", **{"optim.step_size": 4})
     tr = Trainer(cfg)
     init = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    rounds = tr.method.rounds()
+    assert rounds == rounds_schedule(8, 0.25, 0.75, 3) == [3, 5, 6]
+    tr.method.on_train_start(tr)
+    assert tr.scheduler.step_size == 2  # the schedule compressed into the 3 iterations before the first round
     data = tr._train_batches(0)
-    prune_it = tr.method.prune_iteration()
-    while tr.iteration < prune_it:
-        tr.train_step(next(data))
-    # before the pruning iteration's step the weights moved away from init
-    name, w = prunable_weights(tr.model)[0]
-    assert not torch.equal(w.detach(), init[name + ".weight"])
-    batch = next(data)
-    tr.method.before_iteration(tr, tr.iteration, batch)
-    for name, w in prunable_weights(tr.model):
-        m = tr.method.masks[name]
-        assert torch.equal(w.detach(), init[name + ".weight"] * m), name
-    assert not tr.optimizer.state  # moments reset for retraining
+    alive_before = None
+    for r, it in enumerate(rounds, start=1):
+        while tr.iteration < it:
+            tr.train_step(next(data))
+        name, w = prunable_weights(tr.model)[0]
+        assert not torch.equal(w.detach(), init[name + ".weight"] * (tr.method.masks[name] if tr.method.masks else 1))
+        tr.method.before_iteration(tr, tr.iteration, next(data))
+        masks = tr.method.masks
+        kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert kept == pytest.approx(0.2 ** (r / 3), abs=1e-3)  # (1 - target)^(r/R) of all weights remain
+        if alive_before is not None:  # pruned among the survivors only
+            assert all(not (m & ~alive_before[n]).any() for n, m in masks.items())
+        alive_before = {n: m.clone() for n, m in masks.items()}
+        for name, w in prunable_weights(tr.model):  # every round rewinds the survivors to the rewind point
+            assert torch.equal(w.detach(), init[name + ".weight"] * masks[name]), name
+        assert not tr.optimizer.state  # Adam restarts
+        assert tr.optimizer.param_groups[0]["lr"] == cfg.optim.lr  # ... and the schedule, compressed
+        assert tr.scheduler.step_size == max(1, round(4 * ((rounds + [8])[r] - it) / 8))
+    assert tr.method.snapshot is None  # no rewind left after the last round
+    assert overall_zero_fraction(tr.model) == pytest.approx(0.8, abs=1e-3)
+    with pytest.raises(ValueError, match="prune.rewind_iter=3"):
+        Trainer(tiny_cfg(syn_root, tmp_path / "x", "lth", **{"prune.rewind_iter": 3})).method.rounds()
+    with pytest.raises(ValueError, match="prune.rounds"):
+        rounds_schedule(4, 0.0, 0.5, 3)
 
 
 def test_snip_masks_match_reference(syn_root, tmp_path):

@@ -120,14 +120,19 @@ def object_classes(n_classes: int = DEMO_CLASSES) -> tuple[tuple, tuple, tuple]:
     return tuple(tuple(k) for k in kinds)
 
 
-def render_scene(rng: np.random.Generator, size=(64, 64), n_classes: int = DEMO_CLASSES) -> dict:
+def render_scene(rng: np.random.Generator, size=(64, 64), n_classes: int = DEMO_CLASSES,
+                 camera_height: float | None = None) -> dict:
     """One scene -> dict rgb uint8 HxWx3, seg uint8 HxW, normal float 3xHxW, normal/depth validity, depth.
-    n_classes > 10: more object classes (told apart by colour only within a shape) and more objects."""
+    n_classes > 10: more object classes (told apart by colour only within a shape) and more objects.
+    camera_height: the same height in every scene (else drawn in [1.1, 1.6]); the draw is made either way, so
+    the scenes differ only in it. With a fixed height and the fixed intrinsics the floor pins the depth scale."""
     box_classes, sphere_classes, cylinder_classes = object_classes(n_classes)
     lo, hi = (2, 7) if n_classes == DEMO_CLASSES else (3, 10)
     h, w = size
     f = 0.81 * w
     cam_h = rng.uniform(1.1, 1.6)  # camera height above the floor (floor at y = +cam_h)
+    if camera_height is not None:
+        cam_h = float(camera_height)
     room_d, room_l, room_r, room_top = rng.uniform(4.0, 7.0), rng.uniform(1.8, 3.0), rng.uniform(1.8, 3.0), rng.uniform(1.0, 1.5)
     rot = _rot_y(rng.uniform(-0.35, 0.35)) @ _rot_x(-rng.uniform(0.05, 0.3))  # camera -> world (pitch down)
     v, u = np.mgrid[0:h, 0:w]
@@ -195,11 +200,12 @@ def render_scene(rng: np.random.Generator, size=(64, 64), n_classes: int = DEMO_
 
 
 def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, seed: int = 0,
-                          n_classes: int = DEMO_CLASSES) -> dict:
+                          n_classes: int = DEMO_CLASSES, camera_height: float | None = None) -> dict:
     """Render n_train + n_test scenes of `size` (int or (H, W)) into `root` in the NYUv2 layout
     (`nyu_v2_3task.json`, img/*.png, seg/*.png, normal/*.png, depth/*.npy). Returns the JSON dict.
     Deterministic given the seed; `adapmtl.data.NYUv2(root, ...)` reads the result unchanged.
-    `n_classes` (10..16): semantic classes in the scenes (above 10: harder, busier scenes)."""
+    `n_classes` (10..16): semantic classes in the scenes (above 10: harder, busier scenes); `camera_height`:
+    one camera height for every scene (render_scene)."""
     object_classes(n_classes)  # checks it
     for arg, v in (("n_train", n_train), ("n_test", n_test), ("seed", seed)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -215,7 +221,7 @@ def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, s
     meta = {"train": [], "test": []}
     for split, n, split_id in (("train", n_train, 0), ("test", n_test, 1)):
         for i in range(n):
-            scene = render_scene(np.random.default_rng([seed, split_id, i]), size, n_classes)
+            scene = render_scene(np.random.default_rng([seed, split_id, i]), size, n_classes, camera_height)
             stem = f"{split}_{i:05d}"
             paths = [f"img/{stem}.png", f"seg/{stem}.png", f"normal/{stem}.png", f"depth/{stem}.npy"]
             Image.fromarray(scene["rgb"], "RGB").save(os.path.join(root, paths[0]))
@@ -224,19 +230,22 @@ def make_synthetic_scenes(root, n_train: int = 200, n_test: int = 50, size=64, s
             np.save(os.path.join(root, paths[3]), scene["depth"])
             meta[split].append(paths)
     with open(os.path.join(root, PARAMS_NAME), "w") as fh:
-        json.dump(synthetic_params(n_train, n_test, size, seed, n_classes), fh)
+        json.dump(synthetic_params(n_train, n_test, size, seed, n_classes, camera_height), fh)
     with open(os.path.join(root, JSON_NAME), "w") as fh:  # last: its presence means the folder is complete
         json.dump(meta, fh, indent=1)
     return meta
 
 
-def synthetic_params(n_train: int, n_test: int, size, seed: int, n_classes: int = DEMO_CLASSES) -> dict:
-    """What a folder of scenes was generated with (stored beside them as synthetic.json; n_classes only
-    when not the demo's 10, so folders written before it existed still match)."""
+def synthetic_params(n_train: int, n_test: int, size, seed: int, n_classes: int = DEMO_CLASSES,
+                     camera_height: float | None = None) -> dict:
+    """What a folder of scenes was generated with (stored beside them as synthetic.json; n_classes and
+    camera_height only when not the defaults, so folders written before they existed still match)."""
     size = [size, size] if isinstance(size, int) else list(size)
     params = {"n_train": n_train, "n_test": n_test, "size": size, "seed": seed}
     if n_classes != DEMO_CLASSES:
         params["n_classes"] = n_classes
+    if camera_height is not None:
+        params["camera_height"] = float(camera_height)
     return params
 
 

@@ -14,17 +14,18 @@ def _synthetic_root(cfg) -> str:
 
     d = cfg.data
     base = os.path.expanduser(d.root)
-    wanted = synthetic_params(d.n_train, d.n_test, d.image_size, 0, d.n_classes)
+    wanted = synthetic_params(d.n_train, d.n_test, d.image_size, 0, d.n_classes, d.camera_height)
     root = base
     if read_synthetic_params(base) != wanted:
         classes = "" if "n_classes" not in wanted else f"-classes{d.n_classes}"
-        root = os.path.join(base, f"scenes-train{d.n_train}-test{d.n_test}-size{d.image_size}{classes}-seed0")
+        camera = "" if "camera_height" not in wanted else f"-camera{wanted['camera_height']:g}"
+        root = os.path.join(base, f"scenes-train{d.n_train}-test{d.n_test}-size{d.image_size}{classes}{camera}-seed0")
     if not os.path.isfile(os.path.join(root, "nyu_v2_3task.json")):
         if D.is_main():
             from adapmtl.data import make_synthetic_scenes
             tmp = root.rstrip("/") + f".tmp{os.getpid()}"
             make_synthetic_scenes(tmp, n_train=d.n_train, n_test=d.n_test, size=d.image_size, seed=0,
-                                  n_classes=d.n_classes)
+                                  n_classes=d.n_classes, camera_height=d.camera_height)
             try:  # publish the whole folder at once so a concurrent reader never sees half of it
                 os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
                 os.replace(tmp, root)
@@ -35,7 +36,7 @@ def _synthetic_root(cfg) -> str:
     found = read_synthetic_params(root)
     if found != wanted:
         raise ValueError(f"data.root: {root!r} holds synthetic scenes generated with {found}, but the config asks for "
-                         f"{wanted} (data.n_train / n_test / image_size / n_classes); remove the folder or choose another data.root")
+                         f"{wanted} (data.n_train / n_test / image_size / n_classes / camera_height); remove the folder or choose another data.root")
     return root
 
 

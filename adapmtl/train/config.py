@@ -20,7 +20,7 @@ from adapmtl.ops.block_soft_threshold import block_of
 METHODS = ("adapmtl", "single_threshold", "str", "dense", "imp", "lth", "snip", "disparse")
 DATASETS = ("synthetic", "nyuv2", "taskonomy")
 AMP = ("none", "bf16", "fp16")
-SELECT = ("auto", "delta_t", "val_loss", "last")
+SELECT = ("auto", "delta_t", "val_loss", "last", "last_mean")
 ON_NONFINITE = ("stop", "skip")
 CONTROL = ("controlled", "paper")
 # `adapmtl compare`'s default methods, in the order of its table
@@ -42,6 +42,9 @@ class DataConfig:
     n_test: int = 50
     image_size: int = 64
     n_classes: int = 10  # synthetic only: semantic classes in the scenes (10, the demo's, up to 16)
+    # synthetic only: the camera's height above the floor in every scene (null: drawn per scene in [1.1, 1.6]);
+    # fixed, the absolute depth scale is inferable from the image (the floor's place under fixed intrinsics)
+    camera_height: float | None = None
     allow_outside_root: bool = False  # index entries may point outside data.root (absolute paths, ..)
 
 
@@ -72,9 +75,9 @@ class PruneConfig:
     control_gain: float = 0.5  # fraction of the sparsity error one step removes (docs/sparsity_control.md)
     # mask baselines (SPEC §7)
     prune_start: float = 0.3  # fraction of the iterations trained before the first pruning (IMP, LTH)
-    prune_end: float = 0.7  # IMP: last pruning round at this fraction; DiSparse: last regrow update
-    rounds: int = 4  # IMP rounds
-    rewind_iter: int = 0  # LTH: iteration whose weights survivors are rewound to
+    prune_end: float = 0.7  # IMP, LTH: last pruning round at this fraction; DiSparse: last regrow update
+    rounds: int = 4  # IMP and LTH pruning rounds
+    rewind_iter: int = 0  # LTH: iteration whose weights survivors are rewound to after every round
     score_batches: int = 4  # SNIP / DiSparse: batches for the importance scores at init
     update_every: int = 50  # DiSparse prune-and-regrow period
     regrow_fraction: float = 0.2  # DiSparse: fraction of survivors swapped at the first update (cosine decay)
@@ -87,6 +90,9 @@ class OptimConfig:
     weight_decay: float = 5e-5  # coupled L2 on every weight; on the thresholds too with prune.control=paper (SPEC §3)
     step_size: int = 4000  # StepLR, stepped every iteration
     gamma: float = 0.5
+    # iterations where Adam's moments and the LR schedule start afresh, as in a new run (a method trained from
+    # its init for the budget of a dense start plus a continuation gets the same schedule: compare's SNIP)
+    restarts: list = field(default_factory=list)
 
 
 @dataclass
@@ -108,7 +114,8 @@ class TrainConfig:
     val_every: int = 1000
     ckpt_every: int = 500
     resume: str | None = None  # a checkpoint path, or "auto" (out_dir/latest.pt if it exists)
-    select: str = "auto"  # auto: ΔT vs dense_results when given, else val loss
+    select: str = "auto"  # auto: ΔT vs dense_results when given, else val loss; last_mean: see score_window
+    score_window: int = 5  # select=last_mean: val and test metrics are the mean over the last this-many validations
     dense_results: str | None = None  # JSON of the dense model's val/test metrics
     # the mIoU that ΔT sums: "auto" = mIoU_all (every class) on synthetic data, where a model that stops
     # predicting a class would otherwise gain from it, and the paper's TP > 0 mIoU elsewhere
@@ -133,6 +140,8 @@ class CompareConfig:
     start: str = "dense"  # "dense": every method continues from one dense model per seed; "scratch"
     start_iterations: int | None = None  # the dense start's training (default: train.iterations)
     adaptive_weights_for_all: bool = False  # a separate experiment: adaptive task weights for every method
+    seeds_for: dict | None = None  # {method: n}: fewer (or more) seeds than `seeds` for some methods
+    rows: str | None = None  # folder of per-run result rows (JSON): written as runs finish, reused with --reuse
 
 
 @dataclass
@@ -193,6 +202,15 @@ class Config:
             bad("compare.sparsities", "a non-empty list of numbers in (0, 1)", c.sparsities)
         if c.seeds < 1:
             bad("compare.seeds", "an int >= 1", c.seeds)
+        if c.seeds_for is not None and not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                               and v >= 1 for k, v in c.seeds_for.items()):
+            bad("compare.seeds_for", "a mapping of method names to ints >= 1, or null", c.seeds_for)
+        r = self.optim.restarts
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < self.train.iterations for v in r):
+            bad("optim.restarts", f"a list of iterations in (0, train.iterations={self.train.iterations})", r)
+        h = self.data.camera_height
+        if h is not None and not (math.isfinite(h) and 0.2 <= h <= 3.0):
+            bad("data.camera_height", "a height in [0.2, 3.0] (under the room's ceiling) or null", h)
         if c.start_iterations is not None and c.start_iterations < 1:
             bad("compare.start_iterations", "an int >= 1 or null", c.start_iterations)
         if self.prune.control not in CONTROL:
@@ -209,7 +227,7 @@ class Config:
         for key in ("data.batch_size", "data.eval_batch_size", "data.crop_size", "train.iterations", "train.log_every",
                     "train.val_every", "train.ckpt_every", "optim.step_size", "loss_weights.window", "prune.rounds",
                     "prune.score_batches", "prune.update_every", "data.n_train", "data.n_test", "data.image_size",
-                    "train.keep_checkpoints"):
+                    "train.keep_checkpoints", "train.score_window"):
             section, name = key.split(".")
             v = getattr(getattr(self, section), name)
             if v < 1:

@@ -229,6 +229,7 @@ class Trainer:
         self.iteration = 0
         self.best_score = -math.inf
         self.best_iteration = None
+        self.score_window = []  # select=last_mean: {"iteration", "val", "val_loss", "test", "test_loss", "sparsity"}
         self.dense_results = None
         if cfg.train.dense_results:
             with open(os.path.expanduser(cfg.train.dense_results)) as fh:
@@ -296,6 +297,8 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         it = self.iteration
         batch = _to_device(batch, self.device)
+        if it in self.cfg.optim.restarts:
+            self.restart_optimization()
         self.method.before_iteration(self, it, batch)
         self.model.train()
         losses = self.compute_losses(batch)
@@ -326,6 +329,18 @@ class Trainer:
         self.loss_weights.update(it, loss_vec)
         self.iteration += 1
         return {"losses": loss_vec, "total": total.detach(), "factors": factors, **extra}
+
+    def restart_optimization(self, length: int | None = None) -> None:
+        """Adam and the LR schedule from here on as in a new run: moments and step counts cleared, every group's
+        lr back to its initial value, StepLR from its first step. `length`: the whole schedule compressed into
+        that many iterations (step_size * length / train.iterations), for a method that replays it in a part of
+        the budget (LTH's rounds). The scheduler's state (step size included) is in every checkpoint."""
+        o = self.cfg.optim
+        self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        step = o.step_size if length is None else max(1, round(o.step_size * length / self.cfg.train.iterations))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step, gamma=o.gamma)
 
     # ---------------------------------------------------------------- sparsity
     def sparsity(self) -> dict:
@@ -371,7 +386,7 @@ class Trainer:
             return dt, {f"val/delta_t/{t}": v for t, v in per_task.items()} | {"val/delta_t": dt}
         if mode == "val_loss":
             return -sum(result["loss"].values()), {}
-        return float(self.iteration), {}  # "last": the latest checkpoint is the selected one
+        return float(self.iteration), {}  # "last" / "last_mean": the latest checkpoint (and the ones before it)
 
     # ---------------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -380,7 +395,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "loss_weights": self.loss_weights.state_dict(), "method": self.method.state_dict(),
             "method_name": self.cfg.method, "iteration": self.iteration, "rng": rng_state(),
-            "best_score": self.best_score, "best_iteration": self.best_iteration,
+            "best_score": self.best_score, "best_iteration": self.best_iteration, "score_window": self.score_window,
             "config": self.cfg.to_dict(), "model_source": self.model_source, "data_source": self.data_source,
         }
 
@@ -434,6 +449,7 @@ class Trainer:
             self.method.move_masks(self.device)
         self.iteration = int(state["iteration"])
         self.best_score, self.best_iteration = state["best_score"], state["best_iteration"]
+        self.score_window = list(state.get("score_window") or [])  # checkpoints before last_mean existed: none
         set_rng_state(state["rng"])
         self.resumed = True
         self.resumed_from = path
@@ -467,10 +483,27 @@ class Trainer:
         scalars |= {f"val/loss/{t}": v for t, v in result["loss"].items()} | extra
         scalars |= {"val/score": score, "val/sparsity": sp, "val/eligible": float(eligible)}
         logger.log(self.iteration, scalars, kind="val")
+        if self.cfg.train.select == "last_mean":
+            self._record_window(result, sp)
+            return
         # rank 0 decides: other ranks' BN running stats can differ by their last local batch
         if D.broadcast_object(bool(eligible and score > self.best_score)):
             self.best_score, self.best_iteration = score, self.iteration
             self.save("best.pt")
+
+    def in_score_window(self, iteration: int) -> bool:
+        """Whether a validation at `iteration` is one of the last train.score_window ones (select=last_mean)."""
+        t = self.cfg.train
+        return iteration >= t.iterations - (t.score_window - 1) * t.val_every
+
+    def _record_window(self, val: dict, sparsity: float) -> None:
+        """select=last_mean: keep this validation's val and test metrics when it is in the scoring window (test is
+        evaluated there only to be averaged, never to choose anything)."""
+        if not self.in_score_window(self.iteration) or any(e["iteration"] == self.iteration for e in self.score_window):
+            return
+        test = self.evaluate(self.test_set)
+        self.score_window.append({"iteration": self.iteration, "val": val["metrics"], "val_loss": val["loss"],
+                                  "test": test["metrics"], "test_loss": test["loss"], "sparsity": sparsity})
 
     def fit(self, stop_at: int | None = None) -> dict | None:
         """Train to cfg.train.iterations (or stop after `stop_at` iterations, saving latest.pt, for
@@ -544,6 +577,8 @@ class Trainer:
         best_path = os.path.join(self.out_dir, "best.pt")
         D.barrier()
         selected = "final"
+        if self.cfg.train.select == "last_mean":
+            return self._finish_window()
         if self.best_iteration is not None and os.path.isfile(best_path):
             _, saved_at = read_header(best_path)
             if saved_at != self.best_iteration:  # only after a non-exact resume (data.num_workers > 0)
@@ -563,6 +598,38 @@ class Trainer:
         if self.dense_results:
             per_task, dt, skipped = safe_delta_t(test["metrics"], self.dense_results["test"], self.directions)
             results["delta_t_test"] = {"per_task": per_task, "mean": dt, "skipped_metrics": skipped}
+        return self._write_results(results, rep)
+
+    def _finish_window(self) -> dict:
+        """select=last_mean: val and test are each metric's mean over the last train.score_window validations (the
+        final weights' sparsity report; every window checkpoint's sparsity in "window")."""
+        window = sorted(self.score_window, key=lambda e: e["iteration"])
+        if not window or window[-1]["iteration"] != self.iteration:
+            raise RuntimeError(f"train.select=last_mean: no validation at the final iteration {self.iteration} "
+                               "was recorded (was the run resumed from a checkpoint of another selection rule?)")
+
+        def mean(key):
+            return {t: {m: sum(e[key][t][m] for e in window) / len(window) for m in ms}
+                    for t, ms in window[-1][key].items()}
+
+        rep = adapmtl.sparsity_report(self.model)
+        results = {
+            "method": self.cfg.method, "iterations": self.iteration,
+            "selected": f"mean@{window[0]['iteration']}-{window[-1]['iteration']}x{len(window)}",
+            "target_sparsity": self.cfg.prune.target_sparsity if self.method.prunes else 0.0,
+            "val": mean("val"), "val_loss": {t: sum(e["val_loss"][t] for e in window) / len(window)
+                                             for t in window[-1]["val_loss"]},
+            "test": mean("test"), "test_loss": {t: sum(e["test_loss"][t] for e in window) / len(window)
+                                                for t in window[-1]["test_loss"]},
+            "sparsity": rep.fractions(),
+            "window": [{"iteration": e["iteration"], "sparsity": e["sparsity"], "test": e["test"]} for e in window],
+        }
+        if self.dense_results:
+            per_task, dt, skipped = safe_delta_t(results["test"], self.dense_results["test"], self.directions)
+            results["delta_t_test"] = {"per_task": per_task, "mean": dt, "skipped_metrics": skipped}
+        return self._write_results(results, rep)
+
+    def _write_results(self, results: dict, rep) -> dict:
         if D.is_main():
             write_json_atomic(os.path.join(self.out_dir, "results.json"), results)  # `compare --reuse` reads it
             with open(os.path.join(self.out_dir, "sparsity.txt"), "w") as fh:
