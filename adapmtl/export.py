@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from adapmtl.export_format import default_concrete_args
-from adapmtl.export_passes import fold_batchnorm
+from adapmtl.export_passes import fold_batchnorm, fuse_epilogues
 from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
 from adapmtl.timing import interleaved_median_ms
@@ -84,6 +84,7 @@ def export_sparse(
     repeats: int = 5,
     inplace: bool = False,
     fold_bn: bool = True,
+    fuse: bool = True,
 ) -> nn.Module:
     """Replace layers by sparse modules where that is faster (module docstring). Returns the model
     (a deep copy unless `inplace`) in eval mode with every parameter frozen (requires_grad False);
@@ -98,6 +99,10 @@ def export_sparse(
         fold_bn: fold every BatchNorm2d that follows a Conv2d into it first (adapmtl.export_passes; the folded
             convs keep their zeros). `model.folded_batchnorm` lists the (conv, batchnorm) pairs, None where the
             forward could not be traced by torch.fx (nothing folded).
+        fuse: take the residual add and ReLU / ReLU6 / clamp after each sparse conv into its epilogue
+            (adapmtl.export_passes.fuse_epilogues; the same result, bit for bit); where anything was fused the
+            model runs the traced, fused forward. `model.fused_epilogues` lists what was fused (residual adds only
+            with `example_input`, which gives the shapes), None where the forward could not be traced.
     """
     from adapmtl.sparsify import finalize  # late: sparsify imports the training-side layers
 
@@ -121,8 +126,9 @@ def export_sparse(
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"export_sparse: argument 'repeats' must be a positive int, got {repeats!r}")
 
-    if not isinstance(fold_bn, bool):
-        raise TypeError(f"export_sparse: argument 'fold_bn' must be a bool, got {type(fold_bn).__name__}")
+    for name, flag in (("fold_bn", fold_bn), ("fuse", fuse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"export_sparse: argument '{name}' must be a bool, got {type(flag).__name__}")
 
     if not inplace:
         model = copy.deepcopy(model)
@@ -173,6 +179,12 @@ def export_sparse(
                 _set_submodule(model, name, sparse_layer)
                 entry["sparse"] = True
         report.append(entry)
+    fused = []
+    if fuse and any(e["sparse"] for e in report):
+        example = None if example_input is None else (
+            example_input if isinstance(example_input, tuple) else (example_input,))
+        fused = fuse_epilogues(model, default_concrete_args(model), example)
     model.sparse_export_report = report
     model.folded_batchnorm = folded
+    model.fused_epilogues = fused
     return model

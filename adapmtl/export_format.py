@@ -121,8 +121,9 @@ MODULE_CLASSES.update({"adapmtl.SparseConv2d": SparseConv2d, "adapmtl.SparseLine
 _CLASS_NAMES = {c: name for name, c in MODULE_CLASSES.items()}
 
 _NODE_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
-_SPARSE_INIT = {SparseConv2d: ("weight_shape", "stride", "padding", "dilation", "groups", "backend"),
+_SPARSE_INIT = {SparseConv2d: ("weight_shape", "stride", "padding", "dilation", "groups", "backend", "clamp"),
                 SparseLinear: ("weight_shape", "backend")}
+_SPARSE_OPTIONAL = {"clamp"}  # saved only when set (the fused epilogue), so unfused exports read as before
 
 
 def _is_identifier(name) -> bool:
@@ -201,6 +202,7 @@ def _module_record(path: str, m: nn.Module) -> dict:
     where = f"module {path!r}"
     if cls in _SPARSE_INIT:
         init = {k: getattr(m, k) for k in _SPARSE_INIT[cls]}
+        init = {k: v for k, v in init.items() if not (k in _SPARSE_OPTIONAL and v is None)}
     else:
         init = {}
         for p in _ctor_params(cls):
@@ -405,8 +407,9 @@ class _Loader:
 
     def _sparse_module(self, cls, init: dict, state: dict, where: str) -> nn.Module:
         names = _SPARSE_INIT[cls]
-        if set(init) != set(names):
-            self.fail(where, f"{cls.__name__} needs exactly the arguments {list(names)}, got {sorted(init)}")
+        if not set(names) - _SPARSE_OPTIONAL <= set(init) <= set(names):
+            self.fail(where, f"{cls.__name__} needs exactly the arguments {list(names)} ({sorted(_SPARSE_OPTIONAL)} "
+                             f"optional), got {sorted(init)}")
         shape = init["weight_shape"]
         if not (isinstance(shape, tuple) and all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
             self.fail(where, f"'weight_shape' must be a tuple of ints, got {_short(shape)}")

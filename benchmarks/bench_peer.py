@@ -5,6 +5,7 @@ package of its torch.export program. Every variant of a row is timed in alternat
 
     python benchmarks/bench_peer.py                        # the six rows at batch 1 (~15 min on 2 cores)
     python benchmarks/bench_peer.py --rows aspp_d6_90 --batches 1 16
+    python benchmarks/bench_peer.py --fuse-ab --batches 1 16  # the export with / without fused conv epilogues
     python benchmarks/bench_peer.py --quick                # a smoke run (small inputs, runs/bench)
     python benchmarks/bench_peer.py --block 4              # weights pruned in 4x1 blocks (prune.block=4)
 
@@ -33,6 +34,8 @@ from bench_sparse_conv import PAPER_SPARSITY, TASKS  # noqa: E402
 from common import device_description, device_tag, format_table, interleaved_median_ms, write_results  # noqa: E402
 
 import adapmtl  # noqa: E402
+from adapmtl.export_format import default_concrete_args  # noqa: E402
+from adapmtl.export_passes import fuse_epilogues  # noqa: E402
 
 ROWS = {
     "aspp_d6_90": ("conv", dict(cin=512, cout=1024, k=3, dilation=6, size=41), 0.90),
@@ -195,6 +198,33 @@ def fold_bn_ab(names, reps: int, quick: bool) -> dict:
     return out
 
 
+def fuse_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
+    """Our eager export with and without the fused conv epilogues (residual add, ReLU / ReLU6), in alternation:
+    what the fusion pass buys (the same outputs, bit for bit: checked here too)."""
+    out = {}
+    for batch in batches:
+        for name in names:
+            kind, spec, sparsity = ROWS[name]
+            if kind != "model":
+                continue
+            model, x, _ = build_row(kind, spec, sparsity, batch, quick)
+            with torch.no_grad():
+                # one export's layer decisions (the time policy's can differ between two exports), fused or not
+                plain = adapmtl.export_sparse(model, policy="time", example_input=x, fuse=False)
+                fused = copy.deepcopy(plain)
+                fused.fused_epilogues = fuse_epilogues(fused, default_concrete_args(fused), (x,))
+                want, got = plain(x), fused(x)
+                same = all(torch.equal(want[k], got[k]) for k in want) if isinstance(want, dict) else torch.equal(
+                    want, got)
+                a, b = interleaved_median_ms([lambda: plain(x), lambda: fused(x)], torch.device("cpu"), reps=reps)
+            key = f"{name}_b{batch}"
+            out[key] = {"unfused_ms": a, "fused_ms": b, "gain": a / b, "fused": fused.fused_epilogues,
+                        "identical_outputs": same, "batch": batch}
+            print(f"{key}: epilogue fusion {a:.1f} -> {b:.1f} ms ({a / b:.3f}x, {len(fused.fused_epilogues)} fused, "
+                  f"identical {same})", flush=True)
+    return out
+
+
 def plot(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -229,10 +259,16 @@ def main(argv=None):
                    help="prune in blocks of this many output channels (as prune.block trains); results peer_block<N>_*")
     p.add_argument("--fold-bn-ab", action="store_true",
                    help="instead: the model rows' export with and without BatchNorm folding (peer_fold_bn_*.json)")
+    p.add_argument("--fuse-ab", action="store_true",
+                   help="instead: the model rows' export with and without the fused epilogues (peer_fuse_*.json)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     reps = 2 if args.quick else args.reps
     info = device_description("cpu")
+    if args.fuse_ab:
+        ab = fuse_ab(args.rows, reps, args.quick, args.batches)
+        print(f"wrote {write_results('peer_fuse', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
+        return ab
     if args.fold_bn_ab:
         ab = fold_bn_ab(args.rows, reps, args.quick)
         print(f"wrote {write_results('peer_fold_bn', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")

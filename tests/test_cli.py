@@ -253,3 +253,13 @@ def test_the_peer_benchmark_runs_and_names_the_best_dense_runtime(tmp_path):
     assert next(tmp_path.glob("peer_*.png")).stat().st_size > 0
     if "deepsparse" not in row["ms"]:
         assert "deepsparse" in row["errors"]
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_peer_benchmark_measures_the_fused_epilogues(tmp_path):
+    """bench_peer.py --fuse-ab (smoke): the export with and without fused epilogues, identical outputs."""
+    peer = _bench_module("bench_peer")
+    ab = peer.main(["--quick", "--fuse-ab", "--rows", "mobilenetv2", "--out-dir", str(tmp_path)])
+    (entry,) = ab.values()
+    assert entry["identical_outputs"] and entry["fused"] and entry["fused_ms"] > 0
+    assert json.loads(next(tmp_path.glob("peer_fuse_*.json")).read_text())["rows"] == json.loads(json.dumps(ab))

@@ -32,7 +32,8 @@ def test_pt2_keeps_sparse_layers_as_custom_ops_and_runs_after_reload(tmp_path):
     x = torch.randn(2, 3, 40, 40)
     program = export_pt2(fast, x, tmp_path / "m.pt2")
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert "adapmtl.sparse_conv2d.default" in ops
+    # the sparse convs, with their fused epilogue (export_passes.fuse_epilogues) where a ReLU follows
+    assert ops & {"adapmtl.sparse_conv2d.default", "adapmtl.sparse_conv2d_fused.default"}
     from adapmtl.checkpoint_io import output_mode
     assert os.stat(tmp_path / "m.pt2").st_mode & 0o777 == output_mode()  # an ordinary file, not 0600
     with torch.no_grad():
@@ -87,7 +88,8 @@ def test_cli_export_formats(tmp_path, monkeypatch):
     assert set(want) == {"segment_semantic", "normal", "depth"}
     assert main(["export", "--checkpoint", ckpt, "--out", "m.pt2", "--format", "pt2", "--min-sparsity", "0"]) == 0
     program = torch.export.load("m.pt2")
-    assert "adapmtl.sparse_conv2d.default" in {str(n.target) for n in program.graph.nodes}  # the sparse layers
+    assert {"adapmtl.sparse_conv2d.default", "adapmtl.sparse_conv2d_fused.default"} & {
+        str(n.target) for n in program.graph.nodes}  # the sparse layers
     with torch.no_grad():
         got = program.module()(x)
     assert set(got) == set(want)

@@ -7,6 +7,7 @@ save/load handle them like any other module state. Inference only (see adapmtl.o
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -71,10 +72,14 @@ class _SparseBase(nn.Module):
 
 
 class SparseConv2d(_SparseBase):
-    """`nn.Conv2d` (zero padding) inference with a CSR-packed weight; `backend` as in `sparse_conv2d`."""
+    """`nn.Conv2d` (zero padding) inference with a CSR-packed weight; `backend` as in `sparse_conv2d`.
+
+    `clamp` (lo, hi) and `forward(x, residual)` are the conv's epilogue (sparse_conv2d): clamp(conv(x) +
+    residual, lo, hi), fused into the CPU kernel's store; the export's `fuse_epilogues` pass sets them from the
+    add and ReLU / ReLU6 that follow the conv."""
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1, backend: str = "auto"):
+                 groups: int = 1, backend: str = "auto", clamp: Optional[tuple] = None):
         super().__init__()
         op = "SparseConv2d"
         if isinstance(sw, SparseWeight) and len(sw.shape) != 4:
@@ -87,6 +92,14 @@ class SparseConv2d(_SparseBase):
             raise ValueError(f"{op}: argument 'groups' must be a positive int dividing C_out ({sw.shape[0]}), "
                              f"got {groups!r}")
         self.groups = groups
+        if clamp is not None:
+            if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(
+                    v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v))
+                    for v in clamp) or (None not in clamp and clamp[0] > clamp[1]):
+                raise ValueError(f"{op}: argument 'clamp' must be (lo, hi), finite numbers or None, lo <= hi, got "
+                                 f"{clamp!r}")
+            clamp = tuple(None if v is None else float(v) for v in clamp)
+        self.clamp = clamp
         self.out_channels = sw.shape[0]
         self.in_channels = sw.shape[1] * self.groups
         self.kernel_size = tuple(sw.shape[2:])
@@ -104,9 +117,10 @@ class SparseConv2d(_SparseBase):
         return cls(SparseWeight.from_dense(_dense_weight(conv)), conv.bias, conv.stride, conv.padding,
                    conv.dilation, conv.groups, backend)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         sw, padding = self._weight_for(x)
-        return sparse_conv2d(x, sw, self.bias, self.stride, padding, self.dilation, self.groups, self.backend)
+        return sparse_conv2d(x, sw, self.bias, self.stride, padding, self.dilation, self.groups, self.backend,
+                             residual=residual, clamp=self.clamp)
 
     def _weight_for(self, x: Tensor) -> tuple[SparseWeight, tuple[int, int]]:
         """The packed weight and padding for this input's size: without the outer taps that read only padding

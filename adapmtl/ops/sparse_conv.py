@@ -14,6 +14,12 @@ deterministic. `set_cpu_autotune(True)` (or ADAPMTL_CPU_AUTOTUNE=1) times the ca
 the first call of each shape instead, as cuDNN's benchmark mode does, optionally remembered in a file;
 ADAPMTL_CPU_SPARSE_CONFIG="layout=tap,rows=1,..." forces one (tests run them all).
 
+Epilogue: `sparse_conv2d(..., residual=r, clamp=(lo, hi))` is clamp(conv + bias + r, lo, hi) -- the residual
+add and ReLU (0, None) / ReLU6 (0, 6) that follow a conv in ResNet and MobileNet blocks. The cpp kernel does
+both in its store (torch.ops.adapmtl.sparse_conv2d_fused), without another pass over the output; the other
+backends run them after the conv. Either way the same operations in the same order: the same result as the
+unfused conv, add and clamp, bit for bit on a backend.
+
 Grouped and depthwise convolutions (groups > 1) always run dense (F.conv2d on the unpacked
 weight), whatever the backend: their per-group rows are too short for sparsity to pay off.
 
@@ -159,8 +165,12 @@ def sparse_conv2d(
     dilation: IntPair = 1,
     groups: int = 1,
     backend: str = "auto",
+    *,
+    residual: Optional[Tensor] = None,
+    clamp: Optional[tuple] = None,
 ) -> Tensor:
-    """`F.conv2d(x, sw.to_dense(), bias, stride, padding, dilation, groups)` from the packed weight.
+    """`F.conv2d(x, sw.to_dense(), bias, stride, padding, dilation, groups)` from the packed weight, then
+    `+ residual` and `.clamp(*clamp)` when given (the epilogue, module docstring).
 
     Args:
         x: input [N, C_in, H, W], NCHW or channels-last (the output keeps channels-last).
@@ -169,6 +179,8 @@ def sparse_conv2d(
         stride, padding, dilation: int or (h, w) pair; padding is zero padding (>= 0).
         groups: > 1 runs dense F.conv2d on the unpacked weight (stated fallback, module docstring).
         backend: one of SPARSE_BACKENDS (module docstring).
+        residual: optional tensor of the output's shape, dtype and device, added after the bias.
+        clamp: optional (lo, hi), numbers or None for no bound, lo <= hi: (0, None) is ReLU, (0, 6) ReLU6.
     """
     op = "sparse_conv2d"
     _check_common(op, x, sw, bias, 4)
@@ -193,7 +205,46 @@ def sparse_conv2d(
             raise ValueError(
                 f"{op}: input {side} ({x.shape[2 + i]}) plus padding is smaller than the dilated kernel ({span})"
             )
+    out_shape = conv2d_output_shape(x.shape, sw.shape, stride, padding, dilation)
+    lo, hi = _check_epilogue(op, x, out_shape, residual, clamp)
     which = resolve(op, backend, x)
+    if (residual is not None or lo is not None or hi is not None) and which == "cpp" and groups == 1 and c_out > 0:
+        return torch.ops.adapmtl.sparse_conv2d_fused(x, sw.row_ptr, sw.col_idx, sw.values, bias, list(sw.shape),
+                                                     list(stride), list(padding), list(dilation), residual,
+                                                     -math.inf if lo is None else float(lo),
+                                                     math.inf if hi is None else float(hi))
+    out = _sparse_conv2d(x, sw, bias, stride, padding, dilation, groups, which)
+    if residual is not None:
+        out = out + residual
+    return out if lo is None and hi is None else out.clamp(lo, hi)
+
+
+def _check_epilogue(op: str, x: Tensor, out_shape, residual, clamp) -> tuple:
+    """The epilogue's arguments checked; returns (lo, hi) (None: no bound)."""
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"{op}: argument 'residual' must be a torch.Tensor or None, got {type(residual).__name__}")
+        if tuple(residual.shape) != tuple(out_shape) or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"{op}: argument 'residual' must be a {tuple(out_shape)} {x.dtype} tensor on {x.device} "
+                             f"(the output's), got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+        if torch.is_grad_enabled() and residual.requires_grad:
+            raise ValueError(f"{op}: inference only (no backward is implemented), but argument 'residual' requires "
+                             "grad; call it under torch.no_grad() / torch.inference_mode()")
+    if clamp is None:
+        return None, None
+
+    def bound(v):
+        return v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v))
+
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(bound(v) for v in clamp) or (
+            None not in clamp and clamp[0] > clamp[1]):
+        raise ValueError(f"{op}: argument 'clamp' must be (lo, hi), finite numbers or None, lo <= hi, got {clamp!r}")
+    return tuple(clamp)
+
+
+def _sparse_conv2d(x, sw, bias, stride, padding, dilation, groups, which) -> Tensor:
+    """The conv itself, on backend `which` (arguments checked by sparse_conv2d)."""
+    c_out = sw.shape[0]
     if c_out == 0:  # a weight with no output channels (F.conv2d refuses it): the empty output
         return x.new_zeros(conv2d_output_shape(x.shape, sw.shape, stride, padding, dilation))
     if groups > 1 or which == "torch":
@@ -328,6 +379,10 @@ def _conv_fake(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding,
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
+def _conv_fused_fake(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation, residual, lo, hi):
+    return _conv_fake(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation)
+
+
 def _linear_fake(x, row_ptr, col_idx, values, bias, in_features):
     return torch.empty((*x.shape[:-1], row_ptr.shape[0] - 1), dtype=x.dtype, device=x.device)
 
@@ -336,6 +391,7 @@ torch.library.register_fake("adapmtl::sparse_conv2d_triton")(_conv_fake)
 torch.library.register_fake("adapmtl::sparse_linear_triton")(_linear_fake)
 if HAS_CPP:  # the schemas come with adapmtl._C (without it the cpp/cuda backends report that)
     torch.library.register_fake("adapmtl::sparse_conv2d")(_conv_fake)
+    torch.library.register_fake("adapmtl::sparse_conv2d_fused")(_conv_fused_fake)
     torch.library.register_fake("adapmtl::sparse_linear")(_linear_fake)
 
 

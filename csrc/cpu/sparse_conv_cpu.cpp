@@ -34,6 +34,11 @@
 // result is unchanged (those products are all 0 * w), unless a weight is inf or NaN.
 //
 // sparse_linear is the same kernel on a 1x1 "convolution" whose output row is the batch: x^T [in][B].
+//
+// Epilogue (sparse_conv2d_fused): a tile about to be stored gets the residual (a tensor of the output's shape)
+// added and is clamped to [lo, hi] in registers -- the add and the ReLU / ReLU6 that follow a conv in ResNet and
+// MobileNet blocks, without another pass over the output. Same operations in the same order as the unfused
+// conv, add and clamp: the same bits; a NaN stays NaN (clamp's select keeps it, as torch.clamp does).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -94,6 +99,10 @@ struct Plan {
                                 // some real input column
   const T* bias;       // nullptr when none
   T* out;              // [N][OC][OH][OW]
+  const T* residual;   // the epilogue's addend, laid out as `out` (this pass's images), or nullptr
+  const T* residual_all;  // ... from image 0
+  bool clamp;          // the epilogue clamps to [lo, hi]
+  T lo, hi;
   int64_t OC, OH, OW;
   int64_t in_batch;  // elements of P per image
   int64_t row_step;  // elements of P between consecutive output rows
@@ -129,6 +138,27 @@ inline __attribute__((always_inline)) void accumulate(typename Vec<T>::type (&ac
   }
 }
 
+// The epilogue of one tile row about to be stored at `o` (count pixels): + the residual there, then the clamp.
+template <typename T, int NV>
+inline __attribute__((always_inline)) void epilogue(const Plan<T>& g, typename Vec<T>::type (&acc)[NV], const T* o,
+                                                    int64_t count) {
+  using V = typename Vec<T>::type;
+  if (g.residual) {
+    V r[NV] = {};  // lanes past `count` are never stored
+    std::memcpy(&r[0], g.residual + (o - g.out), count * sizeof(T));
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc[i] += r[i];
+  }
+  if (g.clamp) {
+    const V lo = V{} + g.lo, hi = V{} + g.hi;
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) {
+      acc[i] = acc[i] < lo ? lo : acc[i];
+      acc[i] = acc[i] > hi ? hi : acc[i];
+    }
+  }
+}
+
 // Block b of the tile over output channels [oc0, oc1); only vectors [V0, V1) of the tile read real input
 // in this block (V0 == V1: none, the block only starts and/or stores the tiles).
 template <typename T, int NV, int R, int V0, int V1>
@@ -156,7 +186,10 @@ inline __attribute__((always_inline)) void sweep(const Plan<T>& g, const T* base
     if (last) {
       T* o = out + oc * g.OH * g.OW;
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) std::memcpy(o + r * g.OW, &acc[r][0], count * sizeof(T));
+      for (int r = 0; r < R; ++r) {
+        epilogue<T, NV>(g, acc[r], o + r * g.OW, count);
+        std::memcpy(o + r * g.OW, &acc[r][0], count * sizeof(T));
+      }
     } else {
       std::memcpy(park, &acc[0][0], sizeof(acc));
     }
@@ -301,7 +334,10 @@ inline __attribute__((always_inline)) void sweep_panel(const Plan<T>& g, const T
     }
     panel_all_keys<T, M, NV>(acc, base, g.off, g.val, sg);
     if (last) {
-      for (int64_t m = 0; m < valid; ++m) std::memcpy(out + (p0 + m) * g.OH * g.OW, &acc[m][0], count * sizeof(T));
+      for (int64_t m = 0; m < valid; ++m) {
+        epilogue<T, NV>(g, acc[m], out + (p0 + m) * g.OH * g.OW, count);
+        std::memcpy(out + (p0 + m) * g.OH * g.OW, &acc[m][0], count * sizeof(T));
+      }
     } else {
       std::memcpy(park, &acc[0][0], sizeof(acc));
     }
@@ -840,6 +876,14 @@ void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t nnz, int64_t OC,
   choose_layout(s, nnz, OC, OH, OW, element_size, L);
 }
 
+// What the stored tiles get (sparse_conv2d_fused): the residual, contiguous [N][OC][OH][OW] in the output's
+// dtype (undefined: none), then the clamp to [lo, hi] when `clamp`.
+struct Epilogue {
+  at::Tensor residual;
+  bool clamp = false;
+  double lo = -std::numeric_limits<double>::infinity(), hi = std::numeric_limits<double>::infinity();
+};
+
 // Runs a plan over the batch. Images go through in passes whose packed input fits the reused workspace: a
 // fresh buffer for a whole large batch costs more in page faults than the kernel (measured: batch 16, 1x1
 // 1024->1024 at 41x41, ~150 ms of faults per call on top of a 60 ms kernel).
@@ -854,6 +898,7 @@ void run_passes(Plan<T>& g, at::Tensor& out, int64_t nnz, const Pack& pack) {
     const int64_t count = std::min(per_pass, N - n0);  // images in this pass
     g.P = P.data_ptr<T>();
     g.out = out.data_ptr<T>() + n0 * OC * OH * OW;
+    g.residual = g.residual_all ? g.residual_all + n0 * OC * OH * OW : nullptr;
     pack(P.data_ptr<T>(), n0, count);
     const int64_t items = count * ((OH + rows - 1) / rows) * ((OW + cols - 1) / cols) * ((OC + g.oc_chunk - 1) / g.oc_chunk);
     const double work = double(nnz) * double(OH) * double(OW) * double(count);  // multiply-adds (may exceed int64)
@@ -876,7 +921,7 @@ void run_passes(Plan<T>& g, at::Tensor& out, int64_t nnz, const Pack& pack) {
 template <typename T, typename Pack>
 bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
               const c10::optional<at::Tensor>& bias, at::Tensor& out, const ConvShape& s, int64_t in_batch,
-              const Pack& pack) {
+              const Pack& pack, const Epilogue& epi = Epilogue{}) {
   constexpr int64_t L = Vec<T>::kLanes;
   const int64_t OC = out.size(1), OH = out.size(2), OW = out.size(3);
   TORCH_CHECK_VALUE(in_batch <= std::numeric_limits<int32_t>::max(), op, ": one image of the padded input holds ",
@@ -922,6 +967,10 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
     g.pseg = nullptr;
   }
   g.bias = b_t.defined() ? b_t.data_ptr<T>() : nullptr;
+  g.residual_all = epi.residual.defined() ? epi.residual.data_ptr<T>() : nullptr;
+  g.residual = nullptr;
+  g.clamp = epi.clamp;
+  g.lo = T(epi.lo), g.hi = T(epi.hi);
   g.OC = OC, g.OH = OH, g.OW = OW;
   g.in_batch = in_batch;
   g.row_step = s.row_step;
@@ -985,11 +1034,9 @@ void pack_conv_input(const at::Tensor& x, T* P, int64_t n0, int64_t count, const
   });
 }
 
-at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                             const at::Tensor& values, const c10::optional<at::Tensor>& bias,
-                             at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation) {
-  const char* op = "adapmtl::sparse_conv2d";
+at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& values, const c10::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const Epilogue& epi) {
   const ConvGeometry g = check_sparse_conv2d_args(op, x, row_ptr, col_idx, values, bias, weight_shape, stride,
                                                   padding, dilation, /*reduced=*/false);
   check_cpu_csr(op, x, row_ptr, col_idx.numel(), g.OC);
@@ -999,13 +1046,19 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   // A 1x1, stride-1, unpadded conv is a 1 x (H * W) conv: one long output row per channel, so vectors run
   // across row ends instead of idling at each row's tail (41 columns fill 41 of 48 lanes): ~15% faster.
   if (KH == 1 && KW == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && H > 1) {
-    const at::Tensor flat = sparse_conv2d_cpu(x.reshape({N, C, 1, H * W}), row_ptr, col_idx, values, bias,
-                                              weight_shape, stride, padding, dilation);
+    Epilogue flat_epi = epi;
+    if (epi.residual.defined()) flat_epi.residual = epi.residual.view({N, OC, 1, H * W});
+    const at::Tensor flat = conv2d_cpu(op, x.reshape({N, C, 1, H * W}), row_ptr, col_idx, values, bias, weight_shape,
+                                       stride, padding, dilation, flat_epi);
     return flat.view({N, OC, H, W});  // a view keeps the flat result's memory format (NCHW or channels-last)
   }
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   auto out = pooled_empty({N, OC, OH, OW}, x.options());  // large outputs: recycled, not faulted in again
   if (out.numel() == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
+  if (epi.residual.defined())
+    TORCH_CHECK_VALUE(epi.residual.sizes() == out.sizes() && epi.residual.is_contiguous() &&
+                          epi.residual.scalar_type() == x.scalar_type(),
+                      op, ": the residual must be a contiguous ", out.sizes(), " tensor of ", x.scalar_type());
 
   const int64_t L = x.scalar_type() == at::kFloat ? Vec<float>::kLanes : Vec<double>::kLanes;
   ConvShape s;
@@ -1060,7 +1113,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
         done = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
                                   [&](scalar_t* P, int64_t n0, int64_t count) {
                                     pack_conv_input<scalar_t>(x, P, n0, count, s, ph, pw, sw, Wrow, copies, needed);
-                                  });
+                                  }, epi);
       });
       if (done) break;
       make_all_live(s, OW, L);
@@ -1081,6 +1134,35 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   }
   run(tuning);
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                             const at::Tensor& values, const c10::optional<at::Tensor>& bias,
+                             at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  return conv2d_cpu("adapmtl::sparse_conv2d", x, row_ptr, col_idx, values, bias, weight_shape, stride, padding,
+                    dilation, Epilogue{});
+}
+
+// clamp(conv + bias + residual, lo, hi) with the add and the clamp in the kernel's store (module comment).
+at::Tensor sparse_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                   const at::Tensor& values, const c10::optional<at::Tensor>& bias,
+                                   at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual, double lo,
+                                   double hi) {
+  const char* op = "adapmtl::sparse_conv2d_fused";
+  TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi) && lo <= hi, op, ": the clamp bounds must satisfy lo <= hi, got [",
+                    lo, ", ", hi, "]");
+  Epilogue epi;
+  epi.clamp = lo > -std::numeric_limits<double>::infinity() || hi < std::numeric_limits<double>::infinity();
+  epi.lo = lo, epi.hi = hi;
+  if (residual.has_value()) {
+    TORCH_CHECK_VALUE(residual->device() == x.device() && residual->scalar_type() == x.scalar_type(), op,
+                      ": argument 'residual' must be a ", x.scalar_type(), " tensor on ", x.device(), ", got ",
+                      residual->scalar_type(), " on ", residual->device());
+    epi.residual = residual->contiguous();  // NCHW, as the kernel stores (a channels-last residual is copied)
+  }
+  return conv2d_cpu(op, x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation, epi);
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -1122,6 +1204,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
 
 TORCH_LIBRARY_IMPL(adapmtl, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_fused", &sparse_conv2d_fused_cpu);
   m.impl("sparse_linear", &sparse_linear_cpu);
 }
 
