@@ -27,7 +27,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -297,10 +299,37 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
   return out;
 }
 
+// The epilogue op on the GPU: the conv, then the residual add and the clamp as two elementwise passes (not fused
+// into the kernel here; the same operations in the same order as on the CPU, so programs that call it -- a .pt2
+// exported from a fused model -- run on either device).
+at::Tensor sparse_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                    const at::Tensor& values, const c10::optional<at::Tensor>& bias,
+                                    at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual, double lo,
+                                    double hi) {
+  const char* op = "sparse_conv2d_fused";
+  TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi) && lo <= hi, op, ": the clamp bounds must satisfy lo <= hi, got [",
+                    lo, ", ", hi, "]");
+  at::Tensor out = sparse_conv2d_cuda(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation);
+  if (residual.has_value()) {
+    TORCH_CHECK_VALUE(residual->sizes() == out.sizes() && residual->device() == x.device() &&
+                          residual->scalar_type() == x.scalar_type(),
+                      op, ": argument 'residual' must be a ", out.sizes(), " ", x.scalar_type(), " tensor on ",
+                      x.device(), ", got ", residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
+    out.add_(*residual);
+  }
+  const double inf = std::numeric_limits<double>::infinity();
+  if (lo > -inf || hi < inf)
+    out.clamp_(lo > -inf ? c10::optional<at::Scalar>(lo) : c10::nullopt,
+               hi < inf ? c10::optional<at::Scalar>(hi) : c10::nullopt);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adapmtl, CUDA, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cuda);
+  m.impl("sparse_conv2d_fused", &sparse_conv2d_fused_cuda);
   m.impl("sparse_linear", &sparse_linear_cuda);
 }
 
