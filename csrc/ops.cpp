@@ -35,10 +35,11 @@ TORCH_LIBRARY(adapmtl, m) {
       "sparse_conv2d(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int[] weight_shape, "
       "int[] stride, int[] padding, int[] dilation) -> Tensor");
   // clamp(sparse_conv2d(...) + residual, lo, hi): the residual add and the ReLU / ReLU6 in the kernel's store
-  // (CPU; the Python op layer runs them unfused on the other backends).
+  // (CPU; the Python op layer runs them unfused on the other backends). A bound that is None is none (optional
+  // rather than +-inf: an AOTInductor package serializes the arguments as JSON, which has no infinities).
   m.def(
       "sparse_conv2d_fused(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int[] weight_shape, "
-      "int[] stride, int[] padding, int[] dilation, Tensor? residual, float lo, float hi) -> Tensor");
+      "int[] stride, int[] padding, int[] dilation, Tensor? residual, float? lo, float? hi) -> Tensor");
   m.def(
       "sparse_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int in_features) "
       "-> Tensor");

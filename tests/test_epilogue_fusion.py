@@ -148,10 +148,11 @@ def test_fused_op_opcheck_and_compile():
     x = torch.randn(2, 3, 7, 6)
     sw = SparseWeight.from_dense(_weight((4, 3, 3, 3)))
     res = torch.randn(2, 4, 7, 6)
-    args = (x, sw.row_ptr, sw.col_idx, sw.values, torch.randn(4), list(sw.shape), [1, 1], [1, 1], [1, 1], res, 0.0,
-            6.0)
-    torch.library.opcheck(torch.ops.adapmtl.sparse_conv2d_fused.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    for lo, hi in ((0.0, 6.0), (0.0, None), (None, None)):
+        args = (x, sw.row_ptr, sw.col_idx, sw.values, torch.randn(4), list(sw.shape), [1, 1], [1, 1], [1, 1], res, lo,
+                hi)
+        torch.library.opcheck(torch.ops.adapmtl.sparse_conv2d_fused.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     layer = SparseConv2d(sw, torch.randn(4), padding=1, clamp=(0.0, None)).eval()
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     with torch.no_grad():
@@ -258,3 +259,22 @@ def test_multitask_models_export_fused_with_their_tasks(tmp_path):
         back = adapmtl.load_exported(tmp_path / "m.safetensors")(x)
     for k in want:
         assert torch.equal(back[k], want[k])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_an_aotinductor_package_runs_the_fused_epilogues(tmp_path):
+    """The fused op in a torch.export program compiled by AOTInductor (its arguments go through JSON: the
+    bounds are optional floats, not infinities) computes what the unfused eager export does, bit for bit."""
+    from adapmtl.interchange import export_pt2
+    model = _sparse_block()
+    x = torch.randn(1, 8, 13, 11)
+    fused = adapmtl.export_sparse(model, min_sparsity=0.0, policy="crossover", example_input=x)
+    plain = adapmtl.export_sparse(model, min_sparsity=0.0, policy="crossover", example_input=x, fuse=False)
+    with torch.no_grad():
+        program = export_pt2(fused, x, tmp_path / "m.pt2", dynamic_batch=False)
+        assert "adapmtl.sparse_conv2d_fused.default" in {str(n.target) for n in program.graph.nodes}
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "m_aoti.pt2"))
+        got, want = torch._inductor.aoti_load_package(package)(x), plain(x)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

@@ -211,8 +211,8 @@ def sparse_conv2d(
     if (residual is not None or lo is not None or hi is not None) and which == "cpp" and groups == 1 and c_out > 0:
         return torch.ops.adapmtl.sparse_conv2d_fused(x, sw.row_ptr, sw.col_idx, sw.values, bias, list(sw.shape),
                                                      list(stride), list(padding), list(dilation), residual,
-                                                     -math.inf if lo is None else float(lo),
-                                                     math.inf if hi is None else float(hi))
+                                                     None if lo is None else float(lo),
+                                                     None if hi is None else float(hi))
     out = _sparse_conv2d(x, sw, bias, stride, padding, dilation, groups, which)
     if residual is not None:
         out = out + residual

@@ -1148,13 +1148,15 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
 at::Tensor sparse_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                    const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                                    at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual, double lo,
-                                   double hi) {
+                                   at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual,
+                                   c10::optional<double> lo_in, c10::optional<double> hi_in) {
   const char* op = "adapmtl::sparse_conv2d_fused";
+  const double inf = std::numeric_limits<double>::infinity();
+  const double lo = lo_in.value_or(-inf), hi = hi_in.value_or(inf);
   TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi) && lo <= hi, op, ": the clamp bounds must satisfy lo <= hi, got [",
                     lo, ", ", hi, "]");
   Epilogue epi;
-  epi.clamp = lo > -std::numeric_limits<double>::infinity() || hi < std::numeric_limits<double>::infinity();
+  epi.clamp = lo_in.has_value() || hi_in.has_value();
   epi.lo = lo, epi.hi = hi;
   if (residual.has_value()) {
     TORCH_CHECK_VALUE(residual->device() == x.device() && residual->scalar_type() == x.scalar_type(), op,

@@ -305,11 +305,11 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
 at::Tensor sparse_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                     const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                                     at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual, double lo,
-                                    double hi) {
+                                    at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual,
+                                    c10::optional<double> lo, c10::optional<double> hi) {
   const char* op = "sparse_conv2d_fused";
-  TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi) && lo <= hi, op, ": the clamp bounds must satisfy lo <= hi, got [",
-                    lo, ", ", hi, "]");
+  TORCH_CHECK_VALUE(!(lo && std::isnan(*lo)) && !(hi && std::isnan(*hi)) && !(lo && hi && *lo > *hi), op,
+                    ": the clamp bounds must satisfy lo <= hi, got [", lo.value_or(NAN), ", ", hi.value_or(NAN), "]");
   at::Tensor out = sparse_conv2d_cuda(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation);
   if (residual.has_value()) {
     TORCH_CHECK_VALUE(residual->sizes() == out.sizes() && residual->device() == x.device() &&
@@ -318,10 +318,8 @@ at::Tensor sparse_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& row_p
                       x.device(), ", got ", residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
     out.add_(*residual);
   }
-  const double inf = std::numeric_limits<double>::infinity();
-  if (lo > -inf || hi < inf)
-    out.clamp_(lo > -inf ? c10::optional<at::Scalar>(lo) : c10::nullopt,
-               hi < inf ? c10::optional<at::Scalar>(hi) : c10::nullopt);
+  if (lo || hi)
+    out.clamp_(lo ? c10::optional<at::Scalar>(*lo) : c10::nullopt, hi ? c10::optional<at::Scalar>(*hi) : c10::nullopt);
   return out;
 }
 
