@@ -7,13 +7,13 @@ save/load handle them like any other module state. Inference only (see adapmtl.o
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, dead_tap_margin, int_pair, sparse_conv2d, sparse_linear
+from adapmtl.ops.sparse_conv import (SPARSE_BACKENDS, check_clamp, dead_tap_margin, int_pair, sparse_conv2d,
+                                     sparse_linear)
 from adapmtl.ops.sparse_weight import SparseWeight
 
 
@@ -92,14 +92,7 @@ class SparseConv2d(_SparseBase):
             raise ValueError(f"{op}: argument 'groups' must be a positive int dividing C_out ({sw.shape[0]}), "
                              f"got {groups!r}")
         self.groups = groups
-        if clamp is not None:
-            if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(
-                    v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v))
-                    for v in clamp) or (None not in clamp and clamp[0] > clamp[1]):
-                raise ValueError(f"{op}: argument 'clamp' must be (lo, hi), finite numbers or None, lo <= hi, got "
-                                 f"{clamp!r}")
-            clamp = tuple(None if v is None else float(v) for v in clamp)
-        self.clamp = clamp
+        self.clamp = check_clamp(op, clamp)
         self.out_channels = sw.shape[0]
         self.in_channels = sw.shape[1] * self.groups
         self.kernel_size = tuple(sw.shape[2:])

@@ -230,8 +230,13 @@ def _check_epilogue(op: str, x: Tensor, out_shape, residual, clamp) -> tuple:
         if torch.is_grad_enabled() and residual.requires_grad:
             raise ValueError(f"{op}: inference only (no backward is implemented), but argument 'residual' requires "
                              "grad; call it under torch.no_grad() / torch.inference_mode()")
+    return check_clamp(op, clamp) or (None, None)
+
+
+def check_clamp(op: str, clamp) -> Optional[tuple]:
+    """An epilogue's clamp checked: (lo, hi) as floats or None (no bound), or None for no clamp."""
     if clamp is None:
-        return None, None
+        return None
 
     def bound(v):
         return v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v))
@@ -239,7 +244,7 @@ def _check_epilogue(op: str, x: Tensor, out_shape, residual, clamp) -> tuple:
     if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(bound(v) for v in clamp) or (
             None not in clamp and clamp[0] > clamp[1]):
         raise ValueError(f"{op}: argument 'clamp' must be (lo, hi), finite numbers or None, lo <= hi, got {clamp!r}")
-    return tuple(clamp)
+    return tuple(None if v is None else float(v) for v in clamp)
 
 
 def _sparse_conv2d(x, sw, bias, stride, padding, dilation, groups, which) -> Tensor:
