@@ -21,7 +21,7 @@ import copy
 import math
 import operator
 from collections import Counter
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

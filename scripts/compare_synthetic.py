@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 
 from adapmtl.checkpoint_io import write_json_atomic  # noqa: E402
 from adapmtl.train.compare import (  # noqa: E402
-    ABLATIONS, compare, markdown_table, mixed_starts, plan, plot_sweep, protocol_of, reusable_row, run_records,
-    summarize, table_note)
+    ABLATIONS, compare, markdown_table, mixed_starts, plan, plot_sweep, protocol_of, reusable_row, row_results,
+    run_records, summarize, table_note)
 from adapmtl.train.config import COMPARE_METHODS, apply_override, load_config  # noqa: E402
 
 PARTS = {
@@ -59,8 +59,7 @@ def committed(cfg) -> tuple[list[dict], dict]:
     for r in runs:
         row = reusable_row(r, cfg.compare.rows)
         if row is not None:
-            results[r["name"]] = {**row["results"], "cpu": row.get("cpu", "not recorded"),
-                                  "start_digest": row.get("start_digest")}
+            results[r["name"]] = row_results(row)
     seeds = {r["seed"] for r in runs if r["kind"] == "dense" and r["name"] in results}
     return [r for r in runs if r["name"] in results and r["seed"] in seeds], results
 

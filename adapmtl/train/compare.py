@@ -160,7 +160,7 @@ def row_path(rows: str, name: str) -> str:
     return os.path.join(rows, name.replace("/", "__") + ".json")
 
 
-def write_row(rows: str, run: dict, results: dict, minutes: float) -> str:
+def write_row(rows: str, run: dict, results: dict, minutes: float) -> dict:
     """The committed record of one finished run (small JSON, with its CPU)."""
     import torch
 
@@ -177,6 +177,11 @@ def write_row(rows: str, run: dict, results: dict, minutes: float) -> str:
     os.makedirs(rows, exist_ok=True)
     write_json_atomic(row_path(rows, run["name"]), row)
     return row
+
+
+def row_results(row: dict) -> dict:
+    """A row's results as `execute` returns them: with the CPU it ran on and the start it began from."""
+    return {**row["results"], "cpu": row.get("cpu", "not recorded"), "start_digest": row.get("start_digest")}
 
 
 def reusable_row(run: dict, rows: str | None) -> dict | None:
@@ -215,8 +220,7 @@ def execute(runs: list[dict], jobs: int = 1, reuse: bool = False, progress: bool
         if reuse:
             row = reusable_row(r, rows)
             if row is not None:
-                done[r["name"]] = {**row["results"], "cpu": row.get("cpu", "not recorded"),
-                                   "start_digest": row.get("start_digest")}
+                done[r["name"]] = row_results(row)
                 continue
             reused = reusable_results(r)
             if reused is not None:  # a finished run folder of this plan (its row, if any, is of another plan)
@@ -239,8 +243,8 @@ def execute(runs: list[dict], jobs: int = 1, reuse: bool = False, progress: bool
 
     def finished(r, out):
         results, minutes = out
-        row = write_row(rows, r, results, minutes) if rows else {}
-        done[r["name"]] = {**results, "cpu": cpu_name(), "start_digest": row.get("start_digest")}
+        row = write_row(rows, r, results, minutes) if rows else {"results": results, "cpu": cpu_name()}
+        done[r["name"]] = row_results(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(r["name"])
