@@ -9,6 +9,16 @@ package of its torch.export program. Every variant of a row is timed in alternat
     python benchmarks/bench_peer.py --quick                # a smoke run (small inputs, runs/bench)
     python benchmarks/bench_peer.py --block 4              # weights pruned in 4x1 blocks (prune.block=4)
 
+DeepSparse (`deepsparse==1.8.0`, the last release with its engine) needs numpy 1.x and reads ONNX IR <= 9, so it
+runs from a venv of its own that still sees this environment's torch and adapmtl; there the ONNX file both
+onnxruntime and DeepSparse run comes from torch's TorchScript exporter (_onnx_exporter):
+
+    python -m venv --system-site-packages ds-venv && ds-venv/bin/pip install deepsparse==1.8.0
+    ds-venv/bin/python benchmarks/bench_peer.py
+
+Every variant's output is checked against torch eager before it is timed; one that differs is reported, not
+timed (DeepSparse under numpy 2 computed garbage without an error).
+
 Rows: the ASPP 3x3 dilation-6 conv 512->1024 and the 1x1 conv 1024->1024 at 41x41 (90% and 95%, random
 unstructured masks), and DeepLab-ResNet-34 / MobileNetV2 with three ASPP heads at 321x321 at the paper's
 component sparsities. "vs best dense" divides the fastest dense runtime's median by ours (the better of
@@ -36,6 +46,8 @@ from common import device_description, device_tag, format_table, interleaved_med
 import adapmtl  # noqa: E402
 from adapmtl.export_format import default_concrete_args  # noqa: E402
 from adapmtl.export_passes import fuse_epilogues  # noqa: E402
+from adapmtl.interchange import export_onnx  # noqa: E402
+from adapmtl.sparsify import finalize  # noqa: E402
 
 ROWS = {
     "aspp_d6_90": ("conv", dict(cin=512, cout=1024, k=3, dilation=6, size=41), 0.90),
@@ -97,11 +109,33 @@ def build_row(kind: str, spec: dict, sparsity, batch: int, quick: bool, block: i
     return model.eval(), x, label
 
 
-def _onnxruntime(model, x, tmp):
+def _onnx_exporter() -> str:
+    """torch.onnx's dynamo exporter (what adapmtl.interchange.export_onnx uses) where its onnxscript imports;
+    else the TorchScript one. DeepSparse 1.8 needs numpy 1.x and reads ONNX IR <= 9, and in its venv onnxscript's
+    dependencies (ml_dtypes for numpy 2) fail to import: there the legacy exporter writes the file (opset 17, IR 8)
+    that onnxruntime and DeepSparse both run."""
+    try:
+        import onnxscript  # noqa: F401
+    except Exception:  # noqa: BLE001 -- a broken dependency raises more than ImportError
+        return "torchscript"
+    return "dynamo"
+
+
+def _onnx_file(model, x, tmp, exporter: str) -> str:
+    path = os.path.join(tmp, "m.onnx")
+    if exporter == "dynamo":
+        export_onnx(model, x, path)
+    else:
+        dense = finalize(copy.deepcopy(model)).eval()
+        out = dense(x)
+        names = list(out) if isinstance(out, dict) else None
+        torch.onnx.export(dense, (x,), path, dynamo=False, opset_version=17, output_names=names)
+    return path
+
+
+def _onnxruntime(path, x):
     import onnxruntime as ort
 
-    path = os.path.join(tmp, "m.onnx")
-    adapmtl.interchange.export_onnx(model, x, path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -110,7 +144,7 @@ def _onnxruntime(model, x, tmp):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
-    return (lambda: session.run(None, feed)), path
+    return lambda: session.run(None, feed)
 
 
 def _deepsparse(onnx_path, x):
@@ -119,6 +153,29 @@ def _deepsparse(onnx_path, x):
     engine = compile_model(onnx_path, batch_size=x.shape[0], num_cores=torch.get_num_threads())
     inputs = [x.numpy()]
     return lambda: engine(inputs)
+
+
+def outputs_of(out) -> list:
+    """A variant's outputs as float64 tensors, in the model's order (a dict's keys, which name the ONNX outputs)."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    elif not isinstance(out, (list, tuple)):
+        out = [out]
+    return [torch.as_tensor(o).detach().double() for o in out]
+
+
+# A variant whose output differs from torch eager's by more than this fraction of the output's largest magnitude
+# is wrong, not fast: it is reported and left out of the timing (DeepSparse 1.8 under numpy 2 returned garbage
+# on a plain conv, silently; fp32 runtimes agree to ~1e-6 of the scale on these rows).
+WRONG_RESULT = 1e-3
+
+
+def result_error(out, reference: list) -> float:
+    got = outputs_of(out)
+    if len(got) != len(reference):
+        return float("inf")
+    return max(((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item() if g.shape == r.shape else float("inf")
+               for g, r in zip(got, reference))
 
 
 def _aoti(model, x, tmp):
@@ -134,8 +191,10 @@ def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set, block: i
     kind, spec, sparsity = ROWS[name]
     model, x, label = build_row(kind, spec, sparsity, batch, quick, block)
     flops = conv_flops(model, x)
-    fns, setup, errors = {"torch_eager": lambda: model(x)}, {}, {}
+    exporter = _onnx_exporter()
+    fns, setup, errors, result_errors = {"torch_eager": lambda: model(x)}, {}, {}, {}
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        reference = outputs_of(model(x))
 
         def attempt(variant, make):
             """Set up one variant (timed as setup_s); a runtime that fails is reported, not fatal."""
@@ -153,28 +212,38 @@ def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set, block: i
             setup[variant] = time.perf_counter() - t0
             return made
 
+        def add(variant, fn):
+            """Time `fn` only if its output is torch eager's (within WRONG_RESULT of the scale)."""
+            err = result_errors[variant] = result_error(fn(), reference)
+            if err <= WRONG_RESULT:
+                fns[variant] = fn
+            else:
+                errors[variant] = f"wrong result: max error {err:.2e} of the output's scale; not timed"
+
         compiled = attempt("torch_compile", lambda: torch.compile(copy.deepcopy(model)))
         if compiled is not None and attempt("torch_compile", lambda: compiled(x)) is not None:  # compile now
-            fns["torch_compile"] = lambda: compiled(x)
-        onnx = attempt("onnxruntime", lambda: _onnxruntime(model, x, tmp))
-        if onnx is not None:
-            fns["onnxruntime"] = onnx[0]
-            deepsparse = attempt("deepsparse", lambda: _deepsparse(onnx[1], x))
-            if deepsparse is not None:
-                fns["deepsparse"] = deepsparse
+            add("torch_compile", lambda: compiled(x))
+        onnx_path = None
+        if not {"onnxruntime", "deepsparse"} <= skip:
+            onnx_path = attempt("onnx_export", lambda: _onnx_file(model, x, tmp, exporter))
+        if onnx_path is not None:
+            for variant, make in (("onnxruntime", _onnxruntime), ("deepsparse", _deepsparse)):
+                fn = attempt(variant, lambda make=make: make(onnx_path, x))
+                if fn is not None:
+                    add(variant, fn)
         exported = attempt("ours_eager", lambda: adapmtl.export_sparse(model, policy="time", example_input=x))
         if exported is not None:
-            fns["ours_eager"] = lambda: exported(x)
+            add("ours_eager", lambda: exported(x))
             aoti = attempt("ours_aoti", lambda: _aoti(exported, x, tmp))
             if aoti is not None:
-                fns["ours_aoti"] = aoti
+                add("ours_aoti", aoti)
         names = list(fns)
         times = interleaved_median_ms([fns[n] for n in names], torch.device("cpu"), reps=reps)
     ms = dict(zip(names, times))
     best_dense = min((ms[n], n) for n in DENSE[:3] if n in ms)
     best_ours = min(((ms[n], n) for n in OURS if n in ms), default=(None, None))
     row = {"row": name, "case": label, "batch": batch, "gflop": flops / 1e9, "ms": ms, "setup_s": setup,
-           "errors": errors, "best_dense": best_dense[1], "best_ours": best_ours[1],
+           "errors": errors, "result_errors": result_errors, "onnx_exporter": exporter, "best_dense": best_dense[1], "best_ours": best_ours[1],
            "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
     if "deepsparse" in ms and best_ours[0] is not None:
         row["vs_deepsparse"] = ms["deepsparse"] / best_ours[0]

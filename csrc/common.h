@@ -5,6 +5,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <cmath>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -157,6 +159,24 @@ inline ConvGeometry check_sparse_conv2d_args(const char* op, const at::Tensor& x
   const ConvGeometry g = check_conv_args(op, x, weight_shape, stride, padding, dilation);
   check_csr_arrays(op, x, row_ptr, col_idx, values, bias, g.OC);
   return g;
+}
+
+// The epilogue of sparse_conv2d_fused (every device): the clamp bounds, either absent or a number, no NaN,
+// lo <= hi; the residual, when given, of the output's shape, x's dtype and x's device.
+inline void check_conv_epilogue(const char* op, const at::Tensor& x, const ConvGeometry& g,
+                                const c10::optional<at::Tensor>& residual, c10::optional<double> lo,
+                                c10::optional<double> hi) {
+  const auto bound = [](c10::optional<double> v) { return v ? std::to_string(*v) : std::string("None"); };
+  TORCH_CHECK_VALUE(!(lo && std::isnan(*lo)) && !(hi && std::isnan(*hi)) && !(lo && hi && *lo > *hi), op,
+                    ": arguments 'lo' and 'hi' (the clamp bounds) must satisfy lo <= hi, got [", bound(lo), ", ",
+                    bound(hi), "]");
+  if (!residual.has_value()) return;
+  const std::vector<int64_t> out{g.N, g.OC, g.OH, g.OW};
+  TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out) && residual->scalar_type() == x.scalar_type() &&
+                        residual->device() == x.device(),
+                    op, ": argument 'residual' must be a ", at::IntArrayRef(out), " ", x.scalar_type(),
+                    " tensor on ", x.device(), " (the output's shape), got ", residual->sizes(), " ",
+                    residual->scalar_type(), " on ", residual->device());
 }
 
 inline int64_t check_sparse_linear_args(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/plan_cache.h"
 #include "cpu/soft_threshold_cpu.h"
 #include "cpu/sparse_tuning.h"
 
@@ -73,6 +74,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto* c = adapmtl::panel_calls();
     return std::make_tuple(c[0].load(), c[1].load(), c[2].load());
   }, "sparse conv/linear calls of this process that ran one output channel, panels of 4 and of 8 per tile");
+  m.def("cpu_sparse_plan_cache_info", [] { return adapmtl::PlanCache::instance().info(); },
+        "(hits, misses, plans kept, bytes kept) of the CPU sparse kernel's plan cache (csrc/cpu/plan_cache.h)");
+  m.def("cpu_sparse_plan_cache_clear", [] { adapmtl::PlanCache::instance().clear(); });
   m.def("cpu_cache_sizes", [] {
     const auto& c = adapmtl::cache_sizes();
     return std::make_tuple(c.l1d, c.l2, c.l3);

@@ -1,4 +1,4 @@
-"""The committed comparison (docs/compare.md): `adapmtl compare` on the bundled compare_synthetic config in three
+"""The committed comparison (docs/compare.md): `adapmtl compare` on the bundled compare_synthetic config in four
 parts that share each seed's dense start and dense run, one JSON row per finished run in
 benchmarks/results/compare_synthetic_rows/ (committed as runs finish: the experiment takes several sittings), and
 from the rows one JSON, Markdown and PNG in benchmarks/results/compare_synthetic.{json,md,png}.
@@ -10,7 +10,8 @@ from the rows one JSON, Markdown and PNG in benchmarks/results/compare_synthetic
 
 main: the 7 methods at 90% and 95%, 7 seeds (SNIP, LTH and IMP: 3); ablations: AdapMTL without adaptive weights,
 the single threshold with them, per-layer STR, straight-through gradients (90%, 3 seeds); sweep: the 7 methods at
-80% (3 seeds). A run with a row of the same plan is never trained again; an interrupted run continues from its
+80% (3 seeds); block: AdapMTL thresholding blocks of 4 output channels (prune.block=4, not the paper's) against
+AdapMTL at 90% (3 seeds), the accuracy price of the CPU kernel's channel panels. A run with a row of the same plan is never trained again; an interrupted run continues from its
 last checkpoint in --out.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from adapmtl.checkpoint_io import write_json_atomic  # noqa: E402
 from adapmtl.train.compare import (  # noqa: E402
-    ABLATIONS, compare, markdown_table, mixed_starts, plan, plot_sweep, protocol_of, reusable_row, row_results,
+    ABLATIONS, BLOCK_VARIANTS, compare, markdown_table, mixed_starts, plan, plot_sweep, protocol_of, reusable_row, row_results,
     run_records, summarize, table_note)
 from adapmtl.train.config import COMPARE_METHODS, apply_override, load_config  # noqa: E402
 
@@ -35,6 +36,8 @@ PARTS = {
                   "compare.seeds_for": None},
     "sweep": {"compare.methods": list(COMPARE_METHODS), "compare.sparsities": [0.8], "compare.seeds": 3,
               "compare.seeds_for": None},
+    "block": {"compare.methods": ["dense", "adapmtl", *BLOCK_VARIANTS], "compare.sparsities": [0.9],
+              "compare.seeds": 3, "compare.seeds_for": None},
 }
 SMOKE = ["data.n_train=24", "data.n_test=8", "data.image_size=32", "data.crop_size=32", "data.batch_size=4",
          "data.eval_batch_size=8", "data.root=runs/compare_smoke/scenes", "model.head_channels=8",

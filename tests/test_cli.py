@@ -1,5 +1,6 @@
 """CLI: train / eval / export / compare / bench on a tiny synthetic setup, and error reporting."""
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -253,6 +254,23 @@ def test_the_peer_benchmark_runs_and_names_the_best_dense_runtime(tmp_path):
     assert next(tmp_path.glob("peer_*.png")).stat().st_size > 0
     if "deepsparse" not in row["ms"]:
         assert "deepsparse" in row["errors"]
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_peer_benchmark_times_no_runtime_that_computes_something_else(tmp_path, monkeypatch):
+    """A runtime whose output is not torch eager's is reported and not timed (DeepSparse under numpy 2 returned
+    garbage silently); the file DeepSparse's venv gets from the TorchScript exporter runs right in onnxruntime."""
+    peer = _bench_module("bench_peer")
+    monkeypatch.setattr(peer, "_deepsparse", lambda path, x: (lambda: [x.new_ones(1, 128, 10, 10).numpy()]))
+    monkeypatch.setattr(peer, "_onnx_exporter", lambda: "torchscript")
+    (row,) = peer.main(["--quick", "--rows", "conv1x1_90", "--skip", "torch_compile", "ours_aoti",
+                        "--out-dir", str(tmp_path)])
+    assert "deepsparse" not in row["ms"] and row["errors"]["deepsparse"].startswith("wrong result")
+    assert row["result_errors"]["deepsparse"] > peer.WRONG_RESULT and row["onnx_exporter"] == "torchscript"
+    timed = {k: v for k, v in row["result_errors"].items() if k in row["ms"]}
+    assert {"ours_eager"} <= set(timed) and max(timed.values()) <= peer.WRONG_RESULT
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert "onnxruntime" in timed
 
 
 @pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")

@@ -245,6 +245,7 @@ def test_the_committed_experiment_plans_what_the_issue_asks(tmp_path):
         assert len(seeds["ablations", method, 0.9]) == 3
     for method in COMPARE_METHODS[1:]:
         assert len(seeds["sweep", method, 0.8]) == 3
+    assert len(seeds["block", "adapmtl_block4", 0.9]) == 3  # paired with main's AdapMTL runs of the same seeds
     # the parts share their starts, dense runs and the AdapMTL runs of the ablations: one config per run name
     assert all(len(v) == 1 for v in outs.values())
     cfg = load_config("compare_synthetic")

@@ -85,6 +85,22 @@ def cpu_autotune_info() -> dict:
     return dict(zip(keys, _ext.require_cpu_extension().cpu_autotune_info()))
 
 
+def cpu_sparse_plan_cache_info() -> dict:
+    """The C++ sparse kernel's plan cache: hits, misses, plans kept and their bytes (csrc/cpu/plan_cache.h).
+
+    A call encodes its weight for the input's size (offsets into the packed input, channel panels); the plan is
+    kept and reused while the weight's arrays hold the same bytes (compared on every call), at most
+    ADAPMTL_CPU_PLAN_CACHE_MB megabytes (default 256; 0 turns it off).
+    """
+    keys = ("hits", "misses", "plans", "bytes")
+    return dict(zip(keys, _ext.require_cpu_extension().cpu_sparse_plan_cache_info()))
+
+
+def clear_cpu_sparse_plan_cache() -> None:
+    """Drops every kept plan (and the counts); later calls encode their weights again."""
+    _ext.require_cpu_extension().cpu_sparse_plan_cache_clear()
+
+
 def int_pair(op: str, name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     """`value` (an int or a pair of ints, each >= minimum) as a pair, or an error naming `name`."""
     if isinstance(value, bool):

@@ -57,6 +57,7 @@
 
 #include "common.h"
 #include "cpu/buffer_pool.h"
+#include "cpu/plan_cache.h"
 #include "cpu/sparse_tuning.h"
 
 namespace adapmtl {
@@ -932,14 +933,24 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   const int64_t channel_blocks = (s.C + s.cb - 1) / s.cb;
   const int64_t blocks = (s.tap_major ? s.taps : 1) * channel_blocks;
   const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
-  EncodedRows<T> enc;
-  EncodedPanels<T> panels;
+  // The encoded weight, kept across calls (plan_cache.h) under everything the encoders read besides the arrays.
+  std::vector<int64_t> key{s.panel > 1, int64_t(c10::CppTypeToScalarType<T>::value), OC, s.C, s.taps, s.plane,
+                           s.tap_major, s.skips, s.cb, s.panel, blocks, channel_blocks};
+  key.insert(key.end(), s.tap.begin(), s.tap.end());
+  key.insert(key.end(), s.tap_used.begin(), s.tap_used.end());
+  std::shared_ptr<const EncodedRows<T>> enc;
+  std::shared_ptr<const EncodedPanels<T>> panels;
   if (s.panel > 1) {
-    panels = encode_panels<T>(op, rp, ci, vals, nnz, OC, s, blocks);
-    if (panels.nonfinite_skipped) return false;
+    panels = PlanCache::instance().get<EncodedPanels<T>>(
+        key, rp, OC, ci, nnz, vals, sizeof(T), [&] { return encode_panels<T>(op, rp, ci, vals, nnz, OC, s, blocks); },
+        [&](const EncodedPanels<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); });
+    if (panels->nonfinite_skipped) return false;
   } else {
-    enc = encode_rows<T>(op, rp, ci, vals, nnz, OC, s, blocks, channel_blocks);
-    if (enc.nonfinite_skipped) return false;
+    enc = PlanCache::instance().get<EncodedRows<T>>(
+        key, rp, OC, ci, nnz, vals, sizeof(T),
+        [&] { return encode_rows<T>(op, rp, ci, vals, nnz, OC, s, blocks, channel_blocks); },
+        [&](const EncodedRows<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); });
+    if (enc->nonfinite_skipped) return false;
   }
   // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
   std::vector<uint8_t> all_rows, all_vectors;
@@ -956,14 +967,14 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   Plan<T> g;
   g.panel = s.panel;
   if (s.panel > 1) {
-    g.off = panels.off.get();
-    g.val = panels.val.data();
+    g.off = panels->off.get();
+    g.val = panels->val.data();
     g.seg = nullptr;
-    g.pseg = panels.seg.data();
+    g.pseg = panels->seg.data();
   } else {
-    g.off = enc.off.get();
-    g.val = enc.val.empty() ? vals : enc.val.data();
-    g.seg = enc.seg.data();
+    g.off = enc->off.get();
+    g.val = enc->val.empty() ? vals : enc->val.data();  // in place: these values are the plan's, byte for byte
+    g.seg = enc->seg.data();
     g.pseg = nullptr;
   }
   g.bias = b_t.defined() ? b_t.data_ptr<T>() : nullptr;
@@ -1042,7 +1053,7 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   check_cpu_csr(op, x, row_ptr, col_idx.numel(), g.OC);
   const int64_t N = g.N, C = g.C, H = g.H, W = g.W, OC = g.OC, KH = g.KH, KW = g.KW;
   const int64_t sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw, dh = g.dh, dw = g.dw;
-  const int64_t Hp = g.Hp, span_w = g.span_w, OH = g.OH, OW = g.OW;
+  const int64_t Hp = g.Hp, OH = g.OH, OW = g.OW;
   // A 1x1, stride-1, unpadded conv is a 1 x (H * W) conv: one long output row per channel, so vectors run
   // across row ends instead of idling at each row's tail (41 columns fill 41 of 48 lanes): ~15% faster.
   if (KH == 1 && KW == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && H > 1) {
@@ -1055,10 +1066,6 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   auto out = pooled_empty({N, OC, OH, OW}, x.options());  // large outputs: recycled, not faulted in again
   if (out.numel() == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
-  if (epi.residual.defined())
-    TORCH_CHECK_VALUE(epi.residual.sizes() == out.sizes() && epi.residual.is_contiguous() &&
-                          epi.residual.scalar_type() == x.scalar_type(),
-                      op, ": the residual must be a contiguous ", out.sizes(), " tensor of ", x.scalar_type());
 
   const int64_t L = x.scalar_type() == at::kFloat ? Vec<float>::kLanes : Vec<double>::kLanes;
   ConvShape s;
@@ -1072,7 +1079,7 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   std::vector<std::pair<int64_t, int64_t>> copies;  // (phase p, shift sigma)
   std::vector<int64_t> copy_of(KW), skip(KW);
   for (int64_t kw = 0; kw < KW; ++kw) {
-    const int64_t reach = kw * dw;  // < span_w: no overflow
+    const int64_t reach = kw * dw;  // < the dilated kernel width: no overflow
     const int64_t p = reach % sw, q = reach / sw;
     const std::pair<int64_t, int64_t> key{p, q % L};
     copy_of[kw] = std::find(copies.begin(), copies.end(), key) - copies.begin();
@@ -1151,19 +1158,14 @@ at::Tensor sparse_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& row_pt
                                    at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual,
                                    c10::optional<double> lo_in, c10::optional<double> hi_in) {
   const char* op = "adapmtl::sparse_conv2d_fused";
-  const double inf = std::numeric_limits<double>::infinity();
-  const double lo = lo_in.value_or(-inf), hi = hi_in.value_or(inf);
-  TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi) && lo <= hi, op, ": the clamp bounds must satisfy lo <= hi, got [",
-                    lo, ", ", hi, "]");
+  const ConvGeometry g = check_sparse_conv2d_args(op, x, row_ptr, col_idx, values, bias, weight_shape, stride,
+                                                  padding, dilation, /*reduced=*/false);
+  check_conv_epilogue(op, x, g, residual, lo_in, hi_in);
   Epilogue epi;
   epi.clamp = lo_in.has_value() || hi_in.has_value();
-  epi.lo = lo, epi.hi = hi;
-  if (residual.has_value()) {
-    TORCH_CHECK_VALUE(residual->device() == x.device() && residual->scalar_type() == x.scalar_type(), op,
-                      ": argument 'residual' must be a ", x.scalar_type(), " tensor on ", x.device(), ", got ",
-                      residual->scalar_type(), " on ", residual->device());
-    epi.residual = residual->contiguous();  // NCHW, as the kernel stores (a channels-last residual is copied)
-  }
+  epi.lo = lo_in.value_or(-std::numeric_limits<double>::infinity());
+  epi.hi = hi_in.value_or(std::numeric_limits<double>::infinity());
+  if (residual.has_value()) epi.residual = residual->contiguous();  // NCHW, as the kernel stores
   return conv2d_cpu(op, x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation, epi);
 }
 

@@ -308,16 +308,11 @@ at::Tensor sparse_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& row_p
                                     at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual,
                                     c10::optional<double> lo, c10::optional<double> hi) {
   const char* op = "sparse_conv2d_fused";
-  TORCH_CHECK_VALUE(!(lo && std::isnan(*lo)) && !(hi && std::isnan(*hi)) && !(lo && hi && *lo > *hi), op,
-                    ": the clamp bounds must satisfy lo <= hi, got [", lo.value_or(NAN), ", ", hi.value_or(NAN), "]");
+  const ConvGeometry g = check_sparse_conv2d_args(op, x, row_ptr, col_idx, values, bias, weight_shape, stride, padding,
+                                                  dilation, /*reduced=*/true);
+  check_conv_epilogue(op, x, g, residual, lo, hi);
   at::Tensor out = sparse_conv2d_cuda(x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation);
-  if (residual.has_value()) {
-    TORCH_CHECK_VALUE(residual->sizes() == out.sizes() && residual->device() == x.device() &&
-                          residual->scalar_type() == x.scalar_type(),
-                      op, ": argument 'residual' must be a ", out.sizes(), " ", x.scalar_type(), " tensor on ",
-                      x.device(), ", got ", residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
-    out.add_(*residual);
-  }
+  if (residual.has_value()) out.add_(*residual);
   if (lo || hi)
     out.clamp_(lo ? c10::optional<at::Scalar>(*lo) : c10::nullopt, hi ? c10::optional<at::Scalar>(*hi) : c10::nullopt);
   return out;
