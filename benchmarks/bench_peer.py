@@ -243,8 +243,8 @@ def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set, block: i
     best_dense = min((ms[n], n) for n in DENSE[:3] if n in ms)
     best_ours = min(((ms[n], n) for n in OURS if n in ms), default=(None, None))
     row = {"row": name, "case": label, "batch": batch, "gflop": flops / 1e9, "ms": ms, "setup_s": setup,
-           "errors": errors, "result_errors": result_errors, "onnx_exporter": exporter, "best_dense": best_dense[1], "best_ours": best_ours[1],
-           "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
+           "errors": errors, "result_errors": result_errors, "onnx_exporter": exporter, "best_dense": best_dense[1],
+           "best_ours": best_ours[1], "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
     if "deepsparse" in ms and best_ours[0] is not None:
         row["vs_deepsparse"] = ms["deepsparse"] / best_ours[0]
     return row

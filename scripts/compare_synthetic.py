@@ -11,8 +11,8 @@ from the rows one JSON, Markdown and PNG in benchmarks/results/compare_synthetic
 main: the 7 methods at 90% and 95%, 7 seeds (SNIP, LTH and IMP: 3); ablations: AdapMTL without adaptive weights,
 the single threshold with them, per-layer STR, straight-through gradients (90%, 3 seeds); sweep: the 7 methods at
 80% (3 seeds); block: AdapMTL thresholding blocks of 4 output channels (prune.block=4, not the paper's) against
-AdapMTL at 90% (3 seeds), the accuracy price of the CPU kernel's channel panels. A run with a row of the same plan is never trained again; an interrupted run continues from its
-last checkpoint in --out.
+AdapMTL at 90% (3 seeds), the accuracy price of the CPU kernel's channel panels. A run with a row of the same
+plan is never trained again; an interrupted run continues from its last checkpoint in --out.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ sys.path.insert(0, ROOT)
 
 from adapmtl.checkpoint_io import write_json_atomic  # noqa: E402
 from adapmtl.train.compare import (  # noqa: E402
-    ABLATIONS, BLOCK_VARIANTS, compare, markdown_table, mixed_starts, plan, plot_sweep, protocol_of, reusable_row, row_results,
-    run_records, summarize, table_note)
+    ABLATIONS, BLOCK_VARIANTS, compare, markdown_table, mixed_starts, plan, plot_sweep, protocol_of, reusable_row,
+    row_results, run_records, summarize, table_note)
 from adapmtl.train.config import COMPARE_METHODS, apply_override, load_config  # noqa: E402
 
 PARTS = {

@@ -23,8 +23,14 @@ a block with n <= g is zero in a neighbourhood (for n < g) and passes nothing to
 
 Backends: torch (that reference), cpp (fused C++ CPU kernel, float32/64), cuda (fused CUDA kernel, compiled
 here but not yet run on a GPU), triton (CUDA, or CPU under TRITON_INTERPRET=1); auto picks the compiled one
-for the tensor. Not done: blocks along the input dims (bi > 1) and a threshold scaled with the block size (g
-is used as given; the controller moves s to the target sparsity either way).
+for the tensor. Not done: blocks along the input dims (bi > 1).
+
+No threshold scaled with the block size (g * sqrt(block), the same threshold relative to the typical norm of
+a block of i.i.d. weights): under the sparsity controller (`prune.control: controlled`, the default) all weights
+of a component share one s and one block size, so g * sqrt(block) is the sigmoid of another s (while it stays
+below 1, as thresholds on weights do) and the controller moves s to the same masks; only a tensor's last,
+partial block would see another threshold, and g'(s) is reparametrised. Under `prune.control: paper` it
+would change where the thresholds stop, as `s0` does. Argued, not measured.
 """
 from __future__ import annotations
 
