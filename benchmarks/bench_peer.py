@@ -6,6 +6,7 @@ package of its torch.export program. Every variant of a row is timed in alternat
     python benchmarks/bench_peer.py                        # the six rows at batch 1 (~15 min on 2 cores)
     python benchmarks/bench_peer.py --rows aspp_d6_90 --batches 1 16
     python benchmarks/bench_peer.py --fuse-ab --batches 1 16  # the export with / without fused conv epilogues
+    python benchmarks/bench_peer.py --plan-cache-ab         # the C++ kernel's plans kept across calls or not
     python benchmarks/bench_peer.py --quick                # a smoke run (small inputs, runs/bench)
     python benchmarks/bench_peer.py --block 4              # weights pruned in 4x1 blocks (prune.block=4)
 
@@ -47,6 +48,7 @@ import adapmtl  # noqa: E402
 from adapmtl.export_format import default_concrete_args  # noqa: E402
 from adapmtl.export_passes import fuse_epilogues  # noqa: E402
 from adapmtl.interchange import export_onnx  # noqa: E402
+from adapmtl.ops import clear_cpu_sparse_plan_cache, cpu_sparse_plan_cache_info  # noqa: E402
 from adapmtl.sparsify import finalize  # noqa: E402
 
 ROWS = {
@@ -294,6 +296,45 @@ def fuse_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
     return out
 
 
+def plan_cache_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
+    """One eager export per row with the C++ kernel's plan cache off (ADAPMTL_CPU_PLAN_CACHE_MB=0: every call
+    encodes its weights) and on (the default budget: reused after the bytes are compared), in alternation: what
+    keeping the plans buys. The variable is read at every call, so both variants run in this one process."""
+    out = {}
+    key = "ADAPMTL_CPU_PLAN_CACHE_MB"
+    before = os.environ.get(key)
+
+    def with_budget(mb, fn):
+        def run():
+            os.environ[key] = mb
+            return fn()
+        return run
+
+    try:
+        for batch in batches:
+            for name in names:
+                kind, spec, sparsity = ROWS[name]
+                model, x, _ = build_row(kind, spec, sparsity, batch, quick)
+                clear_cpu_sparse_plan_cache()
+                with torch.no_grad():
+                    exported = adapmtl.export_sparse(model, policy="time", example_input=x)
+                    off, on = with_budget("0", lambda: exported(x)), with_budget("256", lambda: exported(x))
+                    same = result_error(on(), outputs_of(off())) == 0.0
+                    a, b = interleaved_median_ms([off, on], torch.device("cpu"), reps=reps)
+                info = cpu_sparse_plan_cache_info()
+                row = f"{name}_b{batch}"
+                out[row] = {"cache_off_ms": a, "cache_on_ms": b, "gain": a / b, "identical_outputs": same,
+                            "batch": batch, "plans_kept": info["plans"], "bytes_kept": info["bytes"]}
+                print(f"{row}: plan cache off {a:.2f} -> on {b:.2f} ms ({a / b:.3f}x, identical {same}, "
+                      f"{info['plans']} plans, {info['bytes'] / 2**20:.1f} MiB kept)", flush=True)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    return out
+
+
 def plot(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -330,6 +371,8 @@ def main(argv=None):
                    help="instead: the model rows' export with and without BatchNorm folding (peer_fold_bn_*.json)")
     p.add_argument("--fuse-ab", action="store_true",
                    help="instead: the model rows' export with and without the fused epilogues (peer_fuse_*.json)")
+    p.add_argument("--plan-cache-ab", action="store_true",
+                   help="instead: our export with the C++ kernel's plan cache off and on (peer_plan_cache_*.json)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     reps = 2 if args.quick else args.reps
@@ -337,6 +380,10 @@ def main(argv=None):
     if args.fuse_ab:
         ab = fuse_ab(args.rows, reps, args.quick, args.batches)
         print(f"wrote {write_results('peer_fuse', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
+        return ab
+    if args.plan_cache_ab:
+        ab = plan_cache_ab(args.rows, reps, args.quick, args.batches)
+        print(f"wrote {write_results('peer_plan_cache', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
         return ab
     if args.fold_bn_ab:
         ab = fold_bn_ab(args.rows, reps, args.quick)

@@ -274,6 +274,19 @@ def test_the_peer_benchmark_times_no_runtime_that_computes_something_else(tmp_pa
 
 
 @pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_peer_benchmark_measures_the_plan_cache(tmp_path, monkeypatch):
+    """bench_peer.py --plan-cache-ab (smoke): the same outputs with the plans kept or encoded every call, and the
+    budget variable restored afterwards."""
+    monkeypatch.setenv("ADAPMTL_CPU_PLAN_CACHE_MB", "17")
+    peer = _bench_module("bench_peer")
+    ab = peer.main(["--quick", "--plan-cache-ab", "--rows", "aspp_d6_90", "--out-dir", str(tmp_path)])
+    (entry,) = ab.values()
+    assert entry["identical_outputs"] and entry["plans_kept"] >= 1 and entry["cache_on_ms"] > 0
+    assert os.environ["ADAPMTL_CPU_PLAN_CACHE_MB"] == "17"
+    assert json.loads(next(tmp_path.glob("peer_plan_cache_*.json")).read_text())["rows"] == json.loads(json.dumps(ab))
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
 def test_the_peer_benchmark_measures_the_fused_epilogues(tmp_path):
     """bench_peer.py --fuse-ab (smoke): the export with and without fused epilogues, identical outputs."""
     peer = _bench_module("bench_peer")
