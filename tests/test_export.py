@@ -91,8 +91,12 @@ def test_export_time_policy_and_min_sparsity():
     exported = export_sparse(model, example_input=x, repeats=1)
     report = exported.sparse_export_report
     assert all("dense_s" in r and "sparse_s" in r for r in report)
-    for r in report:  # a layer is sparse exactly when it timed faster
-        assert r["sparse"] == (r["sparse_s"] < r["dense_s"])
+    near = exported.sparse_export_near
+    for r in report:  # a layer is sparse exactly when it timed faster, alone or (near the crossover) in the model
+        if r.get("decided_in_model"):
+            assert r["layer"] in near["layers"] and r["sparse"] == near["sparse"]
+        else:
+            assert r["sparse"] == (r["sparse_s"] < r["dense_s"])
     with torch.no_grad():
         _close(exported(x), model(x))
     none = export_sparse(model, min_sparsity=1.0, policy="crossover")
@@ -101,6 +105,41 @@ def test_export_time_policy_and_min_sparsity():
     for r in forced.sparse_export_report:
         assert r["sparse"] == (r["sparsity"] >= CROSSOVER["cpu"][r["kind"]])
     assert sum(r["sparse"] for r in forced.sparse_export_report) >= len(forced.sparse_export_report) // 2
+
+
+@pytest.mark.parametrize("alone,in_model,expect", [
+    ((1.0, 1.1), (2.0, 1.0), True),    # near the crossover alone; all sparse faster in the model
+    ((1.1, 1.0), (1.0, 2.0), False),   # near, the other way round: all dense
+    ((1.0, 2.0), None, False),         # far from it: each layer decided alone, no model timing
+])
+def test_time_policy_decides_layers_near_the_crossover_inside_the_model(alone, in_model, expect, monkeypatch):
+    import adapmtl.export as export_module
+
+    model_timings = []
+
+    def fake_timing(fns, device, *, warmup=1, reps=10):
+        for fn in fns:  # run every variant, as the real timer does (the model variants swap layers)
+            fn()
+        if reps == 1:  # a layer alone (repeats=1 below)
+            return list(alone)
+        model_timings.append(reps)  # the whole model (at least 3 rounds)
+        return list(in_model)
+
+    monkeypatch.setattr(export_module, "interleaved_median_ms", fake_timing)
+    model = _prune_(_tiny(1), 0.1)
+    x = torch.randn(1, 3, 32, 32)
+    exported = export_sparse(model, example_input=x, repeats=1)
+    timed = [r for r in exported.sparse_export_report if "dense_s" in r]
+    assert timed and all(r["sparse"] == expect for r in timed)
+    assert sum(isinstance(m, SparseConv2d) for m in exported.modules()) == (len(timed) if expect else 0)
+    if in_model is None:
+        assert exported.sparse_export_near is None and not model_timings
+    else:
+        near = exported.sparse_export_near
+        assert model_timings == [3] and near["sparse"] == expect and set(near["layers"]) == {r["layer"] for r in timed}
+        assert all(r["decided_in_model"] for r in timed)
+    with torch.no_grad():
+        _close(exported(x), model(x))
 
 
 def test_linear_and_grouped_layers_round_trip(tmp_path):

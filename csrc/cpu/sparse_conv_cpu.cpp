@@ -943,13 +943,17 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   if (s.panel > 1) {
     panels = PlanCache::instance().get<EncodedPanels<T>>(
         key, rp, OC, ci, nnz, vals, sizeof(T), [&] { return encode_panels<T>(op, rp, ci, vals, nnz, OC, s, blocks); },
-        [&](const EncodedPanels<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); });
+        [&](const EncodedPanels<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); },
+        [](const EncodedPanels<T>& e) { return !e.val.empty(); });
     if (panels->nonfinite_skipped) return false;
   } else {
     enc = PlanCache::instance().get<EncodedRows<T>>(
         key, rp, OC, ci, nnz, vals, sizeof(T),
         [&] { return encode_rows<T>(op, rp, ci, vals, nnz, OC, s, blocks, channel_blocks); },
-        [&](const EncodedRows<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); });
+        [&](const EncodedRows<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); },
+        // read in place (empty val): the plan depends on rp and ci alone (nonfinite_skipped is only set
+        // where val holds the values)
+        [](const EncodedRows<T>& e) { return !e.val.empty(); });
     if (enc->nonfinite_skipped) return false;
   }
   // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
