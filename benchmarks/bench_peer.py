@@ -399,11 +399,12 @@ def main(argv=None):
                      if row["vs_best_dense"] else "") + (f"; errors {row['errors']}" if row["errors"] else ""),
                   flush=True)
     table = [{"case": r["case"], "b": r["batch"], **{k: r["ms"].get(k) for k in DENSE + OURS},
-              "ours/best": r["vs_best_dense"], "GF/s ours": r["gflop"] / (min(r["ms"].get(k, 1e30) for k in OURS) / 1e3)
+              "ours/best": r["vs_best_dense"], "ours/DS": r.get("vs_deepsparse"), "GF/s ours": r["gflop"] / (min(r["ms"].get(k, 1e30) for k in OURS) / 1e3)
               if any(k in r["ms"] for k in OURS) else None} for r in rows]
     print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, medians in ms\n")
     print(format_table(table, [("case", "case", "<48"), ("b", "b", "d")] + [(k, k, ".2f") for k in DENSE + OURS]
-                       + [("ours/best", "ours vs best dense", ".2f"), ("GF/s ours", "GF/s ours", ".1f")]))
+                       + [("ours/best", "ours vs best dense", ".2f"), ("ours/DS", "ours vs DeepSparse", ".2f"),
+                          ("GF/s ours", "GF/s ours", ".1f")]))
     name = "peer" if args.block == 1 else f"peer_block{args.block}"
     path = write_results(name, info, {"reps": reps, "quick": args.quick, "block": args.block, "rows": rows},
                          out_dir=args.out_dir, smoke=args.quick)
