@@ -118,8 +118,11 @@ class SparseConv2d(_SparseBase):
     def _weight_for(self, x: Tensor) -> tuple[SparseWeight, tuple[int, int]]:
         """The packed weight and padding for this input's size: without the outer taps that read only padding
         at this size (a 3x3 conv with dilation >= the map runs as the 1x1 it is; the kernels would pack and skip
-        all that padding), the same output. Kept per input size, rebuilt when the weight changes; traced
-        (torch.compile / export), the whole weight."""
+        all that padding), the same output. Kept per input size, rebuilt when the weight changes as torch sees
+        it (a buffer's version counter: in-place torch ops, assignment, load_state_dict). A write that bypasses
+        the counter (`.data`, numpy) is not seen by this trimmed copy, while the untrimmed path sees it (the C++
+        kernel compares the bytes of its kept plans); checking the bytes here would cost about what trimming
+        saves. Traced (torch.compile / export): the whole weight."""
         sw = self.sparse_weight
         if torch.compiler.is_compiling() or self.groups != 1 or x.dim() != 4:
             return sw, self.padding
