@@ -525,6 +525,35 @@ def test_dead_taps_are_skipped_at_any_input_size(backend, device, cin, cout, k, 
         assert_conv_close(layer(x), x, conv.weight, conv.bias, (s, s), (d * (k // 2),) * 2, (d, d), msg="rewritten")
 
 
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+@pytest.mark.parametrize("config", ["", "layout=tap", "layout=channel", "panel=4"])
+def test_the_cpp_kernel_drops_dead_taps_itself(config, monkeypatch):
+    """The op itself (a compiled or exported program calls it, without SparseConv2d's trimmed copy) runs a conv
+    without the outer taps that read only padding: a 3x3 conv with dilation and padding 10^5 on an 11x11 map is the 1x1 it leaves,
+    whose whole padded input would not fit the kernel's int32 offsets; a larger map, where they live, runs whole;
+    an inf on a dropped tap still gives NaN where it reads padding."""
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 6, 3, 3, generator=g) * (torch.rand(8, 6, 3, 3, generator=g) > 0.4)
+    sw = SparseWeight.from_dense(w)
+    op = torch.ops.adapmtl.sparse_conv2d
+    for d, hw in ((100_000, (11, 11)), (12, (11, 11)), (12, (11, 30)), (3, (4, 4)), (6, (31, 31))):
+        x = torch.randn(2, 6, *hw, generator=g)
+        out = op(x, sw.row_ptr, sw.col_idx, sw.values, None, list(sw.shape), [1, 1], [d, d], [d, d])
+        if d < 1000:
+            assert_conv_close(out, x, w, None, 1, d, d, msg=f"d{d} {hw}")
+        else:  # F.conv2d cannot take this padding either: the centre tap alone is the conv
+            torch.testing.assert_close(out, F.conv2d(x, w[:, :, 1:2, 1:2]), rtol=1e-5, atol=1e-5)
+    bad = w.clone()
+    bad[0, 0, 0, 0] = float("inf")  # a dropped tap on 11x11 with dilation 12
+    swb = SparseWeight.from_dense(bad)
+    x = torch.randn(1, 6, 11, 11, generator=g)
+    out = op(x, swb.row_ptr, swb.col_idx, swb.values, None, list(swb.shape), [1, 1], [12, 12], [12, 12])
+    want = F.conv2d(x, bad, None, 1, 12, 12)
+    assert torch.equal(out.isnan(), want.isnan()) and out[0, 0].isnan().all()
+    torch.testing.assert_close(out[0, 1:], want[0, 1:])
+
+
 def test_a_non_finite_weight_on_a_dead_tap_keeps_its_nan():
     w = torch.zeros(2, 1, 3, 3)
     w[0, 0, 0, 0] = float("inf")  # reads only padding on a 4x4 map with dilation 6
