@@ -165,6 +165,17 @@ def test_the_budget_bounds_what_is_kept_and_zero_turns_it_off(monkeypatch):
     assert (info["hits"], info["misses"], info["plans"], info["bytes"]) == (0, 4, 0, 0)
 
 
+def test_a_plan_larger_than_the_budget_is_used_and_not_kept(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    sw = SparseWeight.from_dense(pruned((512, 256, 3, 3), 0.5, g))  # ~590k non-zeros: several MB of plan
+    x = torch.randn(1, 256, 6, 6, generator=g)
+    monkeypatch.setenv("ADAPMTL_CPU_PLAN_CACHE_MB", "1")
+    for _ in range(2):
+        check(conv(x, sw), x, sw)
+    info = cpu_sparse_plan_cache_info()
+    assert (info["plans"], info["bytes"], info["hits"], info["misses"]) == (0, 0, 0, 2)
+
+
 @pytest.mark.parametrize("bad", ["-1", "abc", "1e3", " 5", str(1 << 40)])
 def test_a_bad_budget_is_an_error_naming_the_variable(bad, monkeypatch):
     sw = SparseWeight.from_dense(torch.randn(2, 3, 3, 3))

@@ -55,7 +55,7 @@ class PlanCache {
       {
         std::lock_guard<std::mutex> lock(mutex_);
         for (const auto& e : entries_)
-          if (e->shape == shape && e->same_place(arrays)) {
+          if (e->same_place(arrays) && e->shape == shape) {  // the pointers first: the cheaper test
             found = e;
             break;
           }
@@ -73,10 +73,12 @@ class PlanCache {
     auto plan = std::make_shared<const Plan>(encode());  // outside the lock: it is the slow part
     misses_.fetch_add(1);
     if (limit == 0) return plan;
-    auto entry = std::make_shared<Entry>(shape, arrays, holds_values(*plan), plan);
-    entry->bytes += bytes(*plan);
+    const bool keep_values = holds_values(*plan);
+    const int64_t size = Entry::size_of(shape, arrays, keep_values) + bytes(*plan);
+    if (size > limit) return plan;  // before copying anything: such a plan would be copied at every call
+    auto entry = std::make_shared<Entry>(shape, arrays, keep_values, plan);
+    entry->bytes = size;
     std::lock_guard<std::mutex> lock(mutex_);
-    if (entry->bytes > limit) return plan;
     entries_.push_front(entry);
     held_ += entry->bytes;
     while (held_ > limit || int64_t(entries_.size()) > kMaxEntries) {
@@ -126,7 +128,12 @@ class PlanCache {
           vals(keep_values ? static_cast<const char*>(a.vals) : nullptr,
                keep_values ? static_cast<const char*>(a.vals) + a.val_bytes : nullptr),
           plan(std::move(plan_)),
-          bytes(int64_t(shape.size() * 8 + rp.size() * 4 + ci.size() * 4 + vals.size()) + 256) {}
+          bytes(size_of(shape_, a, keep_values)) {}
+
+    // What an entry's key and copies take (its plan's bytes come on top).
+    static int64_t size_of(const std::vector<int64_t>& shape, const Arrays& a, bool keep_values) {
+      return int64_t(shape.size()) * 8 + a.rp_len * 4 + a.nnz * 4 + (keep_values ? a.val_bytes : 0) + 256;
+    }
 
     bool same_place(const Arrays& a) const {
       return rp_at == a.rp && ci_at == a.ci && vals_at == a.vals && int64_t(rp.size()) == a.rp_len &&
