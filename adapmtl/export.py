@@ -9,7 +9,7 @@ for which the sparse kernel is faster by `SparseConv2d`/`SparseLinear`; everythi
                keep whichever is faster. Layers whose two times are within NEAR_CROSSOVER of each other
                are then decided together, inside the model: the whole model timed with all of them dense
                and all of them sparse, in alternation. A layer's isolated time says little there (its
-               weights stay in cache between repeats): three exports of one MobileNetV2 on a 2-core EPYC
+               weights can stay in cache between repeats): three exports of one MobileNetV2 on a 2-core EPYC
                made 64, 68 and 44 of its 71 convs sparse when each was decided alone.
   "crossover"  (default otherwise) sparse iff the layer's sparsity >= CROSSOVER[device][kind], the
                crossover sparsity measured by benchmarks/bench_sparse_conv.py (results JSON under
