@@ -3,13 +3,16 @@
 Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in docs/cpu_sparse_kernel.md:
   inner loop: benchmarks/kernel_roofline.cpp (g++ -O3 -march=native, one thread): the inner loop of one
       output channel per tile (today's kernel) against panels of 2-8 channels sharing each input load, on
-      unstructured and on M x 1 block-pruned non-zeros, in units of this core's measured FMA peak;
+      unstructured and on M x 1 block-pruned non-zeros, against accumulators kept in L1 (scatter) and
+      against per-matrix generated code (what a JIT with the weights in the code runs), in units of this
+      core's measured FMA peak;
   real kernel: torch.ops.adapmtl.sparse_conv2d on the ASPP 3x3 d6 and 1x1 head convs (41x41, batch 1) at
       90/95%, unstructured and pruned in 2/4/8/16 x 1 blocks, with one channel per tile, panels of 4 and 8,
       and the kernel's own choice (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation, 2 threads.
 
-    python benchmarks/bench_kernel_roofline.py            # ~3 minutes on 2 cores
+    python benchmarks/bench_kernel_roofline.py            # ~2 minutes on 2 cores
     python benchmarks/bench_kernel_roofline.py --quick    # a smoke run (small convs, runs/bench)
+    python benchmarks/bench_kernel_roofline.py --inner-loop-only   # ~75 s, one thread
 """
 from __future__ import annotations
 
@@ -30,21 +33,44 @@ from common import device_description, format_table, interleaved_median_ms, writ
 from adapmtl.ops.sparse_weight import SparseWeight  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "kernel_roofline.cpp"
+CXXFLAGS = ["-O3", "-march=native", "-std=c++17"]
+# Per-matrix code (M channels x NV vectors in registers): one channel as today, 8 x 3 (24 registers), and
+# FBGEMM generateSpMM's 24 rows x 1 vector.
+GENERATED = ("1x3", "8x3", "24x1")
 CONFIGS = {"one channel": "panel=1", "panel 4": "panel=4", "panel 8": "panel=8", "auto": ""}
 CONVS = {"ASPP 3x3 d6 512->1024": (512, 1024, 3, 6), "1x1 1024->1024": (1024, 1024, 1, 1)}
 
 
-def inner_loop(densities=(0.1, 0.05), reps: int = 20) -> list[dict]:
+def inner_loop(densities=(0.1, 0.05), reps: int = 20, columns: int = 432) -> list[dict]:
     """The microbenchmark's JSON lines, or [] (with a note) where g++ is missing."""
     if shutil.which("g++") is None:
         print("g++ not found: the inner-loop part is skipped")
         return []
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "roofline"
-        subprocess.run(["g++", "-O3", "-march=native", "-std=c++17", "-o", str(exe), str(SOURCE)], check=True)
-        return [json.loads(subprocess.run([str(exe), str(d), "432", str(reps)], check=True, capture_output=True,
-                                          text=True).stdout)
-                for d in densities]
+        subprocess.run(["g++", *CXXFLAGS, "-o", str(exe), str(SOURCE)], check=True)
+        lines = []
+        for d in densities:
+            libs = generated_libs(exe, d, columns, Path(tmp))
+            lines.append(json.loads(subprocess.run(
+                [str(exe), str(d), str(columns), str(reps), *(f"generated_{g}={lib}" for g, lib in libs.items())],
+                check=True, capture_output=True, text=True).stdout))
+        return lines
+
+
+def generated_libs(exe: Path, density: float, columns: int, tmp: Path) -> dict[str, Path]:
+    """The per-matrix code of every GENERATED tiling for this density's weight, compiled (in parallel) to
+    shared objects the microbenchmark loads: what a JIT with the weights in the code would run."""
+    libs, builds = {}, []
+    for g in GENERATED:
+        m, nv = g.split("x")
+        src, lib = tmp / f"generated_{g}_{density}.cpp", tmp / f"generated_{g}_{density}.so"
+        subprocess.run([str(exe), str(density), str(columns), "1", "emit", str(src), m, nv], check=True)
+        builds.append(subprocess.Popen(["g++", *CXXFLAGS, "-shared", "-fPIC", "-o", str(lib), str(src)]))
+        libs[g] = lib
+    if any(b.wait() != 0 for b in builds):
+        raise RuntimeError("compiling the generated variants failed")
+    return libs
 
 
 def block_pruned(oc: int, c: int, k: int, block: int, density: float, gen) -> torch.Tensor:
@@ -93,19 +119,24 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke run: small convs, 2 reps, runs/bench")
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--inner-loop-only", action="store_true",
+                   help="only the single-threaded microbenchmark, into kernel_roofline_inner_<cpu>.json")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     info = device_description("cpu")
-    loop = inner_loop((0.1,), reps=2) if args.quick else inner_loop()
+    # the quick run's block is L1-sized (48 columns): its generated code compiles in seconds, not a minute
+    loop = inner_loop((0.1,), reps=2, columns=48) if args.quick else inner_loop()
     for line in loop:
         print(f"inner loop at density {line['density']}: peak {line['peak_vfma_per_s'] / 1e9:.2f} G vector FMA/s; "
               + ", ".join(f"{k} {v['vfma_per_peak']:.2f}/peak ({v['loads_per_fma']:.2f} loads/FMA)"
                           for k, v in line.items() if isinstance(v, dict)))
-    rows = real_kernel(args.quick, 2 if args.quick else args.reps)
-    table = [{"case": f"{r['conv']} {r['sparsity']:.0%} {r['block']}", **r["ms"]} for r in rows]
-    print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
-    print(format_table(table, [("case", "case", "<36")] + [(c, c, ".2f") for c in CONFIGS]))
-    path = write_results("kernel_roofline", info, {"quick": args.quick, "inner_loop": loop, "real_kernel": rows},
+    rows = [] if args.inner_loop_only else real_kernel(args.quick, 2 if args.quick else args.reps)
+    if rows:
+        table = [{"case": f"{r['conv']} {r['sparsity']:.0%} {r['block']}", **r["ms"]} for r in rows]
+        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
+        print(format_table(table, [("case", "case", "<36")] + [(c, c, ".2f") for c in CONFIGS]))
+    name = "kernel_roofline_inner" if args.inner_loop_only else "kernel_roofline"
+    path = write_results(name, info, {"quick": args.quick, "inner_loop": loop, "real_kernel": rows},
                          out_dir=args.out_dir, smoke=args.quick)
     print(f"\nwrote {path}")
     return loop, rows

@@ -12,8 +12,18 @@
 //             NV input loads feed popcount(pattern) * NV FMAs, through one precompiled micro-kernel per
 //             pattern (Sparse Register Tiling's scheme, without per-matrix code).
 //   block M : the same with every column's pattern full, as a weight pruned in M x 1 blocks gives.
+//   scatter M: M output channels' accumulators (NV vectors each) in an L1-resident array instead of registers,
+//             so M can be large without 2^M micro-kernels: per column of the panel NV input loads, then per
+//             non-zero (channel, value) NV accumulator read-modify-writes. No per-matrix code.
+//   generated MxNV: per-matrix code, as a JIT would emit it (FBGEMM's generateSpMM keeps 24 output rows x 1
+//             vector): M channels x NV vectors in registers, every column's offset an immediate and every
+//             value a constant, no index or pattern dispatch at run time. This binary writes that code
+//             (`emit`), bench_kernel_roofline.py compiles it to a shared object and this binary times it.
 //   peak    : independent FMAs on registers only: the machine's FMA throughput, the unit of the others.
 #include <chrono>
+#include <dlfcn.h>
+#include <fstream>
+#include <string>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -112,6 +122,75 @@ __attribute__((noinline)) void run_block(const float* P, const int32_t* off, con
   }
 }
 
+// Accumulators in memory: a panel's columns each list the (channel, value) pairs it holds.
+template <int M, int NV>
+__attribute__((noinline)) void run_scatter(const float* P, const int32_t* coff, const int32_t* cptr,
+                                           const uint8_t* row, const float* val, const int32_t* pcol, int panels,
+                                           float* out) {
+  alignas(64) V acc[M][NV];
+  for (int p = 0; p < panels; ++p) {
+    for (int m = 0; m < M; ++m)
+      for (int i = 0; i < NV; ++i) acc[m][i] = V{};
+    for (int c = pcol[p]; c < pcol[p + 1]; ++c) {
+      const float* b = P + coff[c];
+      V x[NV];
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) x[i] = load(b + i * L);
+      for (int e = cptr[c]; e < cptr[c + 1]; ++e) {
+        V* a = acc[row[e]];
+        const float v = val[e];
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) a[i] += v * x[i];
+      }
+    }
+    for (int m = 0; m < M; ++m) std::memcpy(out + (p * M + m) * NV * L, &acc[m][0], sizeof(acc[m]));
+  }
+}
+
+// The source of the `generated` variant: one function per panel of M channels, each a row of W vectors stored
+// as run_single<1, W> stores it, computed NV vectors at a time (W / NV passes over the panel's columns, as
+// FBGEMM's SpMM code runs once per vector of N); the column offsets are immediates, the values constants.
+void emit_generated(const char* path, int M, int NV, int W, int OC, int NCOL, const std::vector<float>& dense) {
+  std::ofstream f(path);
+  f << "#include <cstring>\ntypedef float V __attribute__((vector_size(64)));\n"
+       "static inline V ld(const float* p) { V v; std::memcpy(&v, p, 64); return v; }\n";
+  const int panels = (OC + M - 1) / M;
+  for (int p = 0; p < panels; ++p) {
+    const int rows = std::min(M, OC - p * M);
+    f << "__attribute__((noinline)) static void p" << p << "(const float* __restrict P, float* __restrict out) {\n";
+    for (int pass = 0; pass < W / NV; ++pass) {
+      f << " {\n";
+      for (int m = 0; m < rows; ++m)
+        for (int i = 0; i < NV; ++i) f << "  V a" << m << "_" << i << " = V{};\n";
+      for (int j = 0; j < NCOL; ++j) {
+        bool any = false;
+        for (int m = 0; m < rows; ++m) any |= dense[size_t(p * M + m) * NCOL + j] != 0.f;
+        if (!any) continue;
+        f << "  {";
+        // the empty asm pins each input vector in a register: one load per column, not one folded into every FMA
+        for (int i = 0; i < NV; ++i)
+          f << " V x" << i << " = ld(P + " << j * 4 * L + (pass * NV + i) * L << "); asm(\"\" : \"+v\"(x" << i << "));";
+        for (int m = 0; m < rows; ++m) {
+          const float v = dense[size_t(p * M + m) * NCOL + j];
+          if (v == 0.f) continue;
+          char lit[64];
+          std::snprintf(lit, sizeof(lit), "%af", v);
+          for (int i = 0; i < NV; ++i) f << " a" << m << "_" << i << " += " << lit << " * x" << i << ";";
+        }
+        f << " }\n";
+      }
+      for (int m = 0; m < rows; ++m)
+        for (int i = 0; i < NV; ++i)
+          f << "  std::memcpy(out + " << ((p * M + m) * W + pass * NV + i) * L << ", &a" << m << "_" << i << ", 64);\n";
+      f << " }\n";
+    }
+    f << "}\n";
+  }
+  f << "extern \"C\" void run_generated(const float* P, float* out) {\n";
+  for (int p = 0; p < panels; ++p) f << " p" << p << "(P, out);\n";
+  f << "}\n";
+}
+
 // 12 independent chains (FMA latency 4 x 2 pipes + slack), registers only.
 __attribute__((noinline)) void peak(int64_t iters) {
   for (int64_t t = 0; t < iters; ++t) {
@@ -164,6 +243,14 @@ int main(int argc, char** argv) {
     seg.push_back(int32_t(off.size()));
   }
   const double nnz = double(off.size());
+  std::vector<float> dense(size_t(OC) * NCOL, 0.f);
+  for (int oc = 0; oc < OC; ++oc)
+    for (int k = seg[oc]; k < seg[oc + 1]; ++k) dense[size_t(oc) * NCOL + off[k] / (4 * L)] = val[k];
+  // `emit PATH M NV`: write the generated variant's source for this weight and stop
+  if (argc > 7 && std::string(argv[4]) == "emit") {
+    emit_generated(argv[5], std::atoi(argv[6]), std::atoi(argv[7]), 3, OC, NCOL, dense);
+    return 0;
+  }
   const double peak_s = best_seconds([&] { peak(int64_t(1) << 24); }, 5);
   const double peak_fma = 12.0 * double(int64_t(1) << 24) / peak_s;  // vector FMAs per second
   std::printf("{\"density\": %.3f, \"columns\": %d, \"peak_vfma_per_s\": %.4g", density, NCOL, peak_fma);
@@ -179,6 +266,60 @@ int main(int argc, char** argv) {
   {
     const double s = best_seconds([&] { run_single<1, 3>(P.data(), row_step, off.data(), val.data(), seg.data(), OC, out.data()); }, reps);
     report("single_1x3", nnz * 3, nnz * 3 + 2 * nnz, s);
+  }
+  // single_1x3's output is the reference of the variants below (same non-zeros, same per-channel order)
+  const std::vector<float> ref = out;
+  const auto max_error = [&] {
+    double e = 0;
+    for (size_t i = 0; i < size_t(OC) * 3 * L; ++i) e = std::max(e, double(std::abs(out[i] - ref[i])));
+    return e;
+  };
+  const auto scatter = [&](auto Mc, const char* name) {
+    constexpr int M = decltype(Mc)::value;
+    const int panels = OC / M;
+    std::vector<int32_t> coff, cptr{0}, pcol{0};
+    std::vector<uint8_t> row;
+    std::vector<float> sval;
+    for (int p = 0; p < panels; ++p) {
+      for (int j = 0; j < NCOL; ++j) {
+        for (int m = 0; m < M; ++m)
+          if (const float v = dense[size_t(p * M + m) * NCOL + j]; v != 0.f) row.push_back(uint8_t(m)), sval.push_back(v);
+        if (int32_t(row.size()) > cptr.back()) coff.push_back(j * 4 * L), cptr.push_back(int32_t(row.size()));
+      }
+      pcol.push_back(int32_t(coff.size()));
+    }
+    std::fill(out.begin(), out.end(), 0.f);
+    const double s = best_seconds([&] { run_scatter<M, 3>(P.data(), coff.data(), cptr.data(), row.data(), sval.data(), pcol.data(), panels, out.data()); }, reps);
+    const double cols = double(coff.size());
+    // loads: input vectors, the column's offset and range, and per non-zero its channel, value and 3 accumulators
+    std::printf(", \"%s\": {\"vfma_per_peak\": %.3f, \"loads_per_fma\": %.3f, \"input_loads_per_fma\": %.3f, "
+                "\"useful_vfma_per_peak\": %.3f, \"max_error\": %.3g}", name, nnz * 3 / s / peak_fma,
+                (cols * 5 + nnz * 5) / (nnz * 3), cols * 3 / (nnz * 3), nnz * 3 / s / peak_fma, max_error());
+  };
+  scatter(std::integral_constant<int, 8>{}, "scatter_8");
+  scatter(std::integral_constant<int, 32>{}, "scatter_32");
+  // `NAME=LIB NAME=LIB ...`: shared objects built from `emit` (name generated_<M>x<NV>), timed here
+  for (int a = 4; a < argc; ++a) {
+    const std::string arg = argv[a];
+    const size_t eq = arg.find('=');
+    if (eq == std::string::npos) continue;
+    const std::string name = arg.substr(0, eq);
+    void* lib = dlopen(arg.substr(eq + 1).c_str(), RTLD_NOW);
+    if (!lib) { std::fprintf(stderr, "%s\n", dlerror()); return 1; }
+    const auto fn = reinterpret_cast<void (*)(const float*, float*)>(dlsym(lib, "run_generated"));
+    std::fill(out.begin(), out.end(), 0.f);
+    const double s = best_seconds([&] { fn(P.data(), out.data()); }, reps);
+    int M = 0, NV = 0;
+    std::sscanf(name.c_str(), "generated_%dx%d", &M, &NV);
+    double cols = 0;  // columns of a panel holding any non-zero: one load per vector per pass
+    for (int p = 0; p * M < OC; ++p)
+      for (int j = 0; j < NCOL; ++j)
+        for (int m = 0; m < M && p * M + m < OC; ++m)
+          if (dense[size_t(p * M + m) * NCOL + j] != 0.f) { cols += 1; break; }
+    // loads: input vectors, and one value broadcast per non-zero per pass (NV FMAs share it)
+    std::printf(", \"%s\": {\"vfma_per_peak\": %.3f, \"loads_per_fma\": %.3f, \"input_loads_per_fma\": %.3f, "
+                "\"useful_vfma_per_peak\": %.3f, \"max_error\": %.3g}", name.c_str(), nnz * 3 / s / peak_fma,
+                (cols * 3 + nnz * 3.0 / NV) / (nnz * 3), cols / nnz, nnz * 3 / s / peak_fma, max_error());
   }
   // panel M: columns grouped by pattern within each panel of M channels
   const auto panel = [&](auto Mc, const char* name, auto full_c) {

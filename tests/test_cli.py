@@ -233,6 +233,11 @@ def test_the_kernel_roofline_benchmark_runs(tmp_path):
     if shutil.which("g++"):
         (line,) = loop
         assert line["peak_vfma_per_s"] > 0 and line["block_4"]["loads_per_fma"] < line["single_2x3"]["loads_per_fma"]
+        # the scatter and generated variants compute what today's loop does (same non-zeros, same order)
+        checked = [k for k in line if k.startswith(("scatter_", "generated_"))]
+        assert len(checked) == 2 + len(roof.GENERATED)
+        assert all(line[k]["max_error"] <= 1e-4 and line[k]["vfma_per_peak"] > 0 for k in checked)
+        assert line["generated_24x1"]["input_loads_per_fma"] < line["generated_1x3"]["input_loads_per_fma"] == 1
     saved = json.loads(next(tmp_path.glob("kernel_roofline_*.json")).read_text())
     assert saved["quick"] and saved["real_kernel"] == rows
 
