@@ -242,6 +242,19 @@ def test_the_kernel_roofline_benchmark_runs(tmp_path):
     assert saved["quick"] and saved["real_kernel"] == rows
 
 
+def test_the_memory_latency_benchmark_runs(tmp_path):
+    """A smoke run of benchmarks/bench_memory_latency.py: pointer-chase latency per buffer size, into --out-dir."""
+    import shutil
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not found")
+    bench = _bench_module("bench_memory_latency")
+    rows = bench.main(["--quick", "--out-dir", str(tmp_path)])
+    assert [r["mb"] for r in rows] == [1, 4]
+    assert all(0 < r["min"] <= r["p10"] <= r["median"] <= r["p90"] <= r["max"] and r["samples"] >= 1 for r in rows)
+    saved = json.loads(next(tmp_path.glob("memory_latency_*.json")).read_text())
+    assert saved["quick"] and saved["rows"] == rows
+
+
 @pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
 def test_the_peer_benchmark_runs_and_names_the_best_dense_runtime(tmp_path):
     """A smoke run of benchmarks/bench_peer.py (the compiled variants skipped: their compilation takes minutes):
