@@ -7,7 +7,8 @@
   compiles it to a shared library with the same custom-op calls (benchmarks/bench_export.py).
   Loading a .pt2 uses torch's own deserializer: treat it as trusted input.
 - **onnx** (`export_onnx`): the finalized dense model (soft thresholds baked into plain Conv2d /
-  Linear weights: ONNX has no sparse convolution), via `torch.onnx.export(dynamo=True)`, for
+  Linear weights: ONNX has no sparse convolution), via `torch.onnx.export(dynamo=True)` (or the legacy
+  TorchScript exporter, `exporter="torchscript"`, for runtimes that read only older ONNX IR), for
   onnxruntime and other runtimes. Needs `pip install onnx onnxscript`.
 
 Which to use: safetensors (`adapmtl export`, the default) for our sparse kernels from eager PyTorch on
@@ -73,16 +74,25 @@ def export_pt2(model: nn.Module, example_input: Any, path, dynamic_batch: bool =
     return program
 
 
-def export_onnx(model: nn.Module, example_input: Any, path, output_names: list[str] | None = None) -> None:
+ONNX_EXPORTERS = ("dynamo", "torchscript")
+
+
+def export_onnx(model: nn.Module, example_input: Any, path, output_names: list[str] | None = None,
+                exporter: str = "dynamo") -> None:
     """Write the dense, finalized form of `model` (a copy: STR layers baked into plain layers) as ONNX.
-    Outputs are named `output_names`, default the keys of a dict-returning model (its tasks)."""
+    Outputs are named `output_names`, default the keys of a dict-returning model (its tasks).
+    exporter: "dynamo" (torch.onnx's default, needs onnxscript) or "torchscript" (the legacy exporter, opset 17,
+    ONNX IR 8: the file older runtimes such as DeepSparse 1.8 read; needs only onnx)."""
     from adapmtl.sparsify import finalize
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: argument 'model' must be an nn.Module, got {type(model).__name__}")
+    if exporter not in ONNX_EXPORTERS:
+        raise ValueError(f"export_onnx: argument 'exporter' must be one of {ONNX_EXPORTERS}, got {exporter!r}")
     try:
         import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
+        if exporter == "dynamo":
+            import onnxscript  # noqa: F401
     except ImportError as exc:
         raise ImportError("export_onnx needs `pip install onnx onnxscript` (onnxruntime to run the file)") from exc
     dense = finalize(copy.deepcopy(model)).eval()
@@ -91,5 +101,8 @@ def export_onnx(model: nn.Module, example_input: Any, path, output_names: list[s
         out = dense(*args)
     if output_names is None and isinstance(out, dict):
         output_names = list(out)
-    torch.onnx.export(dense, args, os.fspath(path), dynamo=True, output_names=output_names)
+    if exporter == "dynamo":
+        torch.onnx.export(dense, args, os.fspath(path), dynamo=True, output_names=output_names)
+    else:
+        torch.onnx.export(dense, args, os.fspath(path), dynamo=False, opset_version=17, output_names=output_names)
     os.chmod(path, output_mode())

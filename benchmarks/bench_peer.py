@@ -49,7 +49,6 @@ from adapmtl.export_format import default_concrete_args  # noqa: E402
 from adapmtl.export_passes import fuse_epilogues  # noqa: E402
 from adapmtl.interchange import export_onnx  # noqa: E402
 from adapmtl.ops import clear_cpu_sparse_plan_cache, cpu_sparse_plan_cache_info  # noqa: E402
-from adapmtl.sparsify import finalize  # noqa: E402
 
 ROWS = {
     "aspp_d6_90": ("conv", dict(cin=512, cout=1024, k=3, dilation=6, size=41), 0.90),
@@ -125,13 +124,7 @@ def _onnx_exporter() -> str:
 
 def _onnx_file(model, x, tmp, exporter: str) -> str:
     path = os.path.join(tmp, "m.onnx")
-    if exporter == "dynamo":
-        export_onnx(model, x, path)
-    else:
-        dense = finalize(copy.deepcopy(model)).eval()
-        out = dense(x)
-        names = list(out) if isinstance(out, dict) else None
-        torch.onnx.export(dense, (x,), path, dynamo=False, opset_version=17, output_names=names)
+    export_onnx(model, x, path, exporter=exporter)
     return path
 
 

@@ -59,12 +59,13 @@ def test_pt2_refuses_training_layers(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="needs onnx, onnxscript and onnxruntime")
-def test_onnx_of_the_finalized_model_matches_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_of_the_finalized_model_matches_in_onnxruntime(tmp_path, exporter):
     import onnxruntime as ort
 
     model = _str_model(1)
     x = torch.randn(1, 3, 48, 48)
-    export_onnx(model, x, tmp_path / "m.onnx")
+    export_onnx(model, x, tmp_path / "m.onnx", exporter=exporter)
     assert adapmtl.str_layers(model)  # the caller's model is left as it was
     with torch.no_grad():
         want = adapmtl.finalize(model)(x)
@@ -73,6 +74,12 @@ def test_onnx_of_the_finalized_model_matches_in_onnxruntime(tmp_path):
     assert [o.name for o in session.get_outputs()] == list(want)
     for (task, ref), got in zip(want.items(), outs):
         torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_exporter_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="argument 'exporter'"):
+        export_onnx(nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "m.onnx", exporter="jit")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_export_formats(tmp_path, monkeypatch):

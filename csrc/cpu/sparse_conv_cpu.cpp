@@ -964,22 +964,24 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   key.insert(key.end(), s.tap_used.begin(), s.tap_used.end());
   key.push_back(s.full_taps);
   key.insert(key.end(), s.tap_of.begin(), s.tap_of.end());
+  // What a plan (rows or panels) holds, and whether it depends on the values: one read in place (empty val)
+  // depends on rp and ci alone (nonfinite_skipped is only set where val holds the values).
+  const auto plan_bytes = [nnz](const auto& e) {
+    return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4);
+  };
+  const auto holds_values = [](const auto& e) { return !e.val.empty(); };
   std::shared_ptr<const EncodedRows<T>> enc;
   std::shared_ptr<const EncodedPanels<T>> panels;
   if (s.panel > 1) {
     panels = PlanCache::instance().get<EncodedPanels<T>>(
         key, rp, OC, ci, nnz, vals, sizeof(T), [&] { return encode_panels<T>(op, rp, ci, vals, nnz, OC, s, blocks); },
-        [&](const EncodedPanels<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); },
-        [](const EncodedPanels<T>& e) { return !e.val.empty(); });
+        plan_bytes, holds_values);
     if (panels->nonfinite_skipped) return false;
   } else {
     enc = PlanCache::instance().get<EncodedRows<T>>(
         key, rp, OC, ci, nnz, vals, sizeof(T),
-        [&] { return encode_rows<T>(op, rp, ci, vals, nnz, OC, s, blocks, channel_blocks); },
-        [&](const EncodedRows<T>& e) { return int64_t(nnz * 4 + e.val.size() * sizeof(T) + e.seg.size() * 4); },
-        // read in place (empty val): the plan depends on rp and ci alone (nonfinite_skipped is only set
-        // where val holds the values)
-        [](const EncodedRows<T>& e) { return !e.val.empty(); });
+        [&] { return encode_rows<T>(op, rp, ci, vals, nnz, OC, s, blocks, channel_blocks); }, plan_bytes,
+        holds_values);
     if (enc->nonfinite_skipped) return false;
   }
   // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
@@ -1077,9 +1079,11 @@ void pack_conv_input(const at::Tensor& x, T* P, int64_t n0, int64_t count, const
 
 at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                       const at::Tensor& values, const c10::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const Epilogue& epi) {
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      const c10::optional<at::Tensor>& residual, c10::optional<double> lo, c10::optional<double> hi) {
   const ConvGeometry g = check_sparse_conv2d_args(op, x, row_ptr, col_idx, values, bias, weight_shape, stride,
                                                   padding, dilation, /*reduced=*/false);
+  check_conv_epilogue(op, x, g, residual, lo, hi);
   check_cpu_csr(op, x, row_ptr, col_idx.numel(), g.OC);
   const int64_t N = g.N, C = g.C, H = g.H, W = g.W, OC = g.OC, KH = g.KH, KW = g.KW;
   const int64_t sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw, dh = g.dh, dw = g.dw;
@@ -1087,12 +1091,17 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   // A 1x1, stride-1, unpadded conv is a 1 x (H * W) conv: one long output row per channel, so vectors run
   // across row ends instead of idling at each row's tail (41 columns fill 41 of 48 lanes): ~15% faster.
   if (KH == 1 && KW == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && H > 1) {
-    Epilogue flat_epi = epi;
-    if (epi.residual.defined()) flat_epi.residual = epi.residual.view({N, OC, 1, H * W});
+    const auto flat_residual =
+        residual.has_value() ? c10::optional<at::Tensor>(residual->reshape({N, OC, 1, H * W})) : c10::nullopt;
     const at::Tensor flat = conv2d_cpu(op, x.reshape({N, C, 1, H * W}), row_ptr, col_idx, values, bias, weight_shape,
-                                       stride, padding, dilation, flat_epi);
+                                       stride, padding, dilation, flat_residual, lo, hi);
     return flat.view({N, OC, H, W});  // a view keeps the flat result's memory format (NCHW or channels-last)
   }
+  Epilogue epi;
+  epi.clamp = lo.has_value() || hi.has_value();
+  epi.lo = lo.value_or(-std::numeric_limits<double>::infinity());
+  epi.hi = hi.value_or(std::numeric_limits<double>::infinity());
+  if (residual.has_value()) epi.residual = residual->contiguous();  // NCHW, as the kernel stores
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   auto out = pooled_empty({N, OC, OH, OW}, x.options());  // large outputs: recycled, not faulted in again
   if (out.numel() == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
@@ -1203,7 +1212,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                              at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation) {
   return conv2d_cpu("adapmtl::sparse_conv2d", x, row_ptr, col_idx, values, bias, weight_shape, stride, padding,
-                    dilation, Epilogue{});
+                    dilation, c10::nullopt, c10::nullopt, c10::nullopt);
 }
 
 // clamp(conv + bias + residual, lo, hi) with the add and the clamp in the kernel's store (module comment).
@@ -1212,16 +1221,8 @@ at::Tensor sparse_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& row_pt
                                    at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, const c10::optional<at::Tensor>& residual,
                                    c10::optional<double> lo_in, c10::optional<double> hi_in) {
-  const char* op = "adapmtl::sparse_conv2d_fused";
-  const ConvGeometry g = check_sparse_conv2d_args(op, x, row_ptr, col_idx, values, bias, weight_shape, stride,
-                                                  padding, dilation, /*reduced=*/false);
-  check_conv_epilogue(op, x, g, residual, lo_in, hi_in);
-  Epilogue epi;
-  epi.clamp = lo_in.has_value() || hi_in.has_value();
-  epi.lo = lo_in.value_or(-std::numeric_limits<double>::infinity());
-  epi.hi = hi_in.value_or(std::numeric_limits<double>::infinity());
-  if (residual.has_value()) epi.residual = residual->contiguous();  // NCHW, as the kernel stores
-  return conv2d_cpu(op, x, row_ptr, col_idx, values, bias, weight_shape, stride, padding, dilation, epi);
+  return conv2d_cpu("adapmtl::sparse_conv2d_fused", x, row_ptr, col_idx, values, bias, weight_shape, stride,
+                    padding, dilation, residual, lo_in, hi_in);
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
