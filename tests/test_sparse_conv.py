@@ -166,6 +166,54 @@ def test_sparse_conv2d_matches_dense(backend, device, dtype):
         _check_conv(backend, device, dtype, case)
 
 
+TRITON_PAIRS = [p for p in PAIRS if p[0] == "triton"]
+
+
+@pytest.mark.skipif(not TRITON_PAIRS, reason="needs triton (on CUDA, or interpreted on the CPU)")
+@pytest.mark.parametrize("rows", [2, 4, 8])
+def test_triton_rows_kernel_shares_gathers_where_rows_match(rows, monkeypatch):
+    """ADAPMTL_TRITON_SPARSE_ROWS: channels whose rows hold the same columns (block-pruned) share each gather,
+    others run row by row; the same result as F.conv2d either way, partial last groups and empty blocks too."""
+    from adapmtl.triton_kernels import sparse_conv as kernels
+
+    (_, device), = TRITON_PAIRS
+    monkeypatch.setenv("ADAPMTL_TRITON_SPARSE_ROWS", str(rows))
+    g = torch.Generator().manual_seed(rows)
+    oc, c = 3 * rows + 1, 5
+    groups = -(-oc // rows)
+    for block, dtype, layout in [(rows, torch.float32, "nchw"), (rows, torch.float64, "cl"), (1, torch.float32, "view")]:
+        live = torch.rand((oc + block - 1) // block, c, 3, 3, generator=g) < 0.4
+        live[0] = False  # an empty block: a group of empty rows
+        w = (torch.randn(oc, c, 3, 3, generator=g, dtype=dtype) * live.repeat_interleave(block, 0)[:oc]).to(device)
+        case = dict(n=2, c=c, h=9, w=8, layout=layout)
+        x = _make_input(case, dtype, device, g)
+        b = torch.randn(oc, generator=g, dtype=dtype).to(device)
+        sw = SparseWeight.from_dense(w)
+        shared = torch.zeros(groups, dtype=torch.int32, device=device)
+        out = kernels.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, b, list(w.shape), [1, 2], [2, 1], [2, 1],
+                                    record_shared=shared)
+        assert_conv_close(out, x, w, b, (1, 2), (2, 1), (2, 1), msg=f"rows={rows} block={block}")
+        if block == rows:
+            assert shared.tolist() == [1] * groups
+        else:  # unstructured at 40% density: no group of 2+ rows holds the same 45-column pattern
+            assert shared[:-1].sum() == 0 and shared[-1] == 1  # the last group is one row
+    # through the op layer too
+    out = sparse_conv2d(x, sw, b, (1, 2), (2, 1), (2, 1), backend="triton")
+    assert_conv_close(out, x, w, b, (1, 2), (2, 1), (2, 1))
+
+
+def test_triton_rows_setting_is_checked(monkeypatch):
+    pytest.importorskip("triton")
+    from adapmtl.triton_kernels import sparse_conv as kernels
+
+    for bad in ("3", "0", "four", "16", ""):
+        monkeypatch.setenv("ADAPMTL_TRITON_SPARSE_ROWS", bad)
+        with pytest.raises(ValueError, match="ADAPMTL_TRITON_SPARSE_ROWS must be one of 1, 2, 4, 8"):
+            kernels.rows_per_program()
+    monkeypatch.delenv("ADAPMTL_TRITON_SPARSE_ROWS")
+    assert kernels.rows_per_program() == 1
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_sparse_conv2d_fully_pruned_and_dense(backend, device, density):

@@ -11,6 +11,11 @@ a [BLOCK_K, BLOCK_P] tile of products reduced over K per step. Output
 channels vary fastest across programs, so programs that read the same x tile run close together and
 share it in L2.
 
+With ADAPMTL_TRITON_SPARSE_ROWS = 2, 4 or 8 (opt-in, see rows_per_program) a program takes that many
+consecutive output channels; where their rows hold the same columns (a weight pruned in blocks of output
+channels) one gather of x feeds them all, else each row runs as above. Checked per program from the indices,
+so any CSR weight gives the same result either way.
+
 sparse_linear: one program per (output feature, tile of BLOCK_M input rows), the same walk over the row.
 
 Accumulation in float32 (float64 for float64), in a fixed order: deterministic. The index arrays are
@@ -19,6 +24,7 @@ the row, of col_idx and of the weight, so a bad index contributes nothing instea
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -51,22 +57,11 @@ def _store_cast(ptrs, acc, mask, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _sparse_conv2d_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, nnz_total, C_in, H, W,
-                          x_sn, x_sc, x_sh, x_sw, H_out, W_out, o_sn, o_sc, o_sh, o_sw,
-                          sh, sw, ph, pw, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, F64: tl.constexpr, SOFT_BF16: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    o = tl.program_id(0)
-    tile = tl.program_id(1)
-    n = tl.program_id(2)
-    P = H_out * W_out
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < P
-    oh = p // W_out
-    ow = p - oh * W_out
-    ih0 = oh * sh - ph  # top-left input position of each output pixel's window
-    iw0 = ow * sw - pw
-    x_img = x_ptr + n.to(tl.int64) * x_sn  # offsets inside one image fit in int32 (checked by the launcher)
+def _conv_row(x_img, row_ptr, col_ptr, val_ptr, o, nnz_total, C_in, H, W, x_sc, x_sh, x_sw, ih0, iw0, p_ok,
+              dh, dw, KH: tl.constexpr, KW: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Output channel o's products at the tile's pixels: its row's non-zeros BLOCK_K at a time, x gathered
+    through an implicit im2col (padding is the bounds mask)."""
     first = tl.load(row_ptr + o)
     last = tl.minimum(tl.load(row_ptr + o + 1), nnz_total)
     cols = C_in * KH * KW
@@ -89,10 +84,113 @@ def _sparse_conv2d_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, n
         ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         xv = tl.load(x_img + (c * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=ok, other=0.0).to(acc.dtype)
         acc += tl.sum(v[:, None] * xv, axis=0)
+    return acc
+
+
+@triton.jit
+def _sparse_conv2d_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, nnz_total, C_in, H, W,
+                          x_sn, x_sc, x_sh, x_sw, H_out, W_out, o_sn, o_sc, o_sh, o_sw,
+                          sh, sw, ph, pw, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, F64: tl.constexpr, SOFT_BF16: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    o = tl.program_id(0)
+    tile = tl.program_id(1)
+    n = tl.program_id(2)
+    P = H_out * W_out
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    oh = p // W_out
+    ow = p - oh * W_out
+    ih0 = oh * sh - ph  # top-left input position of each output pixel's window
+    iw0 = ow * sw - pw
+    x_img = x_ptr + n.to(tl.int64) * x_sn  # offsets inside one image fit in int32 (checked by the launcher)
+    acc = _conv_row(x_img, row_ptr, col_ptr, val_ptr, o, nnz_total, C_in, H, W, x_sc, x_sh, x_sw, ih0, iw0, p_ok,
+                    dh, dw, KH, KW, F64, BLOCK_P, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o).to(acc.dtype)
     out = out_ptr + n.to(tl.int64) * o_sn + o.to(tl.int64) * o_sc + oh.to(tl.int64) * o_sh + ow.to(tl.int64) * o_sw
     _store_cast(out, acc, p_ok, SOFT_BF16)
+
+
+@triton.jit
+def _sparse_conv2d_rows_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, nnz_total, C_in, H, W, C_out,
+                               x_sn, x_sc, x_sh, x_sw, H_out, W_out, o_sn, o_sc, o_sh, o_sw,
+                               sh, sw, ph, pw, dh, dw, shared_ptr, KH: tl.constexpr, KW: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, F64: tl.constexpr, SOFT_BF16: tl.constexpr,
+                               ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                               RECORD: tl.constexpr):
+    """ROWS consecutive output channels per program. Where their rows hold the same columns (a weight pruned
+    in blocks of output channels, by our block thresholds or anyone's), each gather of x feeds all ROWS
+    channels; otherwise each row runs as in _sparse_conv2d_kernel. Decided per program from the indices
+    (RECORD: which way, into shared_ptr[channel group], for the tests)."""
+    o0 = tl.program_id(0) * ROWS
+    tile = tl.program_id(1)
+    n = tl.program_id(2)
+    P = H_out * W_out
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    oh = p // W_out
+    ow = p - oh * W_out
+    ih0 = oh * sh - ph
+    iw0 = ow * sw - pw
+    x_img = x_ptr + n.to(tl.int64) * x_sn
+    r = tl.arange(0, ROWS)
+    o = o0 + r
+    o_ok = o < C_out
+    first = tl.load(row_ptr + o, mask=o_ok, other=0)
+    length = tl.minimum(tl.load(row_ptr + o + 1, mask=o_ok, other=0), nnz_total) - first
+    first0 = tl.load(row_ptr + o0)
+    len0 = tl.minimum(tl.load(row_ptr + o0 + 1), nnz_total) - first0
+    cols = C_in * KH * KW
+    # shared: every channel of the program has row o0's length and columns (index loads only)
+    diff = tl.sum(tl.where(o_ok & (length != len0), 1, 0))
+    for k0 in range(0, len0, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < len0
+        at = first[:, None] + k[None, :]  # [ROWS, BLOCK_K]
+        at_ok = o_ok[:, None] & k_ok[None, :] & (at >= 0) & (at < nnz_total)
+        c_r = tl.load(col_ptr + at, mask=at_ok, other=-1)
+        c_0 = tl.load(col_ptr + first0 + k, mask=k_ok & (first0 + k >= 0) & (first0 + k < nnz_total), other=-1)
+        diff += tl.sum(tl.sum(tl.where(o_ok[:, None] & k_ok[None, :] & (c_r != c_0[None, :]), 1, 0), axis=1), axis=0)
+    if RECORD:
+        tl.store(shared_ptr + tl.program_id(0), (diff == 0).to(tl.int32))
+    if diff == 0:
+        if F64:
+            acc = tl.zeros([ROWS, BLOCK_P], dtype=tl.float64)
+        else:
+            acc = tl.zeros([ROWS, BLOCK_P], dtype=tl.float32)
+        for k0 in range(0, len0, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            at0 = first0 + k
+            k_ok = (k < len0) & (at0 >= 0) & (at0 < nnz_total)
+            col = tl.load(col_ptr + at0, mask=k_ok, other=0)
+            k_ok = k_ok & (col >= 0) & (col < cols)
+            at = first[:, None] + k[None, :]
+            v = tl.load(val_ptr + at, mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(acc.dtype)  # [ROWS, K]
+            c = col // (KH * KW)
+            rem = col - c * (KH * KW)
+            kh = rem // KW
+            kw = rem - kh * KW
+            ih = ih0[None, :] + (kh * dh)[:, None]  # [BLOCK_K, BLOCK_P]
+            iw = iw0[None, :] + (kw * dw)[:, None]
+            ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(x_img + (c * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=ok, other=0.0).to(acc.dtype)
+            acc += tl.sum(v[:, :, None] * xv[None, :, :], axis=1)  # one gather, ROWS channels
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(acc.dtype)[:, None]
+        out = (out_ptr + n.to(tl.int64) * o_sn + o.to(tl.int64)[:, None] * o_sc
+               + (oh.to(tl.int64) * o_sh + ow.to(tl.int64) * o_sw)[None, :])
+        _store_cast(out, acc, o_ok[:, None] & p_ok[None, :], SOFT_BF16)
+    else:
+        for i in tl.static_range(ROWS):
+            if o0 + i < C_out:
+                acc1 = _conv_row(x_img, row_ptr, col_ptr, val_ptr, o0 + i, nnz_total, C_in, H, W, x_sc, x_sh, x_sw,
+                                 ih0, iw0, p_ok, dh, dw, KH, KW, F64, BLOCK_P, BLOCK_K)
+                if HAS_BIAS:
+                    acc1 += tl.load(bias_ptr + o0 + i).to(acc1.dtype)
+                out1 = (out_ptr + n.to(tl.int64) * o_sn + (o0 + i).to(tl.int64) * o_sc + oh.to(tl.int64) * o_sh
+                        + ow.to(tl.int64) * o_sw)
+                _store_cast(out1, acc1, p_ok, SOFT_BF16)
 
 
 @triton.jit
@@ -156,9 +254,12 @@ def sparse_conv2d(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    record_shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, stride, padding, dilation)` (groups 1, zero padding) with the weight given
     as CSR rows per output channel. Inference only (no autograd).
+    record_shared (tests): an int32 tensor of one entry per group of rows_per_program() channels, set to 1
+    where that group's gathers were shared (rows_per_program() > 1 only).
 
     Args:
         x: [N, C_in, H, W], float32/float64/float16/bfloat16, on CUDA (or CPU under TRITON_INTERPRET=1);
@@ -196,17 +297,35 @@ def sparse_conv2d(
     x = x.detach().contiguous(memory_format=fmt)
     row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.detach().contiguous()
     bias_arg = bias.detach().contiguous() if bias is not None else values  # never read without HAS_BIAS
+    rows = rows_per_program()
     with _device_guard(x):
         for n0 in range(0, N, _MAX_GRID_YZ):  # grid axis 2 holds at most 65535 images
             nb = min(_MAX_GRID_YZ, N - n0)
-            _sparse_conv2d_kernel[(C_out, tiles, nb)](
-                x[n0:n0 + nb], row_ptr, col_idx, values, bias_arg, out[n0:n0 + nb], values.numel(), C_in, H, W,
-                *x.stride(), H_out, W_out, *out.stride(), sh, sw, ph, pw, dh, dw, KH=KH, KW=KW,
-                HAS_BIAS=bias is not None,
-                F64=x.dtype == torch.float64, SOFT_BF16=_soft_bf16(x), BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K,
-                num_warps=4,
-            )
+            args = (x[n0:n0 + nb], row_ptr, col_idx, values, bias_arg, out[n0:n0 + nb], values.numel(), C_in, H, W)
+            geometry = (*x.stride(), H_out, W_out, *out.stride(), sh, sw, ph, pw, dh, dw)
+            flags = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, F64=x.dtype == torch.float64,
+                         SOFT_BF16=_soft_bf16(x), BLOCK_P=_BLOCK_P, num_warps=4)
+            if rows == 1:
+                _sparse_conv2d_kernel[(C_out, tiles, nb)](*args, *geometry, BLOCK_K=_BLOCK_K, **flags)
+            else:  # the [ROWS, BLOCK_K, BLOCK_P] products stay the size of one row's [BLOCK_K, BLOCK_P]
+                _sparse_conv2d_rows_kernel[(triton.cdiv(C_out, rows), tiles, nb)](
+                    *args, C_out, *geometry, values if record_shared is None else record_shared, ROWS=rows,
+                    BLOCK_K=max(4, _BLOCK_K // rows), RECORD=record_shared is not None, **flags)
     return out
+
+
+ROWS_ENV = "ADAPMTL_TRITON_SPARSE_ROWS"
+ROWS_CHOICES = ("1", "2", "4", "8")
+
+
+def rows_per_program() -> int:
+    """Output channels per program of the Triton sparse conv: ADAPMTL_TRITON_SPARSE_ROWS, 1 (the default: one
+    channel per program) or 2, 4, 8 (_sparse_conv2d_rows_kernel: channels whose rows hold the same columns share
+    each gather of x). Opt-in until timed on a GPU: no GPU has run it yet."""
+    value = os.environ.get(ROWS_ENV, "1").strip()
+    if value not in ROWS_CHOICES:
+        raise ValueError(f"{ROWS_ENV} must be one of {', '.join(ROWS_CHOICES)}, got {value!r}")
+    return int(value)
 
 
 def sparse_linear(
