@@ -172,12 +172,12 @@ TRITON_PAIRS = [p for p in PAIRS if p[0] == "triton"]
 @pytest.mark.skipif(not TRITON_PAIRS, reason="needs triton (on CUDA, or interpreted on the CPU)")
 @pytest.mark.parametrize("rows", [2, 4, 8])
 def test_triton_rows_kernel_shares_gathers_where_rows_match(rows, monkeypatch):
-    """ADAPMTL_TRITON_SPARSE_ROWS: channels whose rows hold the same columns (block-pruned) share each gather,
+    """ADAPMTL_GPU_SPARSE_ROWS: channels whose rows hold the same columns (block-pruned) share each gather,
     others run row by row; the same result as F.conv2d either way, partial last groups and empty blocks too."""
     from adapmtl.triton_kernels import sparse_conv as kernels
 
     (_, device), = TRITON_PAIRS
-    monkeypatch.setenv("ADAPMTL_TRITON_SPARSE_ROWS", str(rows))
+    monkeypatch.setenv("ADAPMTL_GPU_SPARSE_ROWS", str(rows))
     g = torch.Generator().manual_seed(rows)
     oc, c = 3 * rows + 1, 5
     groups = -(-oc // rows)
@@ -202,15 +202,39 @@ def test_triton_rows_kernel_shares_gathers_where_rows_match(rows, monkeypatch):
     assert_conv_close(out, x, w, b, (1, 2), (2, 1), (2, 1))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in available_sparse_backends("cuda"),
+                    reason="needs a CUDA device and the CUDA extension")
+@pytest.mark.parametrize("rows", [2, 4, 8])
+def test_cuda_rows_kernel_matches_dense(rows, monkeypatch):
+    """The CUDA kernel with ADAPMTL_GPU_SPARSE_ROWS: block-pruned (shared gathers) and unstructured (row by row)
+    weights, partial last groups, empty blocks, every dtype it implements, against F.conv2d."""
+    monkeypatch.setenv("ADAPMTL_GPU_SPARSE_ROWS", str(rows))
+    g = torch.Generator().manual_seed(rows)
+    oc, c = 3 * rows + 1, 5
+    for block in (rows, 1):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            live = torch.rand((oc + block - 1) // block, c, 3, 3, generator=g) < 0.4
+            live[0] = False
+            w = torch.randn(oc, c, 3, 3, generator=g).to(dtype) * live.repeat_interleave(block, 0)[:oc]
+            x = torch.randn(2, c, 40, 37, generator=g).to(dtype)
+            b = torch.randn(oc, generator=g).to(dtype)
+            out = sparse_conv2d(x.cuda(), SparseWeight.from_dense(w.cuda()), b.cuda(), (1, 2), (2, 1), (2, 1),
+                                backend="cuda")
+            assert_conv_close(out.cpu(), x, w, b, (1, 2), (2, 1), (2, 1), msg=f"rows={rows} block={block} {dtype}")
+    monkeypatch.setenv("ADAPMTL_GPU_SPARSE_ROWS", "3")
+    with pytest.raises(ValueError, match="ADAPMTL_GPU_SPARSE_ROWS"):
+        sparse_conv2d(x.cuda(), SparseWeight.from_dense(w.cuda()), b.cuda(), backend="cuda")
+
+
 def test_triton_rows_setting_is_checked(monkeypatch):
     pytest.importorskip("triton")
     from adapmtl.triton_kernels import sparse_conv as kernels
 
     for bad in ("3", "0", "four", "16", ""):
-        monkeypatch.setenv("ADAPMTL_TRITON_SPARSE_ROWS", bad)
-        with pytest.raises(ValueError, match="ADAPMTL_TRITON_SPARSE_ROWS must be one of 1, 2, 4, 8"):
+        monkeypatch.setenv("ADAPMTL_GPU_SPARSE_ROWS", bad)
+        with pytest.raises(ValueError, match="ADAPMTL_GPU_SPARSE_ROWS must be one of 1, 2, 4, 8"):
             kernels.rows_per_program()
-    monkeypatch.delenv("ADAPMTL_TRITON_SPARSE_ROWS")
+    monkeypatch.delenv("ADAPMTL_GPU_SPARSE_ROWS")
     assert kernels.rows_per_program() == 1
 
 

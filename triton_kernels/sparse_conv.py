@@ -11,7 +11,7 @@ a [BLOCK_K, BLOCK_P] tile of products reduced over K per step. Output
 channels vary fastest across programs, so programs that read the same x tile run close together and
 share it in L2.
 
-With ADAPMTL_TRITON_SPARSE_ROWS = 2, 4 or 8 (opt-in, see rows_per_program) a program takes that many
+With ADAPMTL_GPU_SPARSE_ROWS = 2, 4 or 8 (opt-in, see rows_per_program) a program takes that many
 consecutive output channels; where their rows hold the same columns (a weight pruned in blocks of output
 channels) one gather of x feeds them all, else each row runs as above. Checked per program from the indices,
 so any CSR weight gives the same result either way.
@@ -314,14 +314,14 @@ def sparse_conv2d(
     return out
 
 
-ROWS_ENV = "ADAPMTL_TRITON_SPARSE_ROWS"
+ROWS_ENV = "ADAPMTL_GPU_SPARSE_ROWS"
 ROWS_CHOICES = ("1", "2", "4", "8")
 
 
 def rows_per_program() -> int:
-    """Output channels per program of the Triton sparse conv: ADAPMTL_TRITON_SPARSE_ROWS, 1 (the default: one
+    """Output channels per program of the Triton sparse conv: ADAPMTL_GPU_SPARSE_ROWS, 1 (the default: one
     channel per program) or 2, 4, 8 (_sparse_conv2d_rows_kernel: channels whose rows hold the same columns share
-    each gather of x). Opt-in until timed on a GPU: no GPU has run it yet."""
+    each gather of x). The CUDA kernel reads the same variable. Opt-in until timed on a GPU: none has run it yet."""
     value = os.environ.get(ROWS_ENV, "1").strip()
     if value not in ROWS_CHOICES:
         raise ValueError(f"{ROWS_ENV} must be one of {', '.join(ROWS_CHOICES)}, got {value!r}")

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/env.h"
 
 namespace adapmtl {
 namespace {
@@ -50,6 +51,15 @@ struct NzEntry {
   int dx;   // kw * dil_w
   A val;
 };
+
+// ADAPMTL_GPU_SPARSE_ROWS (1, 2, 4 or 8; unset: 1): output channels per block of the sparse conv, as for the
+// Triton kernel (triton_kernels/sparse_conv.py). Opt-in until timed on a GPU.
+int64_t gpu_sparse_rows() {
+  const int64_t rows = env_int("ADAPMTL_GPU_SPARSE_ROWS", 1, 1, 8);
+  TORCH_CHECK_VALUE(rows == 1 || rows == 2 || rows == 4 || rows == 8,
+                    "ADAPMTL_GPU_SPARSE_ROWS must be one of 1, 2, 4, 8, got ", rows);
+  return rows;
+}
 
 int sm_count() {
   int device = 0;
@@ -78,17 +88,55 @@ __device__ __forceinline__ void stage_row(NzEntry<A>* nz, const int* __restrict_
   }
 }
 
-template <typename T, int kPix>
-__global__ void __launch_bounds__(kConvThreads)
-    sparse_conv2d_kernel(const T* __restrict__ x, const int* __restrict__ row_ptr, const int* __restrict__ col_idx,
-                         const T* __restrict__ values, const T* __restrict__ bias, T* __restrict__ out, int C_in,
-                         int H, int W, int C_out, int KH, int KW, int H_out, int W_out, int sh, int sw, int ph,
-                         int pw, int dh, int dw, int64_t total_pixels, int64_t out_sn, int64_t out_sc,
-                         int64_t out_sp) {
-  using A = at::opmath_type<T>;
-  __shared__ NzEntry<A> nz[kChunk];
+// The tile's pixels for thread threadIdx.x: where each one's window starts in x (ih0, iw0, and base, its offset
+// in the batch); a pixel past the end gets coordinates that fail every bounds check.
+template <int kPix>
+__device__ __forceinline__ void tile_pixels(int64_t tile, int64_t total_pixels, int64_t P, int W_out, int sh, int sw,
+                                            int ph, int pw, int W, int64_t image, int64_t (&base)[kPix],
+                                            int (&ih0)[kPix], int (&iw0)[kPix]) {
   constexpr int kTile = kConvThreads * kPix;
-  const int row = blockIdx.x;
+#pragma unroll
+  for (int k = 0; k < kPix; ++k) {
+    const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
+    if (q < total_pixels) {
+      const int64_t n = q / P;
+      const int p = static_cast<int>(q - n * P);
+      const int oh = p / W_out;
+      const int ow = p - oh * W_out;
+      ih0[k] = oh * sh - ph;
+      iw0[k] = ow * sw - pw;
+      base[k] = n * image + static_cast<int64_t>(ih0[k]) * W + iw0[k];
+    } else {
+      ih0[k] = INT_MIN / 2;  // every tap fails the bounds check; nothing is read or written
+      iw0[k] = 0;
+      base[k] = 0;
+    }
+  }
+}
+
+// x at tap e of pixel k, or a real zero on the padding (the op's NaN/inf semantics, adapmtl/ops/sparse_conv.py:
+// 0 * inf = NaN as in F.conv2d, so only the load is skipped). The unsigned compare also rejects negatives.
+template <typename T, typename A>
+__device__ __forceinline__ A tap_value(const T* __restrict__ x, const NzEntry<A>& e, int64_t base, int ih0, int iw0,
+                                       int H, int W) {
+  const int ih = ih0 + e.dy;
+  const int iw = iw0 + e.dx;
+  const bool inside =
+      static_cast<unsigned>(ih) < static_cast<unsigned>(H) && static_cast<unsigned>(iw) < static_cast<unsigned>(W);
+  return inside ? static_cast<A>(x[base + e.off]) : A(0);
+}
+
+// Output channel `row` over the tiles this block visits (blockIdx.y, step gridDim.y): its non-zeros staged in
+// nz (kChunk entries) and streamed past every thread's kPix pixels.
+template <typename T, int kPix>
+__device__ __forceinline__ void conv_channel(NzEntry<at::opmath_type<T>>* nz, int row, const T* __restrict__ x,
+                                             const int* __restrict__ row_ptr, const int* __restrict__ col_idx,
+                                             const T* __restrict__ values, const T* __restrict__ bias,
+                                             T* __restrict__ out, int C_in, int H, int W, int KH, int KW, int H_out,
+                                             int W_out, int sh, int sw, int ph, int pw, int dh, int dw,
+                                             int64_t total_pixels, int64_t out_sn, int64_t out_sc, int64_t out_sp) {
+  using A = at::opmath_type<T>;
+  constexpr int kTile = kConvThreads * kPix;
   const int begin = row_ptr[row];
   const int end = row_ptr[row + 1];
   CUDA_KERNEL_ASSERT(begin <= end);
@@ -106,24 +154,9 @@ __global__ void __launch_bounds__(kConvThreads)
     int ih0[kPix];
     int iw0[kPix];
     A acc[kPix];
+    tile_pixels<kPix>(tile, total_pixels, P, W_out, sh, sw, ph, pw, W, image, base, ih0, iw0);
 #pragma unroll
-    for (int k = 0; k < kPix; ++k) {
-      const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
-      acc[k] = A(0);
-      if (q < total_pixels) {
-        const int64_t n = q / P;
-        const int p = static_cast<int>(q - n * P);
-        const int oh = p / W_out;
-        const int ow = p - oh * W_out;
-        ih0[k] = oh * sh - ph;
-        iw0[k] = ow * sw - pw;
-        base[k] = n * image + static_cast<int64_t>(ih0[k]) * W + iw0[k];
-      } else {
-        ih0[k] = INT_MIN / 2;  // every tap fails the bounds check; nothing is read or written
-        iw0[k] = 0;
-        base[k] = 0;
-      }
-    }
+    for (int k = 0; k < kPix; ++k) acc[k] = A(0);
     for (int first = begin; first < end; first += kChunk) {
       const int count = min(kChunk, end - first);
       if (!resident) {
@@ -134,15 +167,7 @@ __global__ void __launch_bounds__(kConvThreads)
       for (int i = 0; i < count; ++i) {
         const NzEntry<A> e = nz[i];
 #pragma unroll
-        for (int k = 0; k < kPix; ++k) {
-          const int ih = ih0[k] + e.dy;
-          const int iw = iw0[k] + e.dx;
-          // unsigned compare: also rejects negative coordinates. Zero padding is a real zero (the op's NaN/inf
-          // semantics, adapmtl/ops/sparse_conv.py: 0 * inf = NaN as in F.conv2d), so only the load is skipped.
-          const bool inside =
-              static_cast<unsigned>(ih) < static_cast<unsigned>(H) && static_cast<unsigned>(iw) < static_cast<unsigned>(W);
-          acc[k] += e.val * (inside ? static_cast<A>(x[base[k] + e.off]) : A(0));
-        }
+        for (int k = 0; k < kPix; ++k) acc[k] += e.val * tap_value<T, A>(x, e, base[k], ih0[k], iw0[k], H, W);
       }
     }
 #pragma unroll
@@ -152,6 +177,108 @@ __global__ void __launch_bounds__(kConvThreads)
         const int64_t n = q / P;
         const int64_t p = q - n * P;
         out[n * out_sn + row * out_sc + p * out_sp] = static_cast<T>(acc[k] + b);
+      }
+    }
+  }
+}
+
+template <typename T, int kPix>
+__global__ void __launch_bounds__(kConvThreads)
+    sparse_conv2d_kernel(const T* __restrict__ x, const int* __restrict__ row_ptr, const int* __restrict__ col_idx,
+                         const T* __restrict__ values, const T* __restrict__ bias, T* __restrict__ out, int C_in,
+                         int H, int W, int C_out, int KH, int KW, int H_out, int W_out, int sh, int sw, int ph,
+                         int pw, int dh, int dw, int64_t total_pixels, int64_t out_sn, int64_t out_sc,
+                         int64_t out_sp) {
+  __shared__ NzEntry<at::opmath_type<T>> nz[kChunk];
+  conv_channel<T, kPix>(nz, blockIdx.x, x, row_ptr, col_idx, values, bias, out, C_in, H, W, KH, KW, H_out, W_out, sh,
+                        sw, ph, pw, dh, dw, total_pixels, out_sn, out_sc, out_sp);
+}
+
+// kRows consecutive output channels per block (ADAPMTL_GPU_SPARSE_ROWS, opt-in). Where their rows hold the same
+// columns (a weight pruned in blocks of output channels), each gather of x feeds all of them: row blockIdx.x *
+// kRows's entries are staged with the other rows' values beside them (kSharedChunk at a time). Otherwise each
+// row runs as sparse_conv2d_kernel runs it. Decided per block from the indices, so any CSR weight is exact.
+constexpr int kSharedChunk = 256;
+
+template <typename T, int kPix, int kRows>
+__global__ void __launch_bounds__(kConvThreads)
+    sparse_conv2d_rows_kernel(const T* __restrict__ x, const int* __restrict__ row_ptr,
+                              const int* __restrict__ col_idx, const T* __restrict__ values,
+                              const T* __restrict__ bias, T* __restrict__ out, int C_in, int H, int W, int C_out,
+                              int KH, int KW, int H_out, int W_out, int sh, int sw, int ph, int pw, int dh, int dw,
+                              int64_t total_pixels, int64_t out_sn, int64_t out_sc, int64_t out_sp) {
+  using A = at::opmath_type<T>;
+  __shared__ NzEntry<A> nz[kChunk];
+  __shared__ A vals[kRows][kSharedChunk];
+  constexpr int kTile = kConvThreads * kPix;
+  const int row0 = blockIdx.x * kRows;
+  const int rows = min(kRows, C_out - row0);
+  const int begin0 = row_ptr[row0];
+  const int len0 = row_ptr[row0 + 1] - begin0;
+  CUDA_KERNEL_ASSERT(len0 >= 0);
+  int mismatch = 0;
+  for (int r = 1; r < rows && !mismatch; ++r) {  // the same for every thread up to the column compare
+    const int begin = row_ptr[row0 + r];
+    if (row_ptr[row0 + r + 1] - begin != len0) {
+      mismatch = 1;
+      break;
+    }
+    for (int i = threadIdx.x; i < len0; i += blockDim.x) mismatch |= col_idx[begin + i] != col_idx[begin0 + i];
+  }
+  if (__syncthreads_or(mismatch)) {
+    for (int r = 0; r < rows; ++r) {
+      __syncthreads();  // the previous row's staged entries have been consumed by every thread
+      conv_channel<T, kPix>(nz, row0 + r, x, row_ptr, col_idx, values, bias, out, C_in, H, W, KH, KW, H_out, W_out,
+                            sh, sw, ph, pw, dh, dw, total_pixels, out_sn, out_sc, out_sp);
+    }
+    return;
+  }
+  int begin[kRows];
+  A b[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    begin[r] = r < rows ? row_ptr[row0 + r] : begin0;
+    b[r] = bias != nullptr && r < rows ? static_cast<A>(bias[row0 + r]) : A(0);
+  }
+  const int64_t P = static_cast<int64_t>(H_out) * W_out;
+  const int64_t image = static_cast<int64_t>(C_in) * H * W;
+  for (int64_t tile = blockIdx.y; tile * kTile < total_pixels; tile += gridDim.y) {
+    int64_t base[kPix];
+    int ih0[kPix];
+    int iw0[kPix];
+    A acc[kRows][kPix];
+    tile_pixels<kPix>(tile, total_pixels, P, W_out, sh, sw, ph, pw, W, image, base, ih0, iw0);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int k = 0; k < kPix; ++k) acc[r][k] = A(0);
+    for (int first = 0; first < len0; first += kSharedChunk) {
+      const int count = min(kSharedChunk, len0 - first);
+      __syncthreads();  // the previous chunk has been consumed by every thread
+      stage_row<T, A>(nz, col_idx, values, begin0 + first, count, KH, KW, C_in, H, W, dh, dw);
+      for (int i = threadIdx.x; i < count; i += blockDim.x)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) vals[r][i] = r < rows ? static_cast<A>(values[begin[r] + first + i]) : A(0);
+      __syncthreads();
+      for (int i = 0; i < count; ++i) {
+        const NzEntry<A> e = nz[i];
+#pragma unroll
+        for (int k = 0; k < kPix; ++k) {
+          const A xv = tap_value<T, A>(x, e, base[k], ih0[k], iw0[k], H, W);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r][k] += vals[r][i] * xv;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPix; ++k) {
+      const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
+      if (q < total_pixels) {
+        const int64_t n = q / P;
+        const int64_t p = q - n * P;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+          if (r < rows) out[n * out_sn + (row0 + r) * out_sc + p * out_sp] = static_cast<T>(acc[r][k] + b[r]);
       }
     }
   }
@@ -242,6 +369,7 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
   // Four pixels per thread amortise each staged non-zero over more gathers; with few blocks (small layers)
   // one pixel per thread keeps every SM busy instead.
   const int64_t tiles4 = (total + kConvThreads * 4 - 1) / (kConvThreads * 4);
+  const int64_t rows = gpu_sparse_rows();
   const bool wide = C_out * tiles4 >= 2 * static_cast<int64_t>(sm_count());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_cuda", [&] {
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
@@ -258,7 +386,25 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
           out.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (wide) {
+    if (rows > 1) {
+      const auto launch_rows = [&](auto kernel) {
+        const int64_t tiles = (total + kConvThreads - 1) / kConvThreads;
+        const dim3 grid(static_cast<unsigned>((C_out + rows - 1) / rows),
+                        static_cast<unsigned>(std::min<int64_t>(tiles, kMaxGridY)));
+        kernel<<<grid, kConvThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), row_ptr.const_data_ptr<int>(), col_idx.const_data_ptr<int>(),
+            values.const_data_ptr<scalar_t>(), bp, out.mutable_data_ptr<scalar_t>(), static_cast<int>(C_in),
+            static_cast<int>(H), static_cast<int>(W), static_cast<int>(C_out), static_cast<int>(KH),
+            static_cast<int>(KW), static_cast<int>(H_out), static_cast<int>(W_out), static_cast<int>(stride[0]),
+            static_cast<int>(stride[1]), static_cast<int>(padding[0]), static_cast<int>(padding[1]),
+            static_cast<int>(dilation[0]), static_cast<int>(dilation[1]), total, out.stride(0), out.stride(1),
+            out.stride(3));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (rows == 2) launch_rows(sparse_conv2d_rows_kernel<scalar_t, 1, 2>);
+      else if (rows == 4) launch_rows(sparse_conv2d_rows_kernel<scalar_t, 1, 4>);
+      else launch_rows(sparse_conv2d_rows_kernel<scalar_t, 1, 8>);
+    } else if (wide) {
       launch(sparse_conv2d_kernel<scalar_t, 4>, 4);
     } else {
       launch(sparse_conv2d_kernel<scalar_t, 1>, 1);
