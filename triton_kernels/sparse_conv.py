@@ -57,11 +57,25 @@ def _store_cast(ptrs, acc, mask, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _gather_x(x_img, col, k_ok, ih0, iw0, p_ok, H, W, x_sc, x_sh, x_sw, dh, dw, KH: tl.constexpr,
+              KW: tl.constexpr):
+    """x at columns col (c * KH * KW + kh * KW + kw) of the tile's pixels: [BLOCK_K, BLOCK_P], an implicit
+    im2col (x read in place through its strides, zero padding as the bounds mask)."""
+    c = col // (KH * KW)
+    rem = col - c * (KH * KW)
+    kh = rem // KW
+    kw = rem - kh * KW
+    ih = ih0[None, :] + (kh * dh)[:, None]
+    iw = iw0[None, :] + (kw * dw)[:, None]
+    ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tl.load(x_img + (c * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=ok, other=0.0)
+
+
+@triton.jit
 def _conv_row(x_img, row_ptr, col_ptr, val_ptr, o, nnz_total, C_in, H, W, x_sc, x_sh, x_sw, ih0, iw0, p_ok,
               dh, dw, KH: tl.constexpr, KW: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
               BLOCK_K: tl.constexpr):
-    """Output channel o's products at the tile's pixels: its row's non-zeros BLOCK_K at a time, x gathered
-    through an implicit im2col (padding is the bounds mask)."""
+    """Output channel o's products at the tile's pixels: its row's non-zeros BLOCK_K at a time."""
     first = tl.load(row_ptr + o)
     last = tl.minimum(tl.load(row_ptr + o + 1), nnz_total)
     cols = C_in * KH * KW
@@ -75,14 +89,7 @@ def _conv_row(x_img, row_ptr, col_ptr, val_ptr, o, nnz_total, C_in, H, W, x_sc, 
         col = tl.load(col_ptr + k, mask=k_ok, other=0)
         k_ok = k_ok & (col >= 0) & (col < cols)
         v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(acc.dtype)
-        c = col // (KH * KW)
-        rem = col - c * (KH * KW)
-        kh = rem // KW
-        kw = rem - kh * KW
-        ih = ih0[None, :] + (kh * dh)[:, None]  # [BLOCK_K, BLOCK_P]
-        iw = iw0[None, :] + (kw * dw)[:, None]
-        ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_img + (c * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=ok, other=0.0).to(acc.dtype)
+        xv = _gather_x(x_img, col, k_ok, ih0, iw0, p_ok, H, W, x_sc, x_sh, x_sw, dh, dw, KH, KW).to(acc.dtype)
         acc += tl.sum(v[:, None] * xv, axis=0)
     return acc
 
@@ -167,14 +174,7 @@ def _sparse_conv2d_rows_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_p
             k_ok = k_ok & (col >= 0) & (col < cols)
             at = first[:, None] + k[None, :]
             v = tl.load(val_ptr + at, mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(acc.dtype)  # [ROWS, K]
-            c = col // (KH * KW)
-            rem = col - c * (KH * KW)
-            kh = rem // KW
-            kw = rem - kh * KW
-            ih = ih0[None, :] + (kh * dh)[:, None]  # [BLOCK_K, BLOCK_P]
-            iw = iw0[None, :] + (kw * dw)[:, None]
-            ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xv = tl.load(x_img + (c * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=ok, other=0.0).to(acc.dtype)
+            xv = _gather_x(x_img, col, k_ok, ih0, iw0, p_ok, H, W, x_sc, x_sh, x_sw, dh, dw, KH, KW).to(acc.dtype)
             acc += tl.sum(v[:, :, None] * xv[None, :, :], axis=1)  # one gather, ROWS channels
         if HAS_BIAS:
             acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(acc.dtype)[:, None]

@@ -373,9 +373,11 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
   const bool wide = C_out * tiles4 >= 2 * static_cast<int64_t>(sm_count());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_cuda", [&] {
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    auto launch = [&](auto kernel, int pix) {
+    // `channels` output channels per thread block (the rows kernel's kRows), `pix` pixels per thread
+    auto launch = [&](auto kernel, int pix, int64_t channels) {
       const int64_t tiles = (total + kConvThreads * pix - 1) / (kConvThreads * pix);
-      const dim3 grid(static_cast<unsigned>(C_out), static_cast<unsigned>(std::min<int64_t>(tiles, kMaxGridY)));
+      const dim3 grid(static_cast<unsigned>((C_out + channels - 1) / channels),
+                      static_cast<unsigned>(std::min<int64_t>(tiles, kMaxGridY)));
       kernel<<<grid, kConvThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), row_ptr.const_data_ptr<int>(), col_idx.const_data_ptr<int>(),
           values.const_data_ptr<scalar_t>(), bp, out.mutable_data_ptr<scalar_t>(), static_cast<int>(C_in),
@@ -386,28 +388,16 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
           out.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (rows > 1) {
-      const auto launch_rows = [&](auto kernel) {
-        const int64_t tiles = (total + kConvThreads - 1) / kConvThreads;
-        const dim3 grid(static_cast<unsigned>((C_out + rows - 1) / rows),
-                        static_cast<unsigned>(std::min<int64_t>(tiles, kMaxGridY)));
-        kernel<<<grid, kConvThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), row_ptr.const_data_ptr<int>(), col_idx.const_data_ptr<int>(),
-            values.const_data_ptr<scalar_t>(), bp, out.mutable_data_ptr<scalar_t>(), static_cast<int>(C_in),
-            static_cast<int>(H), static_cast<int>(W), static_cast<int>(C_out), static_cast<int>(KH),
-            static_cast<int>(KW), static_cast<int>(H_out), static_cast<int>(W_out), static_cast<int>(stride[0]),
-            static_cast<int>(stride[1]), static_cast<int>(padding[0]), static_cast<int>(padding[1]),
-            static_cast<int>(dilation[0]), static_cast<int>(dilation[1]), total, out.stride(0), out.stride(1),
-            out.stride(3));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (rows == 2) launch_rows(sparse_conv2d_rows_kernel<scalar_t, 1, 2>);
-      else if (rows == 4) launch_rows(sparse_conv2d_rows_kernel<scalar_t, 1, 4>);
-      else launch_rows(sparse_conv2d_rows_kernel<scalar_t, 1, 8>);
+    if (rows == 2) {
+      launch(sparse_conv2d_rows_kernel<scalar_t, 1, 2>, 1, rows);
+    } else if (rows == 4) {
+      launch(sparse_conv2d_rows_kernel<scalar_t, 1, 4>, 1, rows);
+    } else if (rows == 8) {
+      launch(sparse_conv2d_rows_kernel<scalar_t, 1, 8>, 1, rows);
     } else if (wide) {
-      launch(sparse_conv2d_kernel<scalar_t, 4>, 4);
+      launch(sparse_conv2d_kernel<scalar_t, 4>, 4, 1);
     } else {
-      launch(sparse_conv2d_kernel<scalar_t, 1>, 1);
+      launch(sparse_conv2d_kernel<scalar_t, 1>, 1, 1);
     }
   });
   return out;
