@@ -330,6 +330,34 @@ def test_rows_are_written_and_an_experiment_resumes_from_them(root, tmp_path):
         compare(cfg_b, reuse=True)
 
 
+def test_a_run_stopped_before_its_row_gets_the_row_on_resume(root, tmp_path):
+    """The worker records its CPU and minutes beside results.json; a run whose process was stopped after training
+    and before writing its row (a session's end) gets the row when the experiment resumes, without training."""
+    rows = tmp_path / "rows"
+    cfg = cmp_cfg(root, tmp_path / "a", **{"compare.methods": ["dense", "imp"], "compare.seeds": 1,
+                                           "compare.rows": str(rows)})
+    compare(cfg)
+    row_file = rows / "seed0__sparsity50__imp.json"
+    row = json.loads(row_file.read_text())
+    row_file.unlink()
+    run_dir = tmp_path / "a" / "seed0" / "sparsity50" / "imp"
+    info = json.loads((run_dir / "compare_run.json").read_text())
+    assert info["cpu"] == row["cpu"] and info["minutes"] == pytest.approx(row["minutes"], abs=0.01)
+    checkpoint = (run_dir / "latest.pt").stat().st_mtime_ns
+    compare(cfg, reuse=True)
+    again = json.loads(row_file.read_text())
+    assert again["results"] == row["results"] and again["cpu"] == info["cpu"]
+    assert again["minutes"] == round(info["minutes"], 2) and again["config_digest"] == row["config_digest"]
+    assert again["finished"] == info["finished"]
+    assert (run_dir / "latest.pt").stat().st_mtime_ns == checkpoint  # not trained again
+    # a folder without the record (or with a broken one): its results are used, no row claims a CPU
+    row_file.unlink()
+    (run_dir / "compare_run.json").write_text('{"cpu": 5}')
+    out = compare(cfg, reuse=True)
+    assert not row_file.exists()
+    assert next(r for r in out["runs"] if r["method"] == "imp")["cpu"] == "not recorded (a run folder)"
+
+
 def test_paired_intervals_and_holm():
     from scipy import stats
     diffs = [-1.0, -2.5, -0.5, -3.0, -1.5]

@@ -121,7 +121,32 @@ def _train(config: dict, threads: int | None) -> tuple[dict, float]:
     from adapmtl.train.trainer import Trainer
     t0 = time.time()
     results = Trainer(config_from_dict(config)).fit()
-    return results, (time.time() - t0) / 60
+    minutes = (time.time() - t0) / 60
+    # beside results.json: what a row needs if this process is gone before the row is written (run_info)
+    write_json_atomic(os.path.join(config["out_dir"], RUN_INFO),
+                      {"cpu": cpu_name(), "minutes": minutes, "finished": _utc_now()})
+    return results, minutes
+
+
+RUN_INFO = "compare_run.json"
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def run_info(run: dict) -> dict | None:
+    """The CPU, minutes and finishing time the run's worker recorded beside its results.json, or None (an older
+    run folder, or a file that is not what _train writes)."""
+    try:
+        with open(os.path.join(run["config"]["out_dir"], RUN_INFO)) as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(info, dict) and isinstance(info.get("cpu"), str) and len(info["cpu"]) < 200
+          and isinstance(info.get("minutes"), (int, float)) and 0 <= info["minutes"] < 1e6
+          and isinstance(info.get("finished"), str) and len(info["finished"]) < 40)
+    return info if ok else None
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -160,14 +185,15 @@ def row_path(rows: str, name: str) -> str:
     return os.path.join(rows, name.replace("/", "__") + ".json")
 
 
-def write_row(rows: str, run: dict, results: dict, minutes: float) -> dict:
-    """The committed record of one finished run (small JSON, with its CPU)."""
+def write_row(rows: str, run: dict, results: dict, minutes: float, cpu: str | None = None,
+              finished: str | None = None) -> dict:
+    """The committed record of one finished run (small JSON, with its CPU: this machine's and now, unless given)."""
     import torch
 
     row = {"name": run["name"], "kind": run["kind"], "method": run.get("method", "dense"), "seed": run["seed"],
            "target_sparsity": run["target_sparsity"], "config_digest": config_digest(run["config"]),
-           "cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "minutes": round(minutes, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "cpu": cpu or cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
+           "minutes": round(minutes, 2), "finished": finished or _utc_now(),
            "results": results}
     init = run["config"]["model"]["init_from"]
     if run["kind"] == "start":
@@ -223,7 +249,15 @@ def execute(runs: list[dict], jobs: int = 1, reuse: bool = False, progress: bool
                 done[r["name"]] = row_results(row)
                 continue
             reused = reusable_results(r)
-            if reused is not None:  # a finished run folder of this plan (its row, if any, is of another plan)
+            if reused is None:
+                continue
+            # a finished run folder of this plan (its row, if any, is of another plan): a run whose process was
+            # stopped after training and before writing its row gets the row now, with what its worker recorded
+            info = run_info(r)
+            if rows and info is not None:
+                done[r["name"]] = row_results(write_row(rows, r, reused, info["minutes"], cpu=info["cpu"],
+                                                        finished=info["finished"]))
+            else:
                 done[r["name"]] = {**reused, "cpu": "not recorded (a run folder)"}
     pending = [r for r in runs if r["name"] not in done]
     if reuse:
