@@ -72,10 +72,21 @@ def _gather_x(x_img, col, k_ok, ih0, iw0, p_ok, H, W, x_sc, x_sh, x_sw, dh, dw, 
 
 
 @triton.jit
-def _conv_row(x_img, row_ptr, col_ptr, val_ptr, o, nnz_total, C_in, H, W, x_sc, x_sh, x_sw, ih0, iw0, p_ok,
-              dh, dw, KH: tl.constexpr, KW: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-    """Output channel o's products at the tile's pixels: its row's non-zeros BLOCK_K at a time."""
+def _tile_pixels(tile, H_out, W_out, sh, sw, ph, pw, BLOCK_P: tl.constexpr):
+    """The tile's output pixels: which are in range, their (oh, ow), and where each one's window starts in x."""
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < H_out * W_out
+    oh = p // W_out
+    ow = p - oh * W_out
+    return p_ok, oh, ow, oh * sh - ph, ow * sw - pw
+
+
+@triton.jit
+def _conv_channel(x_img, row_ptr, col_ptr, val_ptr, bias_ptr, out_img, o, nnz_total, C_in, H, W, x_sc, x_sh, x_sw,
+                  o_sc, o_sh, o_sw, p_ok, oh, ow, ih0, iw0, dh, dw, KH: tl.constexpr, KW: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, F64: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Output channel o at the tile's pixels: its row's non-zeros BLOCK_K at a time, + bias, stored."""
     first = tl.load(row_ptr + o)
     last = tl.minimum(tl.load(row_ptr + o + 1), nnz_total)
     cols = C_in * KH * KW
@@ -91,7 +102,10 @@ def _conv_row(x_img, row_ptr, col_ptr, val_ptr, o, nnz_total, C_in, H, W, x_sc, 
         v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(acc.dtype)
         xv = _gather_x(x_img, col, k_ok, ih0, iw0, p_ok, H, W, x_sc, x_sh, x_sw, dh, dw, KH, KW).to(acc.dtype)
         acc += tl.sum(v[:, None] * xv, axis=0)
-    return acc
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o).to(acc.dtype)
+    out = out_img + o.to(tl.int64) * o_sc + oh.to(tl.int64) * o_sh + ow.to(tl.int64) * o_sw
+    _store_cast(out, acc, p_ok, SOFT_BF16)
 
 
 @triton.jit
@@ -101,22 +115,12 @@ def _sparse_conv2d_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr, n
                           HAS_BIAS: tl.constexpr, F64: tl.constexpr, SOFT_BF16: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     o = tl.program_id(0)
-    tile = tl.program_id(1)
     n = tl.program_id(2)
-    P = H_out * W_out
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < P
-    oh = p // W_out
-    ow = p - oh * W_out
-    ih0 = oh * sh - ph  # top-left input position of each output pixel's window
-    iw0 = ow * sw - pw
+    p_ok, oh, ow, ih0, iw0 = _tile_pixels(tl.program_id(1), H_out, W_out, sh, sw, ph, pw, BLOCK_P)
     x_img = x_ptr + n.to(tl.int64) * x_sn  # offsets inside one image fit in int32 (checked by the launcher)
-    acc = _conv_row(x_img, row_ptr, col_ptr, val_ptr, o, nnz_total, C_in, H, W, x_sc, x_sh, x_sw, ih0, iw0, p_ok,
-                    dh, dw, KH, KW, F64, BLOCK_P, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + o).to(acc.dtype)
-    out = out_ptr + n.to(tl.int64) * o_sn + o.to(tl.int64) * o_sc + oh.to(tl.int64) * o_sh + ow.to(tl.int64) * o_sw
-    _store_cast(out, acc, p_ok, SOFT_BF16)
+    _conv_channel(x_img, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr + n.to(tl.int64) * o_sn, o, nnz_total, C_in,
+                  H, W, x_sc, x_sh, x_sw, o_sc, o_sh, o_sw, p_ok, oh, ow, ih0, iw0, dh, dw, KH, KW, HAS_BIAS, F64,
+                  SOFT_BF16, BLOCK_P, BLOCK_K)
 
 
 @triton.jit
@@ -131,15 +135,8 @@ def _sparse_conv2d_rows_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_p
     channels; otherwise each row runs as in _sparse_conv2d_kernel. Decided per program from the indices
     (RECORD: which way, into shared_ptr[channel group], for the tests)."""
     o0 = tl.program_id(0) * ROWS
-    tile = tl.program_id(1)
     n = tl.program_id(2)
-    P = H_out * W_out
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < P
-    oh = p // W_out
-    ow = p - oh * W_out
-    ih0 = oh * sh - ph
-    iw0 = ow * sw - pw
+    p_ok, oh, ow, ih0, iw0 = _tile_pixels(tl.program_id(1), H_out, W_out, sh, sw, ph, pw, BLOCK_P)
     x_img = x_ptr + n.to(tl.int64) * x_sn
     r = tl.arange(0, ROWS)
     o = o0 + r
@@ -184,13 +181,9 @@ def _sparse_conv2d_rows_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, out_p
     else:
         for i in tl.static_range(ROWS):
             if o0 + i < C_out:
-                acc1 = _conv_row(x_img, row_ptr, col_ptr, val_ptr, o0 + i, nnz_total, C_in, H, W, x_sc, x_sh, x_sw,
-                                 ih0, iw0, p_ok, dh, dw, KH, KW, F64, BLOCK_P, BLOCK_K)
-                if HAS_BIAS:
-                    acc1 += tl.load(bias_ptr + o0 + i).to(acc1.dtype)
-                out1 = (out_ptr + n.to(tl.int64) * o_sn + (o0 + i).to(tl.int64) * o_sc + oh.to(tl.int64) * o_sh
-                        + ow.to(tl.int64) * o_sw)
-                _store_cast(out1, acc1, p_ok, SOFT_BF16)
+                _conv_channel(x_img, row_ptr, col_ptr, val_ptr, bias_ptr, out_ptr + n.to(tl.int64) * o_sn, o0 + i,
+                              nnz_total, C_in, H, W, x_sc, x_sh, x_sw, o_sc, o_sh, o_sw, p_ok, oh, ow, ih0, iw0, dh,
+                              dw, KH, KW, HAS_BIAS, F64, SOFT_BF16, BLOCK_P, BLOCK_K)
 
 
 @triton.jit
