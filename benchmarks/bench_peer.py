@@ -7,6 +7,7 @@ package of its torch.export program. Every variant of a row is timed in alternat
     python benchmarks/bench_peer.py --rows aspp_d6_90 --batches 1 16
     python benchmarks/bench_peer.py --fuse-ab --batches 1 16  # the export with / without fused conv epilogues
     python benchmarks/bench_peer.py --plan-cache-ab         # the C++ kernel's plans kept across calls or not
+    python benchmarks/bench_peer.py --tile-rows-ab          # 2-row register tiles vs the default (tall on narrow maps)
     python benchmarks/bench_peer.py --quick                # a smoke run (small inputs, runs/bench)
     python benchmarks/bench_peer.py --block 4              # weights pruned in 4x1 blocks (prune.block=4)
 
@@ -287,17 +288,17 @@ def fuse_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
     return out
 
 
-def plan_cache_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
-    """One eager export per row with the C++ kernel's plan cache off (ADAPMTL_CPU_PLAN_CACHE_MB=0: every call
-    encodes its weights) and on (the default budget: reused after the bytes are compared), in alternation: what
-    keeping the plans buys. The variable is read at every call, so both variants run in this one process."""
+def env_ab(names, reps: int, quick: bool, batches, var: str, settings: dict, note=None) -> dict:
+    """One eager export per row, run with environment variable `var` at each of `settings` ({label: value}) in
+    alternation. The C++ kernel reads its variables at every call, so every setting runs in this one process on
+    the same export; `var` is restored afterwards. A row holds each label's median ms, the first setting's over
+    the last one's ("gain"), and the outputs' largest difference from the first setting's (of their scale)."""
     out = {}
-    key = "ADAPMTL_CPU_PLAN_CACHE_MB"
-    before = os.environ.get(key)
+    before = os.environ.get(var)
 
-    def with_budget(mb, fn):
+    def with_value(value, fn):
         def run():
-            os.environ[key] = mb
+            os.environ[var] = value
             return fn()
         return run
 
@@ -309,21 +310,39 @@ def plan_cache_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
                 clear_cpu_sparse_plan_cache()
                 with torch.no_grad():
                     exported = adapmtl.export_sparse(model, policy="time", example_input=x)
-                    off, on = with_budget("0", lambda: exported(x)), with_budget("256", lambda: exported(x))
-                    same = result_error(on(), outputs_of(off())) == 0.0
-                    a, b = interleaved_median_ms([off, on], torch.device("cpu"), reps=reps)
-                info = cpu_sparse_plan_cache_info()
+                    fns = [with_value(v, lambda: exported(x)) for v in settings.values()]
+                    first = outputs_of(fns[0]())
+                    diff = max(result_error(fn(), first) for fn in fns[1:])
+                    times = interleaved_median_ms(fns, torch.device("cpu"), reps=reps)
                 row = f"{name}_b{batch}"
-                out[row] = {"cache_off_ms": a, "cache_on_ms": b, "gain": a / b, "identical_outputs": same,
-                            "batch": batch, "plans_kept": info["plans"], "bytes_kept": info["bytes"]}
-                print(f"{row}: plan cache off {a:.2f} -> on {b:.2f} ms ({a / b:.3f}x, identical {same}, "
-                      f"{info['plans']} plans, {info['bytes'] / 2**20:.1f} MiB kept)", flush=True)
+                out[row] = {**{f"{label}_ms": t for label, t in zip(settings, times)}, "gain": times[0] / times[-1],
+                            "max_rel_diff": diff, "identical_outputs": diff == 0.0, "batch": batch,
+                            "settings": {label: f"{var}={v}" for label, v in settings.items()}, **(note() if note else {})}
+                print(f"{row}: " + " -> ".join(f"{label} {t:.2f} ms" for label, t in zip(settings, times))
+                      + f" ({times[0] / times[-1]:.3f}x, outputs differ by {diff:.1e})", flush=True)
     finally:
         if before is None:
-            os.environ.pop(key, None)
+            os.environ.pop(var, None)
         else:
-            os.environ[key] = before
+            os.environ[var] = before
     return out
+
+
+def plan_cache_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
+    """The C++ kernel's plan cache off (ADAPMTL_CPU_PLAN_CACHE_MB=0: every call encodes its weights) and on (the
+    default budget: reused after the bytes are compared): what keeping the plans buys."""
+    def kept():
+        info = cpu_sparse_plan_cache_info()
+        return {"plans_kept": info["plans"], "bytes_kept": info["bytes"]}
+
+    return env_ab(names, reps, quick, batches, "ADAPMTL_CPU_PLAN_CACHE_MB", {"cache_off": "0", "cache_on": "256"},
+                  note=kept)
+
+
+def tile_rows_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
+    """The C++ kernel with register tiles of 2 output rows everywhere (ADAPMTL_CPU_SPARSE_CONFIG=rows=2, the kernel
+    before tall tiles) and its default (up to 8 rows where a row is one vector: MobileNetV2's 11x11 heads)."""
+    return env_ab(names, reps, quick, batches, "ADAPMTL_CPU_SPARSE_CONFIG", {"rows2": "rows=2", "default": ""})
 
 
 def plot(rows, path, title):
@@ -364,6 +383,9 @@ def main(argv=None):
                    help="instead: the model rows' export with and without the fused epilogues (peer_fuse_*.json)")
     p.add_argument("--plan-cache-ab", action="store_true",
                    help="instead: our export with the C++ kernel's plan cache off and on (peer_plan_cache_*.json)")
+    p.add_argument("--tile-rows-ab", action="store_true",
+                   help="instead: our export with 2-row register tiles and with the default (tall tiles on narrow "
+                        "maps) (peer_tile_rows_*.json)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     reps = 2 if args.quick else args.reps
@@ -375,6 +397,10 @@ def main(argv=None):
     if args.plan_cache_ab:
         ab = plan_cache_ab(args.rows, reps, args.quick, args.batches)
         print(f"wrote {write_results('peer_plan_cache', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
+        return ab
+    if args.tile_rows_ab:
+        ab = tile_rows_ab(args.rows, reps, args.quick, args.batches)
+        print(f"wrote {write_results('peer_tile_rows', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
         return ab
     if args.fold_bn_ab:
         ab = fold_bn_ab(args.rows, reps, args.quick)

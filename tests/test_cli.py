@@ -305,6 +305,20 @@ def test_the_peer_benchmark_measures_the_plan_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_peer_benchmark_measures_the_tile_rows(tmp_path, monkeypatch):
+    """bench_peer.py --tile-rows-ab (smoke): the model row with 2-row tiles and with the default, outputs within
+    float32 rounding of each other, the configuration variable restored afterwards."""
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "min_segment=40")
+    peer = _bench_module("bench_peer")
+    ab = peer.main(["--quick", "--tile-rows-ab", "--rows", "mobilenetv2", "--out-dir", str(tmp_path)])
+    (entry,) = ab.values()
+    assert entry["rows2_ms"] > 0 and entry["default_ms"] > 0 and entry["max_rel_diff"] < 1e-5
+    assert entry["settings"] == {"rows2": "ADAPMTL_CPU_SPARSE_CONFIG=rows=2", "default": "ADAPMTL_CPU_SPARSE_CONFIG="}
+    assert os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] == "min_segment=40"
+    assert json.loads(next(tmp_path.glob("peer_tile_rows_*.json")).read_text())["rows"] == json.loads(json.dumps(ab))
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
 def test_the_peer_benchmark_measures_the_fused_epilogues(tmp_path):
     """bench_peer.py --fuse-ab (smoke): the export with and without fused epilogues, identical outputs."""
     peer = _bench_module("bench_peer")

@@ -24,7 +24,7 @@ from helpers import last_logged_step, small_run_config, start_and_wait_for_step
 
 CPU_BACKENDS = [b for b in available_sparse_backends("cpu")]
 # The C++ kernel's block layouts and channel panels, forced, and its own choice ("").
-CPP_CONFIGS = ["", "layout=tap", "layout=channel", "panel=4", "panel=8"]
+CPP_CONFIGS = ["", "layout=tap", "layout=channel", "panel=4", "panel=8", "rows=8", "layout=tap,rows=5"]
 
 
 # ---------------------------------------------------------------------------------------------- export files

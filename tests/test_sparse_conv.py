@@ -488,7 +488,37 @@ def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch)
 
 
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
-@pytest.mark.parametrize("config", ["layout=diagonal", "rows=3", "min_segment=0", "oc_chunk=1.5", "l1_budget=7",
+@pytest.mark.parametrize("rows", ["auto", "1", "2", "3", "5", "8"])
+@pytest.mark.parametrize("layout", ["tap", "channel"])
+def test_cpp_kernel_tall_tiles_on_narrow_maps(rows, layout, monkeypatch):
+    """Rows of one vector (maps up to 16 fp32 / 8 fp64 columns wide, MobileNetV2's 11x11 heads) take tiles of up to
+    8 rows (by default as many as fit, balanced over the row groups): every height, with a last row group shorter
+    than the rest, dead taps of a dilated conv (tap-major skips them per row group), stride 2, channels-last input,
+    several channel blocks, and the epilogue; also where a forced height exceeds what the row's vectors allow."""
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", f"layout={layout},rows={rows},min_segment=1")
+    g = torch.Generator().manual_seed(31)
+    # (n, c, oc, k, stride, dilation, h, w)
+    shapes = [(1, 40, 19, 3, 1, 6, 11, 11), (2, 9, 7, 3, 1, 1, 13, 16), (1, 12, 5, 3, 2, 1, 33, 7),
+              (1, 24, 9, 1, 1, 1, 17, 5), (1, 10, 6, 3, 1, 2, 3, 8), (2, 30, 11, 3, 1, 4, 29, 12),
+              (1, 8, 4, 5, 1, 1, 9, 30)]  # the last: two vectors per fp32 row, so a forced height is capped at 4
+    for n, c, oc, k, s, d, h, w in shapes:
+        for dtype in (torch.float32, torch.float64):
+            weight = pruned((oc, c, k, k), 0.35, dtype, g, empty_rows=1)
+            x = torch.randn(n, c, h, w, generator=g, dtype=dtype)
+            b = torch.randn(oc, generator=g, dtype=dtype)
+            p = d * (k // 2)
+            sw = SparseWeight.from_dense(weight)
+            for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+                out = sparse_conv2d(xin, sw, b, s, p, d, backend="cpp")
+                assert_conv_close(out, x, weight, b, s, p, d, msg=f"rows={rows} {layout} {(n, c, oc, k, s, d, h, w)}")
+            res = torch.randn_like(out)
+            got = sparse_conv2d(x, sw, b, s, p, d, backend="cpp", residual=res, clamp=(0.0, 6.0))
+            want = (sparse_conv2d(x, sw, b, s, p, d, backend="cpp") + res).clamp(0.0, 6.0)
+            assert torch.equal(got, want), f"epilogue rows={rows} {layout} {(n, c, oc, k, s, d, h, w)}"
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+@pytest.mark.parametrize("config", ["layout=diagonal", "rows=9", "rows=0", "rows=2.5", "min_segment=0", "oc_chunk=1.5", "l1_budget=7",
                                     "panel=3", "panel=2", "layout=tap,panel=4",
                                     "speed=max", "layout"])
 def test_cpp_kernel_rejects_a_bad_forced_config(monkeypatch, config):

@@ -12,7 +12,8 @@
 //   out[n][oc][oy][ox..] += v * P[n][c][oy * sh + kh * dh][u(kw)][q - sigma_u + ox..]
 // Each non-zero thus becomes one fixed element offset into P, computed once per call, and every load is
 // aligned (unaligned 64-byte loads measured ~1.6x slower; the price is up to KW copies of the input). The
-// kernel keeps a tile of up to 2 rows x 4 vectors of output pixels of one output channel in registers,
+// kernel keeps a tile of up to 2 rows x 4 vectors (up to 8 rows of one vector on narrow maps, kTileVectors) of
+// output pixels of one output channel in registers,
 // streams that channel's non-zeros through it (broadcast value, vector loads at the offset, FMA) and stores
 // it. Whole-vector loads past the last output column stay inside the row (those lanes are never stored).
 //
@@ -86,9 +87,12 @@ inline __attribute__((always_inline)) typename Vec<T>::type load(const T* p) {
   return v;
 }
 
-// Two rows of up to four vectors: taller tiles (3-4 rows) amortise the index and value loads over more
-// FMAs but touch more input rows per non-zero, and measured 10-20% slower on the head convs.
-constexpr int kMaxRows = 2;     // output rows per register tile
+// A register tile holds up to kTileVectors accumulators: rows x vectors per row, at most kMaxVectors per row.
+// Rows of two or more vectors get tiles of 2 rows: taller ones (3-4 rows of 3 vectors, 41x41 head maps) touch
+// more input rows per non-zero and measured 10-20% slower. Rows of one vector (maps up to 16 fp32 columns wide,
+// MobileNetV2's 11x11 heads) get up to 8 rows (tile_rows): each pass over a channel's non-zeros then feeds up to
+// 8 FMAs per index and value instead of 2, and the plan is read once per 8 output rows instead of per 2.
+constexpr int kTileVectors = 8;
 constexpr int kMaxVectors = 4;  // vectors of output pixels per register tile row
 
 // Everything a work item needs; offsets are relative to one image of P.
@@ -110,7 +114,7 @@ struct Plan {
   int64_t OC, OH, OW;
   int64_t in_batch;  // elements of P per image
   int64_t row_step;  // elements of P between consecutive output rows
-  int64_t rows;      // output rows per item (<= kMaxRows)
+  int64_t rows;      // output rows per item (rows x vectors <= kTileVectors)
   int64_t cols;      // output columns per item (<= kMaxVectors vectors)
   int64_t oc_chunk;  // output channels per item
   int64_t blocks;          // = taps * channel_blocks; block b belongs to (pseudo-)tap b / channel_blocks
@@ -248,14 +252,17 @@ inline __attribute__((always_inline)) void item(const Plan<T>& g, int64_t n, int
   }
 }
 
-template <typename T, int NV>
+// item<T, NV, rows> for runtime 1 <= rows <= kTileVectors / NV (a row group's rows: the last may be shorter).
+template <typename T, int NV, int R = 1>
 inline __attribute__((always_inline)) void item_rows(const Plan<T>& g, int64_t rows, int64_t n, int64_t group,
                                                      int64_t tile, int64_t count, int64_t oc0, int64_t oc1,
                                                      T* scratch) {
-  if (rows == 2) {
-    item<T, NV, 2>(g, n, group, tile, count, oc0, oc1, scratch);
-  } else {
-    item<T, NV, 1>(g, n, group, tile, count, oc0, oc1, scratch);
+  if constexpr (R * NV <= kTileVectors) {
+    if (rows == R) {
+      item<T, NV, R>(g, n, group, tile, count, oc0, oc1, scratch);
+    } else {
+      item_rows<T, NV, R + 1>(g, rows, n, group, tile, count, oc0, oc1, scratch);
+    }
   }
 }
 
@@ -916,7 +923,7 @@ template <typename T, typename Pack>
 void run_passes(Plan<T>& g, at::Tensor& out, int64_t nnz, const Pack& pack) {
   constexpr int64_t L = Vec<T>::kLanes;
   const int64_t N = out.size(0), OC = g.OC, OH = g.OH, OW = g.OW, rows = g.rows, cols = g.cols;
-  const int64_t scratch_len = g.blocks > 1 ? g.oc_chunk * kMaxRows * kMaxVectors * L : 0;
+  const int64_t scratch_len = g.blocks > 1 ? g.oc_chunk * kTileVectors * L : 0;
   const int64_t per_pass = std::clamp<int64_t>(kMaxCachedBytes / (g.in_batch * int64_t(sizeof(T))), 1, N);
   at::Tensor P = workspace(per_pass * g.in_batch, out.options());
   for (int64_t n0 = 0; n0 < N; n0 += per_pass) {
@@ -1077,6 +1084,16 @@ void pack_conv_input(const at::Tensor& x, T* P, int64_t n0, int64_t count, const
   });
 }
 
+// Output rows per register tile for rows of nv vectors (Tuning::rows; 0: the default, see kTileVectors): one-vector
+// rows get as many as fit, balanced over the row groups (11 rows: 6 + 5, not 8 + 3).
+int64_t tile_rows(int64_t rows, int64_t nv, int64_t OH) {
+  const int64_t most = std::min<int64_t>(kTileVectors / nv, std::max<int64_t>(OH, 1));
+  if (rows > 0) return std::min(rows, most);
+  if (nv > 1) return std::min<int64_t>(2, most);
+  const int64_t groups = (OH + most - 1) / most;
+  return (OH + groups - 1) / groups;
+}
+
 at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                       const at::Tensor& values, const c10::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -1161,7 +1178,7 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
     set_geometry(mh, mw);
     s.tuning = t;
     s.panel = 1;
-    s.rows = std::min<int64_t>(t.rows, OH);
+    s.rows = tile_rows(t.rows, nv, OH);
     s.cols = nv * L;
     find_live_taps(s, OH, OW, L);
     if (t.panel > 1) s.tuning.layout = 0;  // panels run over channel-major blocks
@@ -1197,7 +1214,8 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
     std::ostringstream key;
     key << "threads=" << at::get_num_threads() << "|" << x.scalar_type() << "|x=" << x.sizes() << "|w=" << weight_shape
         << "|stride=" << stride << "|padding=" << padding << "|dilation=" << dilation << "|nnz=" << col_idx.numel();
-    tuning = Autotuner::instance().tuning_for(key.str(), KH * KW > 1, [&](const Tuning& t) {
+    tuning = Autotuner::instance().tuning_for(key.str(), KH * KW > 1, tile_rows(0, nv, OH) != tile_rows(2, nv, OH),
+                                              [&](const Tuning& t) {
       const auto start = std::chrono::steady_clock::now();
       run(t);
       return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();

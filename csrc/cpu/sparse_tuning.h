@@ -42,7 +42,8 @@ namespace adapmtl {
 
 struct Tuning {
   int layout = -1;            // -1: the cost model's choice; 0: channel-major; 1: tap-major
-  int64_t rows = 2;           // output rows per register tile (1 or 2)
+  int64_t rows = 0;           // output rows per register tile (1..8, at most 8 / vectors per row); 0: 2, or up to
+                              // 8 for rows of one vector (sparse_conv_cpu.cpp, tile_rows)
   double min_segment = 40.0;  // non-zeros a row segment holds at least (on average)
   int64_t l1_budget = 0;      // bytes of input a block keeps for one work item
   int64_t oc_chunk = 128;     // output channels per work item
@@ -51,7 +52,10 @@ struct Tuning {
 
   std::string str() const {
     std::ostringstream o;
-    o << "layout=" << (layout < 0 ? "auto" : layout ? "tap" : "channel") << ",rows=" << rows
+    o << "layout=" << (layout < 0 ? "auto" : layout ? "tap" : "channel") << ",rows=";
+    if (rows == 0) o << "auto";
+    else o << rows;
+    o
       << ",min_segment=" << min_segment << ",l1_budget=" << l1_budget << ",oc_chunk=" << oc_chunk << ",panel=";
     if (panel == 0) o << "auto";
     else o << panel;
@@ -75,7 +79,7 @@ inline bool parse_tuning(const std::string& text, Tuning& t, const char* source)
   std::string item;
   const auto fail = [&](const std::string& why) {
     TORCH_CHECK_VALUE(source == nullptr, "adapmtl: ", source, " must be comma-separated key=value pairs of ",
-                      "layout (auto|channel|tap), rows (1|2), min_segment (1..1000), l1_budget (1024..16777216 "
+                      "layout (auto|channel|tap), rows (auto|1..8), min_segment (1..1000), l1_budget (1024..16777216 "
                       "bytes), oc_chunk (1..65536), panel (auto|1|4|8): ", why, " in '", text, "'");
     return false;
   };
@@ -91,7 +95,9 @@ inline bool parse_tuning(const std::string& text, Tuning& t, const char* source)
       else if (value == "channel") t.layout = 0;
       else if (value == "tap") t.layout = 1;
       else return fail("layout '" + value + "'");
-    } else if (key == "rows" && numeric && (number == 1 || number == 2)) {
+    } else if (key == "rows" && value == "auto") {
+      t.rows = 0;
+    } else if (key == "rows" && numeric && number >= 1 && number <= 8 && number == int64_t(number)) {
       t.rows = int64_t(number);
     } else if (key == "min_segment" && numeric && number >= 1 && number <= 1000) {
       t.min_segment = number;
@@ -132,21 +138,24 @@ inline std::vector<int64_t> candidate_chunks() {
 }
 
 // The (layout, rows, panel) triples the search tries: one output channel per tile in either layout and
-// either tile height, and the channel panels (channel-major, one row: their accumulators fill the registers).
-inline std::vector<std::tuple<int, int64_t, int64_t>> candidate_shapes(bool with_tap_major) {
+// each tile height (2, 1, and the default's taller tiles where rows are one vector: `tall_rows`), and the
+// channel panels (channel-major, one row: their accumulators fill the registers).
+inline std::vector<std::tuple<int, int64_t, int64_t>> candidate_shapes(bool with_tap_major, bool tall_rows) {
   std::vector<std::tuple<int, int64_t, int64_t>> out;
   for (int layout : {0, 1}) {
     if (layout == 1 && !with_tap_major) continue;
+    if (tall_rows) out.emplace_back(layout, 0, 1);
     for (int64_t rows : {2, 1}) out.emplace_back(layout, rows, 1);
   }
   for (int64_t panel : {4, 8}) out.emplace_back(0, 1, panel);
   return out;
 }
 
-// Every configuration the staged search may time: those shapes x min_segment x oc_chunk on the defaults.
+// Every configuration the staged search may time: those shapes (the tall tiles included) x min_segment x oc_chunk
+// on the defaults.
 inline std::vector<Tuning> candidate_tunings(bool with_tap_major) {
   std::vector<Tuning> out;
-  for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major))
+  for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major, true))
     for (double seg : {10.0, 20.0, 40.0, 80.0})
       for (int64_t chunk : candidate_chunks()) {
         Tuning t = default_tuning();
@@ -185,7 +194,7 @@ class Autotuner {
 
   // The tuned configuration for `key`, timing the candidates with `time_ms(tuning)` the first time.
   template <typename TimeFn>
-  Tuning tuning_for(const std::string& key, bool with_tap_major, const TimeFn& time_ms) {
+  Tuning tuning_for(const std::string& key, bool with_tap_major, bool tall_rows, const TimeFn& time_ms) {
     const std::string full = cpu_model() + "|" + key;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -196,7 +205,7 @@ class Autotuner {
         return it->second;
       }
     }
-    const Tuning best = search(with_tap_major, time_ms);  // outside the lock: it runs the kernel
+    const Tuning best = search(with_tap_major, tall_rows, time_ms);  // outside the lock: it runs the kernel
     std::lock_guard<std::mutex> lock(mutex_);
     ++searches_;
     table_[full] = best;
@@ -231,7 +240,7 @@ class Autotuner {
   // A candidate's time is the fastest of three runs after a warm-up run (the least disturbed by a shared
   // machine's noise).
   template <typename TimeFn>
-  static Tuning search(bool with_tap_major, const TimeFn& time_ms) {
+  static Tuning search(bool with_tap_major, bool tall_rows, const TimeFn& time_ms) {
     const auto measure = [&](const Tuning& t) {
       time_ms(t);
       return std::min({time_ms(t), time_ms(t), time_ms(t)});
@@ -239,7 +248,7 @@ class Autotuner {
     Tuning best = default_tuning();
     best.layout = 0, best.panel = 1;
     double best_ms = 1e300;
-    for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major)) {
+    for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major, tall_rows)) {
       Tuning t = default_tuning();
       t.layout = layout, t.rows = rows, t.panel = panel;
       const double ms = measure(t);
