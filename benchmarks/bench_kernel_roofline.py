@@ -8,11 +8,14 @@ Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in doc
       core's measured FMA peak;
   real kernel: torch.ops.adapmtl.sparse_conv2d on the ASPP 3x3 d6 and 1x1 head convs (41x41, batch 1) at
       90/95%, unstructured and pruned in 2/4/8/16 x 1 blocks, with one channel per tile, panels of 4 and 8,
-      and the kernel's own choice (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation, 2 threads.
+      and the kernel's own choice (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation, 2 threads;
+  tile rows (--tile-rows-only, its own JSON kernel_tile_rows_<cpu>.json): the real kernel at each register tile
+      height on narrow maps (MobileNetV2's 11x11 head conv), 2 threads.
 
     python benchmarks/bench_kernel_roofline.py            # ~2 minutes on 2 cores
     python benchmarks/bench_kernel_roofline.py --quick    # a smoke run (small convs, runs/bench)
     python benchmarks/bench_kernel_roofline.py --inner-loop-only   # ~75 s, one thread
+    python benchmarks/bench_kernel_roofline.py --tile-rows-only    # ~1 minute: tile heights on narrow maps
 """
 from __future__ import annotations
 
@@ -114,6 +117,54 @@ def real_kernel(quick: bool, reps: int) -> list[dict]:
     return rows
 
 
+# Tall register tiles (rows of one vector get up to 8 output rows per tile): the MobileNetV2 head's 3x3 d6 conv at
+# 11x11 at each head's sparsity (paper's, segment / depth / normal), a 16-wide map (exactly one fp32 vector), and a
+# 21-wide one (two vectors per row, where the default stays at 2 rows), at forced heights and in both layouts.
+TALL_CONVS = {"MobileNetV2 head 3x3 d6 1280->1024 at 11x11": (1280, 1024, 3, 6, 11, (0.862, 0.908, 0.947)),
+              "3x3 d6 1280->1024 at 16x16": (1280, 1024, 3, 6, 16, (0.9,)),
+              "3x3 d1 320->1024 at 21x21": (320, 1024, 3, 1, 21, (0.9,))}
+# "2 rows" is the kernel's own layout choice at 2 rows; "channel-major, 2 rows" what the kernel chose before tall tiles
+# and before its cost model left out the plan's encoding (paid once per weight since plans are cached).
+TALL_CONFIGS = {"2 rows": "rows=2", "4 rows": "rows=4", "8 rows": "rows=8", "default": "",
+                "tap-major, 2 rows": "layout=tap,rows=2", "tap-major, default": "layout=tap",
+                "channel-major, 2 rows": "layout=channel,rows=2", "channel-major, default": "layout=channel"}
+
+
+def tile_rows(quick: bool, reps: int) -> list[dict]:
+    """The real kernel at each tile height (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation, 2 threads."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, (cin, cout, k, dil, size, sparsities) in TALL_CONVS.items():
+        if quick:
+            cin, cout, sparsities = cin // 16, cout // 16, sparsities[:1]
+        x = torch.randn(1, cin, size, size, generator=gen)
+        for sparsity in sparsities:
+            w = block_pruned(cout, cin, k, 1, 1 - sparsity, gen)
+            sw = SparseWeight.from_dense(w)
+            pad = dil * (k // 2)
+            ref = torch.nn.functional.conv2d(x, w, None, 1, pad, dil)
+
+            def call(config, sw=sw, w=w, x=x, pad=pad, dil=dil):
+                def fn():
+                    os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
+                    return torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None,
+                                                           list(w.shape), [1, 1], [pad, pad], [dil, dil])
+                return fn
+
+            try:
+                for config in TALL_CONFIGS.values():  # every height computes the conv
+                    torch.testing.assert_close(call(config)(), ref, rtol=1e-4, atol=1e-3)
+                ms = interleaved_median_ms([call(c) for c in TALL_CONFIGS.values()], "cpu", reps=reps)
+            finally:
+                os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+            row = {"conv": name, "sparsity": sparsity, "nnz": sw.values.numel(), "ms": dict(zip(TALL_CONFIGS, ms)),
+                   "default_vs_2_rows": ms[0] / ms[3], "default_vs_channel_major_2_rows": ms[6] / ms[3]}
+            rows.append(row)
+            print(f"{name} {sparsity:.1%}: " + ", ".join(f"{c} {t:.2f} ms" for c, t in zip(TALL_CONFIGS, ms)),
+                  flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: small convs, 2 reps, runs/bench")
@@ -121,9 +172,20 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None)
     p.add_argument("--inner-loop-only", action="store_true",
                    help="only the single-threaded microbenchmark, into kernel_roofline_inner_<cpu>.json")
+    p.add_argument("--tile-rows-only", action="store_true",
+                   help="only the real kernel at each register tile height, into kernel_tile_rows_<cpu>.json")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     info = device_description("cpu")
+    if args.tile_rows_only:
+        rows = tile_rows(args.quick, 2 if args.quick else args.reps)
+        table = [{"case": f"{r['conv']} {r['sparsity']:.1%}", **r["ms"]} for r in rows]
+        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
+        print(format_table(table, [("case", "case", "<50")] + [(c, c, ".2f") for c in TALL_CONFIGS]))
+        path = write_results("kernel_tile_rows", info, {"quick": args.quick, "reps": args.reps, "rows": rows},
+                             out_dir=args.out_dir, smoke=args.quick)
+        print(f"\nwrote {path}")
+        return rows
     # the quick run's block is L1-sized (48 columns): its generated code compiles in seconds, not a minute
     loop = inner_loop((0.1,), reps=2, columns=48) if args.quick else inner_loop()
     for line in loop:

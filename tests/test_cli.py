@@ -242,6 +242,17 @@ def test_the_kernel_roofline_benchmark_runs(tmp_path):
     assert saved["quick"] and saved["real_kernel"] == rows
 
 
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_tile_rows_benchmark_runs(tmp_path):
+    """A smoke run of bench_kernel_roofline.py --tile-rows-only: every tile height on each narrow map, checked
+    against F.conv2d before it is timed, into its own JSON."""
+    roof = _bench_module("bench_kernel_roofline")
+    rows = roof.main(["--quick", "--tile-rows-only", "--out-dir", str(tmp_path)])
+    assert len(rows) == len(roof.TALL_CONVS) and all(set(r["ms"]) == set(roof.TALL_CONFIGS) for r in rows)
+    assert all(t > 0 for r in rows for t in r["ms"].values())
+    assert json.loads(next(tmp_path.glob("kernel_tile_rows_*.json")).read_text())["rows"] == rows
+
+
 def test_the_memory_latency_benchmark_runs(tmp_path):
     """A smoke run of benchmarks/bench_memory_latency.py: pointer-chase latency per buffer size, into --out-dir."""
     import shutil

@@ -574,11 +574,15 @@ void make_all_live(ConvShape& s, int64_t OW, int64_t L) {
 }
 
 // Cost model of the two block layouts, in vector multiply-adds, measured on the 2-core EPYC: a tile's
-// visit to one (output channel, block) segment costs ~12 (parking, a mispredicted loop exit), grouping a
-// non-zero by tap ~5 against ~1.5 for the direct pass, and a tap-major multiply-add ~1.1 (a block's lines
-// are spread over more channels). Tap-major wins where many taps are dead (dilated convs), channel-major
-// where few are or where one tap's column holds few non-zeros (the 7x7 stem over 3 channels).
-constexpr double kVisitCost = 12.0, kGroupCost = 5.0, kDirectCost = 1.5, kTapMajorCost = 1.1;
+// visit to one (output channel, block) segment costs ~12 (parking, a mispredicted loop exit) and a tap-major
+// multiply-add ~1.1 (a block's lines are spread over more channels). Tap-major wins where many taps are dead
+// (dilated convs), channel-major where few are or where one tap's column holds few non-zeros (the 7x7 stem over
+// 3 channels). Encoding the plan (grouping a non-zero by tap ~5, against ~1.5 for channel-major's direct pass)
+// is left out: the plan cache keeps plans across calls (plan_cache.h), so it is paid at a weight's first call,
+// and leaving it out keeps the choice, hence the output's bits, independent of the cache's budget. Measured with
+// it in, the per-call grouping cost ruled out tap-major for MobileNetV2's 3x3 d6 head conv at 11x11, which runs
+// 13-18% faster tap-major (benchmarks/results/kernel_tile_rows_*.json).
+constexpr double kVisitCost = 12.0, kTapMajorCost = 1.1;
 
 void choose_layout(ConvShape& s, int64_t nnz, int64_t OC, int64_t OH, int64_t OW, int64_t element_size, int64_t L) {
   const int64_t groups = (OH + s.rows - 1) / s.rows, tiles = (OW + s.cols - 1) / s.cols, taps = s.taps;
@@ -608,8 +612,8 @@ void choose_layout(ConvShape& s, int64_t nnz, int64_t OC, int64_t OH, int64_t OW
       }
     }
   }
-  const double cost_all = fma_all + kVisitCost * visits_all * double(OC) + kDirectCost * double(nnz);
-  const double cost_tap = kTapMajorCost * fma_tap + kVisitCost * visits_tap * double(OC) + kGroupCost * double(nnz);
+  const double cost_all = fma_all + kVisitCost * visits_all * double(OC);
+  const double cost_tap = kTapMajorCost * fma_tap + kVisitCost * visits_tap * double(OC);
   if (cost_tap < cost_all) s.tap_major = true, s.cb = cb_tap;
 }
 
