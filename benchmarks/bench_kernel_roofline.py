@@ -83,6 +83,25 @@ def block_pruned(oc: int, c: int, k: int, block: int, density: float, gen) -> to
     return torch.randn(oc, c, k, k, generator=gen) * live.repeat_interleave(block, 0)[:oc]
 
 
+def time_configs(x, sw, pad: int, dil: int, configs: dict, reps: int, reference=None) -> list[float]:
+    """Medians (ms) of the C++ sparse conv under each of `configs` (ADAPMTL_CPU_SPARSE_CONFIG values), timed in
+    alternation; each first checked against `reference` where given. The variable is unset afterwards."""
+    def call(config):
+        def fn():
+            os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
+            return torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None, list(sw.shape),
+                                                   [1, 1], [pad, pad], [dil, dil])
+        return fn
+
+    try:
+        if reference is not None:
+            for config in configs.values():
+                torch.testing.assert_close(call(config)(), reference, rtol=1e-4, atol=1e-3, msg=config)
+        return interleaved_median_ms([call(c) for c in configs.values()], "cpu", reps=reps)
+    finally:
+        os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+
+
 def real_kernel(quick: bool, reps: int) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -97,17 +116,7 @@ def real_kernel(quick: bool, reps: int) -> list[dict]:
                 sw = SparseWeight.from_dense(w)
                 pad = dil * (k // 2)
 
-                def call(config, sw=sw, w=w, x=x, pad=pad, dil=dil):
-                    def fn():
-                        os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
-                        return torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None,
-                                                               list(w.shape), [1, 1], [pad, pad], [dil, dil])
-                    return fn
-
-                try:
-                    ms = interleaved_median_ms([call(c) for c in CONFIGS.values()], "cpu", reps=reps)
-                finally:
-                    os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+                ms = time_configs(x, sw, pad, dil, CONFIGS, reps)
                 flop = 2 * sw.values.numel() * size * size  # the non-zeros' multiply-adds, every output pixel
                 row = {"conv": name, "size": size, "sparsity": sparsity, "block": f"{block}x1",
                        "ms": dict(zip(CONFIGS, ms)), "gflop_per_s": {c: flop / t / 1e6 for c, t in zip(CONFIGS, ms)}}
@@ -142,21 +151,8 @@ def tile_rows(quick: bool, reps: int) -> list[dict]:
             w = block_pruned(cout, cin, k, 1, 1 - sparsity, gen)
             sw = SparseWeight.from_dense(w)
             pad = dil * (k // 2)
-            ref = torch.nn.functional.conv2d(x, w, None, 1, pad, dil)
-
-            def call(config, sw=sw, w=w, x=x, pad=pad, dil=dil):
-                def fn():
-                    os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
-                    return torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None,
-                                                           list(w.shape), [1, 1], [pad, pad], [dil, dil])
-                return fn
-
-            try:
-                for config in TALL_CONFIGS.values():  # every height computes the conv
-                    torch.testing.assert_close(call(config)(), ref, rtol=1e-4, atol=1e-3)
-                ms = interleaved_median_ms([call(c) for c in TALL_CONFIGS.values()], "cpu", reps=reps)
-            finally:
-                os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+            ms = time_configs(x, sw, pad, dil, TALL_CONFIGS, reps,
+                              reference=torch.nn.functional.conv2d(x, w, None, 1, pad, dil))
             row = {"conv": name, "sparsity": sparsity, "nnz": sw.values.numel(), "ms": dict(zip(TALL_CONFIGS, ms)),
                    "default_vs_2_rows": ms[0] / ms[3], "default_vs_channel_major_2_rows": ms[6] / ms[3]}
             rows.append(row)

@@ -340,8 +340,9 @@ def plan_cache_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
 
 
 def tile_rows_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
-    """The C++ kernel with register tiles of 2 output rows everywhere (ADAPMTL_CPU_SPARSE_CONFIG=rows=2, the kernel
-    before tall tiles) and its default (up to 8 rows where a row is one vector: MobileNetV2's 11x11 heads)."""
+    """The C++ kernel with register tiles of 2 output rows everywhere (ADAPMTL_CPU_SPARSE_CONFIG=rows=2, its height
+    before tall tiles) and its default (up to 8 rows where a row is one vector: MobileNetV2's 11x11 heads), both
+    with today's layout choice."""
     return env_ab(names, reps, quick, batches, "ADAPMTL_CPU_SPARSE_CONFIG", {"rows2": "rows=2", "default": ""})
 
 

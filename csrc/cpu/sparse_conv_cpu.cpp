@@ -581,7 +581,7 @@ void make_all_live(ConvShape& s, int64_t OW, int64_t L) {
 // is left out: the plan cache keeps plans across calls (plan_cache.h), so it is paid at a weight's first call,
 // and leaving it out keeps the choice, hence the output's bits, independent of the cache's budget. Measured with
 // it in, the per-call grouping cost ruled out tap-major for MobileNetV2's 3x3 d6 head conv at 11x11, which runs
-// 13-18% faster tap-major (benchmarks/results/kernel_tile_rows_*.json).
+// 1.1-1.6x faster tap-major with tall tiles (three runs in alternation; benchmarks/results/kernel_tile_rows_*.json).
 constexpr double kVisitCost = 12.0, kTapMajorCost = 1.1;
 
 void choose_layout(ConvShape& s, int64_t nnz, int64_t OC, int64_t OH, int64_t OW, int64_t element_size, int64_t L) {

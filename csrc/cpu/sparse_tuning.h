@@ -55,8 +55,7 @@ struct Tuning {
     o << "layout=" << (layout < 0 ? "auto" : layout ? "tap" : "channel") << ",rows=";
     if (rows == 0) o << "auto";
     else o << rows;
-    o
-      << ",min_segment=" << min_segment << ",l1_budget=" << l1_budget << ",oc_chunk=" << oc_chunk << ",panel=";
+    o << ",min_segment=" << min_segment << ",l1_budget=" << l1_budget << ",oc_chunk=" << oc_chunk << ",panel=";
     if (panel == 0) o << "auto";
     else o << panel;
     return o.str();
