@@ -95,6 +95,10 @@ inline __attribute__((always_inline)) typename Vec<T>::type load(const T* p) {
 constexpr int kTileVectors = 8;
 constexpr int kMaxVectors = 4;  // vectors of output pixels per register tile row
 
+// The most rows a tile of rows of nv vectors may have: only one-vector rows go past 2 (4 rows of 2 vectors measured
+// no faster than 2 at 21x21, and every allowed height is compiled for each vector count).
+constexpr int64_t max_tile_rows(int64_t nv) { return nv == 1 ? kTileVectors : 2; }
+
 // Everything a work item needs; offsets are relative to one image of P.
 template <typename T>
 struct Plan {
@@ -114,7 +118,7 @@ struct Plan {
   int64_t OC, OH, OW;
   int64_t in_batch;  // elements of P per image
   int64_t row_step;  // elements of P between consecutive output rows
-  int64_t rows;      // output rows per item (rows x vectors <= kTileVectors)
+  int64_t rows;      // output rows per item (<= max_tile_rows(vectors per row))
   int64_t cols;      // output columns per item (<= kMaxVectors vectors)
   int64_t oc_chunk;  // output channels per item
   int64_t blocks;          // = taps * channel_blocks; block b belongs to (pseudo-)tap b / channel_blocks
@@ -252,12 +256,12 @@ inline __attribute__((always_inline)) void item(const Plan<T>& g, int64_t n, int
   }
 }
 
-// item<T, NV, rows> for runtime 1 <= rows <= kTileVectors / NV (a row group's rows: the last may be shorter).
+// item<T, NV, rows> for runtime 1 <= rows <= max_tile_rows(NV) (a row group's rows: the last may be shorter).
 template <typename T, int NV, int R = 1>
 inline __attribute__((always_inline)) void item_rows(const Plan<T>& g, int64_t rows, int64_t n, int64_t group,
                                                      int64_t tile, int64_t count, int64_t oc0, int64_t oc1,
                                                      T* scratch) {
-  if constexpr (R * NV <= kTileVectors) {
+  if constexpr (R <= max_tile_rows(NV)) {
     if (rows == R) {
       item<T, NV, R>(g, n, group, tile, count, oc0, oc1, scratch);
     } else {
@@ -1089,11 +1093,10 @@ void pack_conv_input(const at::Tensor& x, T* P, int64_t n0, int64_t count, const
 }
 
 // Output rows per register tile for rows of nv vectors (Tuning::rows; 0: the default, see kTileVectors): one-vector
-// rows get as many as fit, balanced over the row groups (11 rows: 6 + 5, not 8 + 3).
+// rows get as many as fit, balanced over the row groups (11 rows: 6 + 5, not 8 + 3); wider rows 2.
 int64_t tile_rows(int64_t rows, int64_t nv, int64_t OH) {
-  const int64_t most = std::min<int64_t>(kTileVectors / nv, std::max<int64_t>(OH, 1));
-  if (rows > 0) return std::min(rows, most);
-  if (nv > 1) return std::min<int64_t>(2, most);
+  const int64_t most = std::min<int64_t>(max_tile_rows(nv), std::max<int64_t>(OH, 1));
+  if (rows > 0 || nv > 1) return std::min<int64_t>(rows > 0 ? rows : 2, most);
   const int64_t groups = (OH + most - 1) / most;
   return (OH + groups - 1) / groups;
 }

@@ -42,8 +42,8 @@ namespace adapmtl {
 
 struct Tuning {
   int layout = -1;            // -1: the cost model's choice; 0: channel-major; 1: tap-major
-  int64_t rows = 0;           // output rows per register tile (1..8, at most 8 / vectors per row); 0: 2, or up to
-                              // 8 for rows of one vector (sparse_conv_cpu.cpp, tile_rows)
+  int64_t rows = 0;           // output rows per register tile (1..8; at most 2 where a row is 2+ vectors); 0: 2,
+                              // or up to 8 for rows of one vector (sparse_conv_cpu.cpp, tile_rows)
   double min_segment = 40.0;  // non-zeros a row segment holds at least (on average)
   int64_t l1_budget = 0;      // bytes of input a block keeps for one work item
   int64_t oc_chunk = 128;     // output channels per work item
