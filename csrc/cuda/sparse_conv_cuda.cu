@@ -88,30 +88,45 @@ __device__ __forceinline__ void stage_row(NzEntry<A>* nz, const int* __restrict_
   }
 }
 
-// The tile's pixels for thread threadIdx.x: where each one's window starts in x (ih0, iw0, and base, its offset
-// in the batch); a pixel past the end gets coordinates that fail every bounds check.
-template <int kPix>
-__device__ __forceinline__ void tile_pixels(int64_t tile, int64_t total_pixels, int64_t P, int W_out, int sh, int sw,
-                                            int ph, int pw, int W, int64_t image, int64_t (&base)[kPix],
-                                            int (&ih0)[kPix], int (&iw0)[kPix]) {
+// This thread's kPix pixels of `tile`: pixel(k, n, p) for each that exists (image n, pixel p of its H_out x W_out
+// plane), missing(k) for each past the last: the walk both kernels' setup and stores share.
+template <int kPix, typename Pixel, typename Missing>
+__device__ __forceinline__ void for_each_pixel(int64_t tile, int64_t total_pixels, int64_t P, const Pixel& pixel,
+                                               const Missing& missing) {
   constexpr int kTile = kConvThreads * kPix;
 #pragma unroll
   for (int k = 0; k < kPix; ++k) {
     const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
     if (q < total_pixels) {
       const int64_t n = q / P;
-      const int p = static_cast<int>(q - n * P);
-      const int oh = p / W_out;
-      const int ow = p - oh * W_out;
-      ih0[k] = oh * sh - ph;
-      iw0[k] = ow * sw - pw;
-      base[k] = n * image + static_cast<int64_t>(ih0[k]) * W + iw0[k];
+      pixel(k, n, q - n * P);
     } else {
-      ih0[k] = INT_MIN / 2;  // every tap fails the bounds check; nothing is read or written
-      iw0[k] = 0;
-      base[k] = 0;
+      missing(k);
     }
   }
+}
+
+// The tile's pixels for thread threadIdx.x: where each one's window starts in x (ih0, iw0, and base, its offset
+// in the batch); a pixel past the end gets coordinates that fail every bounds check.
+template <int kPix>
+__device__ __forceinline__ void tile_pixels(int64_t tile, int64_t total_pixels, int64_t P, int W_out, int sh, int sw,
+                                            int ph, int pw, int W, int64_t image, int64_t (&base)[kPix],
+                                            int (&ih0)[kPix], int (&iw0)[kPix]) {
+  for_each_pixel<kPix>(
+      tile, total_pixels, P,
+      [&](int k, int64_t n, int64_t q) {
+        const int p = static_cast<int>(q);
+        const int oh = p / W_out;
+        const int ow = p - oh * W_out;
+        ih0[k] = oh * sh - ph;
+        iw0[k] = ow * sw - pw;
+        base[k] = n * image + static_cast<int64_t>(ih0[k]) * W + iw0[k];
+      },
+      [&](int k) {
+        ih0[k] = INT_MIN / 2;  // every tap fails the bounds check; nothing is read or written
+        iw0[k] = 0;
+        base[k] = 0;
+      });
 }
 
 // x at tap e of pixel k, or a real zero on the padding (the op's NaN/inf semantics, adapmtl/ops/sparse_conv.py:
@@ -170,15 +185,10 @@ __device__ __forceinline__ void conv_channel(NzEntry<at::opmath_type<T>>* nz, in
         for (int k = 0; k < kPix; ++k) acc[k] += e.val * tap_value<T, A>(x, e, base[k], ih0[k], iw0[k], H, W);
       }
     }
-#pragma unroll
-    for (int k = 0; k < kPix; ++k) {
-      const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
-      if (q < total_pixels) {
-        const int64_t n = q / P;
-        const int64_t p = q - n * P;
-        out[n * out_sn + row * out_sc + p * out_sp] = static_cast<T>(acc[k] + b);
-      }
-    }
+    for_each_pixel<kPix>(
+        tile, total_pixels, P,
+        [&](int k, int64_t n, int64_t p) { out[n * out_sn + row * out_sc + p * out_sp] = static_cast<T>(acc[k] + b); },
+        [](int) {});
   }
 }
 
@@ -270,17 +280,14 @@ __global__ void __launch_bounds__(kConvThreads)
         }
       }
     }
+    for_each_pixel<kPix>(
+        tile, total_pixels, P,
+        [&](int k, int64_t n, int64_t p) {
 #pragma unroll
-    for (int k = 0; k < kPix; ++k) {
-      const int64_t q = tile * kTile + k * kConvThreads + threadIdx.x;
-      if (q < total_pixels) {
-        const int64_t n = q / P;
-        const int64_t p = q - n * P;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-          if (r < rows) out[n * out_sn + (row0 + r) * out_sc + p * out_sp] = static_cast<T>(acc[r][k] + b[r]);
-      }
-    }
+          for (int r = 0; r < kRows; ++r)
+            if (r < rows) out[n * out_sn + (row0 + r) * out_sc + p * out_sp] = static_cast<T>(acc[r][k] + b[r]);
+        },
+        [](int) {});
   }
 }
 
