@@ -10,8 +10,9 @@ from the rows one JSON, Markdown and PNG in benchmarks/results/compare_synthetic
 
 main: the 7 methods at 90% and 95%, 7 seeds (SNIP, LTH and IMP: 3); ablations: AdapMTL without adaptive weights,
 the single threshold with them, per-layer STR, straight-through gradients (90%, 3 seeds); sweep: the 7 methods at
-80% (3 seeds); block: AdapMTL thresholding blocks of 4 output channels (prune.block=4, not the paper's) against
-AdapMTL at 90% (3 seeds), the accuracy price of the CPU kernel's channel panels. A run with a row of the same
+80% (3 seeds); block: AdapMTL thresholding blocks of 4 and of 16 output channels (prune.block=4 / 16, not the
+paper's) against AdapMTL at 90% (3 seeds), the accuracy price of the CPU kernel's channel panels and channel-vector
+tiles. A run with a row of the same
 plan is never trained again; an interrupted run continues from its last checkpoint in --out.
 """
 from __future__ import annotations

@@ -14,8 +14,8 @@ from adapmtl.data.synthetic import object_classes, render_scene
 from adapmtl.metrics import directions
 from adapmtl.train import Trainer
 from adapmtl.train.checkpoint import load_checkpoint_file
-from adapmtl.train.compare import (ABLATIONS, compare, config_digest, holm, markdown_table, paired_test, plan,
-                                   run_records, summarize, write_row)
+from adapmtl.train.compare import (ABLATIONS, BLOCK_VARIANTS, compare, config_digest, holm, markdown_table,
+                                   paired_test, plan, run_records, summarize, write_row)
 from adapmtl.train.config import COMPARE_METHODS, apply_override, load_config
 from helpers import tiny_run_config
 
@@ -245,7 +245,8 @@ def test_the_committed_experiment_plans_what_the_issue_asks(tmp_path):
         assert len(seeds["ablations", method, 0.9]) == 3
     for method in COMPARE_METHODS[1:]:
         assert len(seeds["sweep", method, 0.8]) == 3
-    assert len(seeds["block", "adapmtl_block4", 0.9]) == 3  # paired with main's AdapMTL runs of the same seeds
+    for method in BLOCK_VARIANTS:
+        assert len(seeds["block", method, 0.9]) == 3  # paired with main's AdapMTL runs of the same seeds
     # the parts share their starts, dense runs and the AdapMTL runs of the ablations: one config per run name
     assert all(len(v) == 1 for v in outs.values())
     cfg = load_config("compare_synthetic")
