@@ -8,7 +8,9 @@ Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in doc
       core's measured FMA peak;
   real kernel: torch.ops.adapmtl.sparse_conv2d on the ASPP 3x3 d6 and 1x1 head convs (41x41, batch 1) at
       90/95%, unstructured and pruned in 2/4/8/16 x 1 blocks, with one channel per tile, panels of 4 and 8,
-      and the kernel's own choice (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation, 2 threads;
+      channel-vector tiles (where a weight's groups of 16 channels are uniform: 16 x 1 blocks; elsewhere the
+      kernel's own choice runs) and the kernel's own choice (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation,
+      2 threads;
   tile rows (--tile-rows-only, its own JSON kernel_tile_rows_<cpu>.json): the real kernel at each register tile
       height on narrow maps (MobileNetV2's 11x11 head conv), 2 threads.
 
@@ -40,7 +42,8 @@ CXXFLAGS = ["-O3", "-march=native", "-std=c++17"]
 # Per-matrix code (M channels x NV vectors in registers): one channel as today, 8 x 3 (24 registers), and
 # FBGEMM generateSpMM's 24 rows x 1 vector.
 GENERATED = ("1x3", "8x3", "24x1")
-CONFIGS = {"one channel": "panel=1", "panel 4": "panel=4", "panel 8": "panel=8", "auto": ""}
+CONFIGS = {"one channel": "panel=1", "panel 4": "panel=4", "panel 8": "panel=8", "channel vectors": "panel=vector",
+           "auto": ""}
 CONVS = {"ASPP 3x3 d6 512->1024": (512, 1024, 3, 6), "1x1 1024->1024": (1024, 1024, 1, 1)}
 
 

@@ -72,8 +72,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_sparse_default_config", [] { return adapmtl::default_tuning().str(); });
   m.def("cpu_sparse_panel_calls", [] {
     const auto* c = adapmtl::panel_calls();
-    return std::make_tuple(c[0].load(), c[1].load(), c[2].load());
-  }, "sparse conv/linear calls of this process that ran one output channel, panels of 4 and of 8 per tile");
+    return std::make_tuple(c[0].load(), c[1].load(), c[2].load(), c[3].load());
+  }, "sparse conv/linear calls of this process that ran one output channel, panels of 4, of 8 and channel-vector "
+     "tiles");
   m.def("cpu_sparse_plan_cache_info", [] { return adapmtl::PlanCache::instance().info(); },
         "(hits, misses, plans kept, bytes kept) of the CPU sparse kernel's plan cache (csrc/cpu/plan_cache.h)");
   m.def("cpu_sparse_plan_cache_clear", [] { adapmtl::PlanCache::instance().clear(); });

@@ -79,12 +79,14 @@ def test_fused_epilogue_is_the_unfused_conv_add_and_clamp(case, clamp, dtype):
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
-@pytest.mark.parametrize("config", ["layout=tap", "layout=channel", "panel=4", "panel=8", "rows=1", "layout=tap,rows=2"])
+@pytest.mark.parametrize("config", ["layout=tap", "layout=channel", "panel=4", "panel=8", "rows=1", "layout=tap,rows=2",
+                                    "panel=vector", "panel=vector,layout=tap"])
 def test_every_kernel_configuration_fuses_the_same(config, monkeypatch):
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     torch.manual_seed(3)
     x = torch.randn(2, 16, 37, 35)
-    w = _weight((20, 16, 3, 3), density=0.15, block=4)  # blocks of 4 channels: the panels' full patterns
+    # blocks of 4 channels: the panels' full patterns; of 16: the channel-vector tiles' uniform groups (16 + 4)
+    w = _weight((20, 16, 3, 3), density=0.15, block=16 if "vector" in config else 4)
     bias = torch.randn(20)
     res = torch.randn(2, 20, 37, 35)
     for clamp in ((0.0, None), (0.0, 6.0)):

@@ -24,7 +24,8 @@ from helpers import last_logged_step, small_run_config, start_and_wait_for_step
 
 CPU_BACKENDS = [b for b in available_sparse_backends("cpu")]
 # The C++ kernel's block layouts and channel panels, forced, and its own choice ("").
-CPP_CONFIGS = ["", "layout=tap", "layout=channel", "panel=4", "panel=8", "rows=8", "layout=tap,rows=5"]
+CPP_CONFIGS = ["", "layout=tap", "layout=channel", "panel=4", "panel=8", "rows=8", "layout=tap,rows=5", "panel=vector",
+               "panel=vector,layout=tap"]
 
 
 # ---------------------------------------------------------------------------------------------- export files
@@ -414,7 +415,7 @@ def test_fuzz_sparse_conv_against_f_conv2d(data):
     backend = data.draw(st.sampled_from([b for b in CPU_BACKENDS if b != "triton"]))
     config = data.draw(st.sampled_from(CPP_CONFIGS))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    block = data.draw(st.sampled_from([1, 1, 2, 4, 8]))  # non-zeros shared by `block` output channels (panels)
+    block = data.draw(st.sampled_from([1, 1, 2, 4, 8, 16]))  # non-zeros shared by `block` output channels
     live = torch.rand(-(-oc // block), c, kh, kw, generator=g) < density
     weight = torch.randn(oc, c, kh, kw, generator=g, dtype=dtype) * live.repeat_interleave(block, 0)[:oc]
     bias = torch.randn(oc, generator=g, dtype=dtype) if data.draw(st.booleans()) else None
@@ -482,12 +483,16 @@ def test_nonfinite_input_reaches_outputs_only_through_stored_weights(backend, co
 
 @pytest.mark.parametrize("backend,config", _conv_backends())
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_nonfinite_weight_on_padding_only_tap_matches_f_conv2d(backend, config, bad, monkeypatch):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_nonfinite_weight_on_padding_only_tap_matches_f_conv2d(backend, config, bad, uniform, monkeypatch):
     """A dilated conv whose corner taps read only zero padding (the C++ kernel skips such taps): an inf/NaN
-    weight there gives NaN exactly where F.conv2d does (0 * inf = NaN), in every layout."""
+    weight there gives NaN exactly where F.conv2d does (0 * inf = NaN), in every layout; `uniform`: every output
+    channel holds the same columns (the channel-vector tiles' weights)."""
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     torch.manual_seed(1)
-    w = torch.randn(3, 2, 3, 3) * (torch.rand(3, 2, 3, 3) < 0.5)
+    w = torch.randn(3, 2, 3, 3) * (torch.rand(1 if uniform else 3, 2, 3, 3) < 0.5)
+    if uniform:
+        w[:, 0, 0, 0], w[:, 0, 1, 1] = bad, 1.0
     w[0, 0, 0, 0] = bad
     w[1, 0, 1, 1] = 1.0
     x = torch.randn(1, 2, 5, 5)

@@ -42,19 +42,21 @@ def check(out, x, sw, **kw):
     torch.testing.assert_close(out, expected(x, sw, **kw), rtol=1e-4, atol=1e-4)
 
 
-# (weight block, input size): one channel per tile, and 4-channel panels (>= 1,024 output pixels)
-CASES = [pytest.param(1, 12, id="one-channel"), pytest.param(4, 33, id="panels")]
+# (weight block, input size): one channel per tile, 4-channel panels (>= 1,024 output pixels), channel-vector tiles
+CASES = [pytest.param(1, 12, id="one-channel"), pytest.param(4, 33, id="panels"),
+         pytest.param(16, 12, id="channel-vectors")]
+KERNEL = {1: 0, 4: 1, 16: 3}  # the index of cpu_sparse_panel_calls() each case runs
 
 
 @pytest.mark.parametrize("block,size", CASES)
 def test_a_repeated_call_reuses_its_plan_and_gives_the_same_bits(block, size):
     g = torch.Generator().manual_seed(0)
-    sw = SparseWeight.from_dense(pruned((12, 8, 3, 3), 0.2, g, block))
+    sw = SparseWeight.from_dense(pruned((32 if block == 16 else 12, 8, 3, 3), 0.2, g, block))
     x = torch.randn(2, 8, size, size, generator=g)
     C = _ext.cpu_extension()
-    panels_before = C.cpu_sparse_panel_calls()[1]
+    before = C.cpu_sparse_panel_calls()[KERNEL[block]]
     first = conv(x, sw)
-    assert C.cpu_sparse_panel_calls()[1] - panels_before == (block == 4)  # the case runs the kernel it names
+    assert C.cpu_sparse_panel_calls()[KERNEL[block]] - before == 1  # the case runs the kernel it names
     info = cpu_sparse_plan_cache_info()
     assert (info["hits"], info["misses"], info["plans"]) == (0, 1, 1) and info["bytes"] > 0
     for _ in range(3):
@@ -69,7 +71,7 @@ def test_a_repeated_call_reuses_its_plan_and_gives_the_same_bits(block, size):
 @pytest.mark.parametrize("block,size", CASES)
 def test_a_weight_changed_in_place_is_never_run_with_a_stale_plan(block, size):
     g = torch.Generator().manual_seed(1)
-    sw = SparseWeight.from_dense(pruned((12, 8, 3, 3), 0.2, g, block))
+    sw = SparseWeight.from_dense(pruned((32 if block == 16 else 12, 8, 3, 3), 0.2, g, block))
     x = torch.randn(1, 8, size, size, generator=g)
     conv(x, sw)
     changes = [

@@ -60,13 +60,15 @@ def test_every_configuration_the_autotuner_may_pick_matches_the_reference(config
 def test_the_candidates_cover_both_layouts_tile_heights_and_this_machines_default():
     C = _ext.cpu_extension()
     with_tap, one_tap = C.cpu_sparse_candidates(True), C.cpu_sparse_candidates(False)
-    # shapes: (channel-major, tap-major) x rows (auto, 2, 1), plus panels of 4 and 8 (channel-major)
-    per_shape = len(one_tap) // 5
-    assert len(one_tap) == 5 * per_shape and len(with_tap) == 8 * per_shape
+    # shapes: (channel-major, tap-major) x rows (auto, 2, 1), panels of 4 and 8 (channel-major), and channel-vector
+    # tiles in either layout
+    per_shape = len(one_tap) // 6
+    assert len(one_tap) == 6 * per_shape and len(with_tap) == 10 * per_shape
     assert all("layout=channel" in c for c in one_tap)
-    assert {"rows=auto", "rows=1", "rows=2", "panel=1", "panel=4", "panel=8"} <= {
+    assert {"rows=auto", "rows=1", "rows=2", "panel=1", "panel=4", "panel=8", "panel=vector"} <= {
         part for c in with_tap for part in c.split(",")}
-    assert not any("layout=tap" in c and "panel=1" not in c for c in with_tap)  # panels: channel-major only
+    # panels: channel-major only
+    assert not any("layout=tap" in c and "panel=1" not in c and "panel=vector" not in c for c in with_tap)
     default = dict(kv.split("=") for kv in C.cpu_sparse_default_config().split(","))
     l1, l2, l3 = C.cpu_cache_sizes()
     assert int(default["l1_budget"]) == l1 * 5 // 8 and l1 >= 4096 and l3 >= l2 >= l1

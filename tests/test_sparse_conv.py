@@ -460,6 +460,64 @@ def test_cpp_kernel_channel_panels(config, dtype, monkeypatch):
 
 
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
+@pytest.mark.parametrize("config", ["", "panel=vector", "panel=vector,layout=tap",
+                                    "panel=vector,layout=channel,oc_chunk=20"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
+    """Channel-vector tiles (one vector of output channels -- 16 fp32, 8 fp64 -- at each of up to one vector of
+    pixels) on weights whose channels come in uniform groups of that many (pruned in 16 x 1 / 8 x 1 blocks or
+    larger), by default and forced: output channels that do not fill the last group, chunks that are not whole
+    groups, last tiles of a row shorter than a vector, dead taps (tap-major skips them), stride 2, channels-last
+    input, the epilogue (residual and clamp), linear at batch 1 and 17; and a weight with one group that is not
+    uniform runs another tile, with the same result."""
+    monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
+    C = _ext.cpu_extension()
+    L = 16 if dtype == torch.float32 else 8
+    g = torch.Generator().manual_seed(41)
+    # (c, oc, k, stride, dilation, h = w, block)
+    shapes = [(37, 150, 3, 1, 2, 13, L), (19, 2 * L, 1, 1, 1, 9, 2 * L), (40, 64, 3, 1, 6, 11, L),
+              (17, 33, 5, 2, 1, 17, L), (9, 20, 3, 1, 24, 41, L), (13, L, 3, 1, 12, 5, L), (6, 3 * L, 3, 1, 1, 40, L)]
+    for c, oc, k, s, d, hw, block in shapes:
+        w = block_pruned(oc, c, k, block, 0.3, dtype, g)
+        x = torch.randn(2, c, hw, hw, generator=g, dtype=dtype)
+        b = torch.randn(oc, generator=g, dtype=dtype)
+        sw = SparseWeight.from_dense(w)
+        args = ([oc, c, k, k], [s, s], [d * (k // 2)] * 2, [d, d])
+        msg = f"{config} {dtype} {(c, oc, k, s, d, hw, block)}"
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            before = C.cpu_sparse_panel_calls()
+            out = torch.ops.adapmtl.sparse_conv2d(xin, sw.row_ptr, sw.col_idx, sw.values, b, *args)
+            assert C.cpu_sparse_panel_calls()[3] == before[3] + 1, msg  # the channel-vector tiles ran
+            assert_conv_close(out, x, w, b, s, d * (k // 2), d, msg=msg)
+        r = torch.randn_like(out)
+        for lo, hi in [(0.0, None), (-0.5, 0.5)]:
+            fused = torch.ops.adapmtl.sparse_conv2d_fused(x, sw.row_ptr, sw.col_idx, sw.values, b, *args, r, lo, hi)
+            unfused = torch.clamp(torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, b, *args) + r,
+                                  lo, hi)
+            torch.testing.assert_close(fused, unfused, rtol=0, atol=0, msg=msg)  # the same operations, in order
+        lin_w = w.flatten(1)
+        lsw = SparseWeight.from_dense(lin_w)
+        for batch in (1, 17):
+            xl = torch.randn(batch, lin_w.shape[1], generator=g, dtype=dtype)
+            before = C.cpu_sparse_panel_calls()[3]
+            out = torch.ops.adapmtl.sparse_linear(xl, lsw.row_ptr, lsw.col_idx, lsw.values, b, lin_w.shape[1])
+            assert C.cpu_sparse_panel_calls()[3] == before + 1, msg
+            assert_linear_close(out, xl, lin_w, b, msg=f"linear {msg} batch {batch}")
+    # one channel of one group loses a weight its group keeps: that group is not uniform, so (even where forced)
+    # the call runs another tile; a sampled check may miss it, the encoding does not
+    w = block_pruned(96, 11, 3, L, 0.3, dtype, g)
+    row, col = 5 * L + 3, int(w[5 * L + 3].flatten().nonzero()[0])
+    w.view(96, -1)[row, col] = 0
+    x = torch.randn(1, 11, 14, 14, generator=g, dtype=dtype)
+    sw = SparseWeight.from_dense(w)
+    before = C.cpu_sparse_panel_calls()[3]
+    out = torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None, [96, 11, 3, 3], [1, 1],
+                                          [1, 1], [1, 1])
+    assert C.cpu_sparse_panel_calls()[3] == before
+    assert_conv_close(out, x, w, None, 1, 1, 1, msg=f"not uniform {config}")
+
+
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
 def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch):
     """By default: panels of 4 for a weight pruned in blocks of >= 4 output channels (each loaded input feeds 4
     multiply-adds) on a map of >= 1024 output pixels, one channel per tile for an unstructured one (a panel
@@ -475,16 +533,21 @@ def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch)
         sparse_conv2d(inp, SparseWeight.from_dense(w), None, 1, 1, backend="cpp")
         return tuple(a - b for a, b in zip(C.cpu_sparse_panel_calls(), before))
 
-    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g), x[..., :31, :32]) == (1, 0, 0)  # 992 output pixels
+    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g), x[..., :31, :32]) == (1, 0, 0, 0)  # 992 output pixels
 
-    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (0, 1, 0)
-    assert ran(block_pruned(64, 64, 3, 8, 0.1, gen=g)) == (0, 1, 0)
-    assert ran(block_pruned(64, 64, 3, 1, 0.1, gen=g)) == (1, 0, 0)
-    assert ran(block_pruned(64, 64, 3, 2, 0.1, gen=g)) == (1, 0, 0)
+    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (0, 1, 0, 0)
+    assert ran(block_pruned(64, 64, 3, 8, 0.1, gen=g)) == (0, 1, 0, 0)  # 16 channels: two 8-blocks, not uniform
+    assert ran(block_pruned(64, 64, 3, 1, 0.1, gen=g)) == (1, 0, 0, 0)
+    assert ran(block_pruned(64, 64, 3, 2, 0.1, gen=g)) == (1, 0, 0, 0)
+    # a vector of output channels (16 fp32) holding one column set: channel-vector tiles, on any map
+    assert ran(block_pruned(64, 64, 3, 16, 0.1, gen=g)) == (0, 0, 0, 1)
+    assert ran(block_pruned(64, 64, 3, 32, 0.1, gen=g), x[..., :11, :11]) == (0, 0, 0, 1)
+    assert ran(block_pruned(64, 64, 3, 8, 0.1, dtype=torch.float64, gen=g), x.double()) == (0, 0, 0, 1)
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "panel=1")
-    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (1, 0, 0)
+    assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (1, 0, 0, 0)
+    assert ran(block_pruned(64, 64, 3, 16, 0.1, gen=g)) == (1, 0, 0, 0)
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "panel=8")
-    assert ran(block_pruned(64, 64, 3, 1, 0.1, gen=g)) == (0, 0, 1)
+    assert ran(block_pruned(64, 64, 3, 1, 0.1, gen=g)) == (0, 0, 1, 0)
 
 
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")

@@ -128,6 +128,9 @@ struct Plan {
   // channels grouped by column (input channel, tap) and by which of them a column holds (encode_panels).
   int64_t panel;       // output channels per register tile (1: one channel, the segments above)
   const int32_t* pseg;  // [panels][blocks][2 * panel_keys(panel) + 1]: entry ranges per key, then value starts
+  // Channel-vector tiles (vector): per group of L output channels, entries (a column's offset, then its L values in
+  // val at L * entry) by block; seg is then [groups][blocks + 1], each group's entry starts (encode_vectors).
+  bool vector;
 };
 
 // One output channel of a tile: R rows x vectors [V0, V1) of NV, over non-zeros [k0, k1).
@@ -370,6 +373,78 @@ inline __attribute__((always_inline)) void item_panel(const Plan<T>& g, int64_t 
     sweep_panel<T, M, NV>(g, base, b, b == 0, b == g.blocks - 1, out, count, oc0, oc1, scratch);
 }
 
+// ---- Channel-vector tiles ----------------------------------------------------------------------------------
+// Where every L consecutive output channels (one vector: 16 fp32, 8 fp64) hold the same columns -- a weight pruned
+// in L x 1 blocks or larger, by us or another library -- the tile turns around: one vector of L output channels at
+// each of P <= L consecutive output pixels of one row (P accumulators). Per column of the group: one load of its L
+// values, then P multiply-adds whose input element is broadcast from memory (AVX-512's embedded broadcast). So an
+// input element costs 4 bytes per L multiply-adds, where a pixel-vector tile loads 64 bytes per multiply-add (one
+// channel) or per 4 (a panel of 4): what limits the other tiles is that input traffic (docs/cpu_sparse_kernel.md).
+// Every block of the group runs in registers (nothing parked); tap-major blocks whose tap reads only padding for the
+// tile are skipped. The tile is stored element by element, transposed, with the epilogue (transposing it in
+// registers first, 64 shuffles, measured no faster: docs/cpu_sparse_kernel.md).
+template <typename T, int P>
+inline __attribute__((always_inline)) void item_vectors(const Plan<T>& g, int64_t n, int64_t row, int64_t tile,
+                                                        int64_t oc0, int64_t oc1) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t ox = tile * L, plane = g.OH * g.OW, stride = g.blocks + 1;
+  const T* base = g.P + n * g.in_batch + row * g.row_step + ox;
+  T* out = g.out + (n * g.OC * g.OH + row) * g.OW + ox;
+  const uint8_t* row_live = g.row_live + row * g.taps;
+  const uint8_t* vectors = g.live_vectors + tile * g.taps * 2;
+  for (int64_t p0 = oc0; p0 < oc1; p0 += L) {
+    const int32_t* sg = g.seg + (p0 / L) * stride;
+    const int64_t valid = std::min<int64_t>(L, g.OC - p0);  // the last group may hold fewer channels
+    V init{};
+    if (g.bias)
+      for (int64_t m = 0; m < valid; ++m) init[m] = g.bias[p0 + m];
+    V acc[P];
+#pragma GCC unroll 16
+    for (int i = 0; i < P; ++i) acc[i] = init;
+    for (int64_t b = 0; b < g.blocks; ++b) {
+      const int64_t t = b / g.channel_blocks;
+      if (!row_live[t] || vectors[2 * t] >= vectors[2 * t + 1]) continue;
+      const T* __restrict w = g.val + int64_t(sg[b]) * L;
+      for (int32_t e = sg[b]; e < sg[b + 1]; ++e, w += L) {
+        const V v = load(w);
+        const T* __restrict x = base + g.off[e];
+#pragma GCC unroll 16
+        for (int i = 0; i < P; ++i) acc[i] += v * x[i];
+      }
+    }
+    T tile_out[P][L];  // lane m of acc[i]: channel p0 + m at pixel i
+    std::memcpy(tile_out, acc, sizeof(tile_out));
+    for (int64_t m = 0; m < valid; ++m) {
+      T* o = out + (p0 + m) * plane;
+      const T* r = g.residual ? g.residual + (o - g.out) : nullptr;
+#pragma GCC unroll 16
+      for (int i = 0; i < P; ++i) {  // as epilogue(): + the residual, then the clamp (a NaN stays NaN)
+        T v = tile_out[i][m];
+        if (r) v += r[i];
+        if (g.clamp) {
+          v = v < g.lo ? g.lo : v;
+          v = v > g.hi ? g.hi : v;
+        }
+        o[i] = v;
+      }
+    }
+  }
+}
+
+// item_vectors<T, count> for runtime 1 <= count <= L (the pixels of the tile: the last one of a row may be short).
+template <typename T, int P = 1>
+inline __attribute__((always_inline)) void item_vectors_count(const Plan<T>& g, int64_t count, int64_t n, int64_t row,
+                                                              int64_t tile, int64_t oc0, int64_t oc1) {
+  if constexpr (P <= Vec<T>::kLanes) {
+    if (count == P) {
+      item_vectors<T, P>(g, n, row, tile, oc0, oc1);
+    } else {
+      item_vectors_count<T, P + 1>(g, count, n, row, tile, oc0, oc1);
+    }
+  }
+}
+
 // Items [begin, end) of the (n, row group, column tile, channel chunk) space, channel chunk fastest so the
 // input rows of a row group stay in L2 while the chunks pass over them.
 template <typename T>
@@ -386,6 +461,10 @@ ADAPMTL_SPARSE_MULTIVERSION void run_items(const Plan<T>& g, int64_t begin, int6
     const int64_t oc0 = chunk * g.oc_chunk, oc1 = std::min(g.OC, oc0 + g.oc_chunk);
     const int64_t count = std::min(g.cols, g.OW - tile * g.cols);
     const int64_t rows = std::min(g.rows, g.OH - group * g.rows);
+    if (g.vector) {
+      item_vectors_count<T>(g, count, n, group, tile, oc0, oc1);
+      continue;
+    }
     if (g.panel == 4) {
       switch ((count + L - 1) / L) {
         case 1: item_panel<T, 4, 1>(g, n, group, tile, count, oc0, oc1, scratch); break;
@@ -476,6 +555,7 @@ struct ConvShape {
   bool tap_major = false;
   int64_t cb = 1;
   int64_t panel = 1;  // output channels per register tile (channel panels: channel-major, rows == 1)
+  bool vector = false;  // channel-vector tiles (one row of L pixels, L channels; either layout, cb == C)
   Tuning tuning;      // the configuration this call runs with (sparse_tuning.h)
   // The weight's columns are c * full_taps + (its kernel's tap); tap_of maps such a tap to this kernel's tap, or
   // -1 for an outer tap trimmed away because it reads only padding (conv2d_cpu). Untrimmed: the identity.
@@ -867,6 +947,81 @@ EncodedPanels<T> encode_panels(const char* op, const int32_t* rp, const int32_t*
   return enc;
 }
 
+// The non-zeros of each group of L output channels for channel-vector tiles. Every row of a group must hold the same
+// columns in the same order as its first (checked here; where one does not, `uniform` is false and nothing else is
+// filled: the caller runs another tile). Per entry (a position of the first row, grouped by block with a stable
+// counting sort) its offset into P, and in `val` its L values, one per channel of the group, 0 for the channels a
+// last group lacks (never stored). Dead taps are dropped, column indices checked and non-finite values found where
+// something is skipped, as in encode_rows.
+template <typename T>
+struct EncodedVectors {
+  std::unique_ptr<int32_t[]> off;
+  std::vector<T> val;
+  std::vector<int32_t> seg;  // [groups][blocks + 1], see Plan::vector
+  bool nonfinite_skipped = false;
+  bool uniform = true;
+};
+
+template <typename T>
+EncodedVectors<T> encode_vectors(const char* op, const int32_t* rp, const int32_t* ci, const T* vals, int64_t OC,
+                                 const ConvShape& s, int64_t blocks, int64_t channel_blocks, int64_t L) {
+  const int64_t groups = (OC + L - 1) / L;
+  const ColumnTable cols(s, channel_blocks);
+  const bool check_finite = (s.tap_major ? s.skips : !cols.all_used) || s.full_taps != s.taps;
+  EncodedVectors<T> enc;
+  std::vector<int64_t> start(groups + 1, 0);  // entries per group, then where each group's entries start
+  std::vector<uint8_t> differs(groups, 0), nonfinite(groups, 0);
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r0 = p * L, r1 = std::min(OC, r0 + L), k0 = rp[r0], len = rp[r0 + 1] - k0;
+      for (int64_t r = r0 + 1; r < r1 && !differs[p]; ++r)
+        differs[p] = rp[r + 1] - rp[r] != len || std::memcmp(ci + rp[r], ci + k0, len * sizeof(int32_t)) != 0;
+      if (differs[p]) continue;
+      int64_t kept = 0;
+      for (int64_t k = k0; k < k0 + len; ++k) {
+        const int32_t col = ci[k];
+        TORCH_CHECK_VALUE(col >= 0 && col < cols.ncols, op, ": argument 'col_idx' entries must lie in [0, ",
+                          cols.ncols, "), got ", col, " at position ", k);
+        kept += cols.used[col];
+      }
+      bool bad = false;
+      if (check_finite)
+        for (int64_t k = k0; k < rp[r1]; ++k) bad |= !std::isfinite(vals[k]);
+      start[p + 1] = kept;
+      nonfinite[p] = bad;
+    }
+  });
+  if (std::find(differs.begin(), differs.end(), 1) != differs.end()) {
+    enc.uniform = false;
+    return enc;
+  }
+  for (int64_t p = 0; p < groups; ++p) start[p + 1] += start[p];
+  enc.off.reset(new int32_t[std::max<int64_t>(start[groups], 1)]);
+  enc.val.assign(start[groups] * L, T(0));
+  enc.seg.resize(groups * (blocks + 1));
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> cursor(blocks + 1);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r0 = p * L, r1 = std::min(OC, r0 + L), k0 = rp[r0], len = rp[r0 + 1] - k0;
+      std::fill(cursor.begin(), cursor.end(), 0);
+      for (int64_t k = k0; k < k0 + len; ++k)
+        if (cols.used[ci[k]]) ++cursor[cols.block[ci[k]] + 1];
+      cursor[0] = int32_t(start[p]);
+      for (int64_t b = 0; b < blocks; ++b) cursor[b + 1] += cursor[b];
+      std::copy(cursor.begin(), cursor.end(), enc.seg.begin() + p * (blocks + 1));
+      for (int64_t j = 0; j < len; ++j) {
+        const int32_t col = ci[k0 + j];
+        if (!cols.used[col]) continue;
+        const int64_t e = cursor[cols.block[col]]++;
+        enc.off[e] = cols.off[col];
+        for (int64_t m = 0; m < r1 - r0; ++m) enc.val[e * L + m] = vals[rp[r0 + m] + j];
+      }
+    }
+  });
+  enc.nonfinite_skipped = check_finite && std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end();
+  return enc;
+}
+
 // Output channels per register tile for a channel-major plan, from the weight's own column patterns: the reuse
 // of 4-channel panels, values / entries (multiply-adds per input load), over up to 16 panels spread over the
 // weight. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): on unstructured weights a panel finds little
@@ -916,6 +1071,38 @@ void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t nnz, int64_t OC,
   choose_layout(s, nnz, OC, OH, OW, element_size, L);
 }
 
+// Whether the weight's output channels come in groups of L (one vector) that hold the same columns, sampled over up
+// to 16 groups spread over the weight (encode_vectors checks every group): a weight pruned in L x 1 blocks or larger,
+// whoever pruned it. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): channel-vector tiles then run 1.5x
+// faster than panels on a 3x3 conv, 1.03x on a 1x1.
+bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC, int64_t L) {
+  const int64_t groups = OC / L;
+  if (groups == 0 || col_idx.numel() == 0) return false;
+  const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous();
+  const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
+  const int64_t step = std::max<int64_t>(1, groups / 16);
+  for (int64_t p = 0; p < groups; p += step) {
+    const int64_t r0 = p * L, len = rp[r0 + 1] - rp[r0];
+    for (int64_t r = r0 + 1; r < r0 + L; ++r)
+      if (rp[r + 1] - rp[r] != len || std::memcmp(ci + rp[r], ci + rp[r0], len * sizeof(int32_t)) != 0) return false;
+  }
+  return true;
+}
+
+// Switches a plan to channel-vector tiles: one output row of one vector of pixels per tile, one channel block (every
+// block of a group runs in registers), tap-major where some tap reads only padding for a tile (unless the layout is
+// configured), so that tiles skip it; `all_live`: nothing skipped (the rerun for non-finite weights).
+void use_vectors(ConvShape& s, int64_t OH, int64_t OW, int64_t L, bool all_live = false) {
+  s.vector = true;
+  s.panel = 1;
+  s.rows = 1;
+  s.cols = L;
+  find_live_taps(s, OH, OW, L);
+  if (all_live) make_all_live(s, OW, L);
+  s.cb = s.C;
+  s.tap_major = s.tuning.layout >= 0 ? s.tuning.layout == 1 : s.skips;
+}
+
 // What the stored tiles get (sparse_conv2d_fused): the residual, contiguous [N][OC][OH][OW] in the output's
 // dtype (undefined: none), then the clamp to [lo, hi] when `clamp`.
 struct Epilogue {
@@ -931,7 +1118,7 @@ template <typename T, typename Pack>
 void run_passes(Plan<T>& g, at::Tensor& out, int64_t nnz, const Pack& pack) {
   constexpr int64_t L = Vec<T>::kLanes;
   const int64_t N = out.size(0), OC = g.OC, OH = g.OH, OW = g.OW, rows = g.rows, cols = g.cols;
-  const int64_t scratch_len = g.blocks > 1 ? g.oc_chunk * kTileVectors * L : 0;
+  const int64_t scratch_len = g.blocks > 1 && !g.vector ? g.oc_chunk * kTileVectors * L : 0;
   const int64_t per_pass = std::clamp<int64_t>(kMaxCachedBytes / (g.in_batch * int64_t(sizeof(T))), 1, N);
   at::Tensor P = workspace(per_pass * g.in_batch, out.options());
   for (int64_t n0 = 0; n0 < N; n0 += per_pass) {
@@ -954,12 +1141,16 @@ void run_passes(Plan<T>& g, at::Tensor& out, int64_t nnz, const Pack& pack) {
   }
 }
 
+// What run_conv did: ran the plan, or computed nothing and asks for a rerun with nothing skipped (rerun_all_live),
+// or with another tile than channel vectors (not_vectors: some group's rows hold different columns).
+enum class Ran { done, rerun_all_live, not_vectors };
+
 // pack(P, n0, count) writes images [n0, n0 + count) of the input into P (in_batch elements each).
-// Returns false, computing nothing, when the plan would skip zero padding that a non-finite weight reads:
+// Computes nothing and returns rerun_all_live when the plan would skip zero padding that a non-finite weight reads:
 // the op's semantics (adapmtl/ops/sparse_conv.py) treat padding as real zeros, so 0 * inf = NaN must reach
 // the output; the caller then reruns with nothing skipped (make_all_live). Finite weights never rerun.
 template <typename T, typename Pack>
-bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+Ran run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
               const c10::optional<at::Tensor>& bias, at::Tensor& out, const ConvShape& s, int64_t in_batch,
               const Pack& pack, const Epilogue& epi = Epilogue{}) {
   constexpr int64_t L = Vec<T>::kLanes;
@@ -973,8 +1164,8 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   const int64_t blocks = (s.tap_major ? s.taps : 1) * channel_blocks;
   const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
   // The encoded weight, kept across calls (plan_cache.h) under everything the encoders read besides the arrays.
-  std::vector<int64_t> key{s.panel > 1, int64_t(c10::CppTypeToScalarType<T>::value), OC, s.C, s.taps, s.plane,
-                           s.tap_major, s.skips, s.cb, s.panel, blocks, channel_blocks};
+  std::vector<int64_t> key{s.vector ? 2 : int64_t(s.panel > 1), int64_t(c10::CppTypeToScalarType<T>::value),
+                           OC, s.C, s.taps, s.plane, s.tap_major, s.skips, s.cb, s.panel, blocks, channel_blocks};
   key.insert(key.end(), s.tap.begin(), s.tap.end());
   key.insert(key.end(), s.tap_used.begin(), s.tap_used.end());
   key.push_back(s.full_taps);
@@ -987,17 +1178,25 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   const auto holds_values = [](const auto& e) { return !e.val.empty(); };
   std::shared_ptr<const EncodedRows<T>> enc;
   std::shared_ptr<const EncodedPanels<T>> panels;
-  if (s.panel > 1) {
+  std::shared_ptr<const EncodedVectors<T>> vecs;
+  if (s.vector) {
+    vecs = PlanCache::instance().get<EncodedVectors<T>>(
+        key, rp, OC, ci, nnz, vals, sizeof(T),
+        [&] { return encode_vectors<T>(op, rp, ci, vals, OC, s, blocks, channel_blocks, L); }, plan_bytes,
+        holds_values);
+    if (!vecs->uniform) return Ran::not_vectors;
+    if (vecs->nonfinite_skipped) return Ran::rerun_all_live;
+  } else if (s.panel > 1) {
     panels = PlanCache::instance().get<EncodedPanels<T>>(
         key, rp, OC, ci, nnz, vals, sizeof(T), [&] { return encode_panels<T>(op, rp, ci, vals, nnz, OC, s, blocks); },
         plan_bytes, holds_values);
-    if (panels->nonfinite_skipped) return false;
+    if (panels->nonfinite_skipped) return Ran::rerun_all_live;
   } else {
     enc = PlanCache::instance().get<EncodedRows<T>>(
         key, rp, OC, ci, nnz, vals, sizeof(T),
         [&] { return encode_rows<T>(op, rp, ci, vals, nnz, OC, s, blocks, channel_blocks); }, plan_bytes,
         holds_values);
-    if (enc->nonfinite_skipped) return false;
+    if (enc->nonfinite_skipped) return Ran::rerun_all_live;
   }
   // Channel-major: every block of every tile is live, over all its vectors (one pseudo-tap).
   std::vector<uint8_t> all_rows, all_vectors;
@@ -1013,7 +1212,13 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   const at::Tensor b_t = bias.has_value() ? bias->contiguous() : at::Tensor();
   Plan<T> g;
   g.panel = s.panel;
-  if (s.panel > 1) {
+  g.vector = s.vector;
+  if (s.vector) {
+    g.off = vecs->off.get();
+    g.val = vecs->val.data();
+    g.seg = vecs->seg.data();
+    g.pseg = nullptr;
+  } else if (s.panel > 1) {
     g.off = panels->off.get();
     g.val = panels->val.data();
     g.seg = nullptr;
@@ -1037,10 +1242,10 @@ bool run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_i
   g.row_live = s.tap_major ? s.row_live.data() : all_rows.data();
   g.live_vectors = s.tap_major ? s.live_vectors.data() : all_vectors.data();
   // Chunks of output channels: enough items to balance the threads; parked tiles (<= 64 KiB) stay in L2.
-  g.oc_chunk = round_up(std::min<int64_t>(OC, s.tuning.oc_chunk), s.panel);  // whole panels
-  count_panel_call(s.panel);
+  g.oc_chunk = round_up(std::min<int64_t>(OC, s.tuning.oc_chunk), s.vector ? L : s.panel);  // whole panels / groups
+  count_panel_call(s.vector ? kVectorPanel : s.panel);
   run_passes<T>(g, out, nnz, pack);
-  return true;
+  return Ran::done;
 }
 
 // Pad + copy images [n0, n0 + count) of x into P, any input strides (NCHW, channels-last, views): the rows
@@ -1143,7 +1348,10 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   int64_t pht = ph, pwt = pw, Hpt = Hp, U = 0, Wrow = 0, in_batch = 0;
   std::vector<std::pair<int64_t, int64_t>> copies;  // (phase p, shift sigma)
   std::vector<int64_t> copy_of, skip;
-  const auto set_geometry = [&](int64_t mh, int64_t mw) {
+  // `aligned`: copies per (p, q % L) so that vector loads start on vector boundaries. Channel-vector tiles load single
+  // elements (broadcasts): one copy per phase p then, the tap's shift q all in its offset, and P is up to L times
+  // smaller (ASPP's 3x3 d6 at 41x41: 6.5 instead of 15.6 MB; its larger P measured ~30% slower in a microbenchmark).
+  const auto set_geometry = [&](int64_t mh, int64_t mw, bool aligned) {
     const int64_t KHt = KH - 2 * mh, KWt = KW - 2 * mw;
     pht = ph - mh * dh, pwt = pw - mw * dw, Hpt = H + 2 * pht;  // <= Hp: no overflow
     copies.clear();
@@ -1151,13 +1359,14 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
     for (int64_t kw = 0; kw < KWt; ++kw) {
       const int64_t reach = kw * dw;  // < the dilated kernel width: no overflow
       const int64_t p = reach % sw, q = reach / sw;
-      const std::pair<int64_t, int64_t> key{p, q % L};
+      const std::pair<int64_t, int64_t> key{p, aligned ? q % L : 0};
       copy_of[kw] = std::find(copies.begin(), copies.end(), key) - copies.begin();
       if (copy_of[kw] == int64_t(copies.size())) copies.push_back(key);
-      skip[kw] = q - q % L;
+      skip[kw] = q - key.second;
     }
     U = copies.size();
-    // Whole-vector loads of a tile reach round_up(OW, L) + skip: the row length (a whole number of vectors).
+    // Whole-vector loads of a tile reach round_up(OW, L) + skip: the row length (a whole number of vectors where
+    // aligned).
     Wrow = round_up(OW, L) + *std::max_element(skip.begin(), skip.end());
     // The kernel addresses one image of P with int32 offsets: refuse larger ones before allocating anything.
     s.plane = checked_mul(op, "the padded input plane", checked_mul(op, "the padded input plane", Hpt, U), Wrow);
@@ -1180,39 +1389,61 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   // dilation >= the map is the 1x1 it leaves): dropped with their padding, so P holds only what live taps read.
   // Measured on 3x3 convs 320->256 at 11x11, 90% (2-core EPYC): 0.14 ms trimmed vs 0.45 ms whole (d12, d24).
   const int64_t mh = dead_tap_margin(H, KH, OH, sh, ph, dh), mw = dead_tap_margin(W, KW, OW, sw, pw, dw);
-  // The whole convolution with configuration t, into `out`.
+  // The whole convolution with configuration t, into `out`. Channel-vector tiles where configured (panel=vector) or,
+  // by default, where the weight's sampled groups fit them; a weight whose groups turn out not to (encode_vectors)
+  // then runs as if they had not been asked for.
+  const bool vectors_fit = channel_vectors_fit(row_ptr, col_idx, OC, L);
   const auto run = [&](const Tuning& t) {
-    set_geometry(mh, mw);
-    s.tuning = t;
-    s.panel = 1;
-    s.rows = tile_rows(t.rows, nv, OH);
-    s.cols = nv * L;
-    find_live_taps(s, OH, OW, L);
-    if (t.panel > 1) s.tuning.layout = 0;  // panels run over channel-major blocks
-    choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-    if (!s.tap_major) {
-      const int64_t panel = t.panel ? t.panel : choose_panel(s, row_ptr, col_idx, OC, N * OH * OW);
-      use_panel(s, panel, nv, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-    }
-    for (;;) {  // at most three passes: trimmed, whole, and whole with nothing skipped (run_conv)
-      const std::vector<uint8_t> needed = needed_rows(s, OH, Hpt, U, copy_of);
-      bool done = false;
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
-        done = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
-                                  [&](scalar_t* P, int64_t n0, int64_t count) {
-                                    pack_conv_input<scalar_t>(x, P, n0, count, s, pht, pwt, sw, Wrow, copies, needed);
-                                  }, epi);
-      });
-      if (done) break;
-      if (s.full_taps != s.taps) {  // a non-finite weight on a trimmed tap: the whole kernel, as tuned
-        set_geometry(0, 0);
-        find_live_taps(s, OH, OW, L);
-        if (s.panel > 1) use_panel(s, s.panel, nv, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-        else choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
-        continue;
+    bool vector = t.panel == kVectorPanel || (t.panel == 0 && t.layout < 0 && vectors_fit);
+    for (;;) {  // at most twice: with channel vectors, then without them
+      set_geometry(mh, mw, !vector);
+      s.tuning = t;
+      if (t.panel == kVectorPanel) s.tuning.panel = 0;
+      s.panel = 1;
+      s.vector = false;
+      s.rows = tile_rows(t.rows, nv, OH);
+      s.cols = nv * L;
+      find_live_taps(s, OH, OW, L);
+      if (vector) {
+        use_vectors(s, OH, OW, L);
+      } else {
+        if (s.tuning.panel > 1) s.tuning.layout = 0;  // panels run over channel-major blocks
+        choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+        if (!s.tap_major) {
+          const int64_t panel = s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC, N * OH * OW);
+          use_panel(s, panel, nv, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+        }
       }
-      make_all_live(s, OW, L);
-      choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+      Ran ran = Ran::done;
+      for (;;) {  // at most three passes: trimmed, whole, and whole with nothing skipped (run_conv)
+        const std::vector<uint8_t> needed = needed_rows(s, OH, Hpt, U, copy_of);
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
+          ran = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
+                                   [&](scalar_t* P, int64_t n0, int64_t count) {
+                                     pack_conv_input<scalar_t>(x, P, n0, count, s, pht, pwt, sw, Wrow, copies, needed);
+                                   }, epi);
+        });
+        if (ran != Ran::rerun_all_live) break;
+        if (s.full_taps != s.taps) {  // a non-finite weight on a trimmed tap: the whole kernel, as tuned
+          set_geometry(0, 0, !s.vector);
+          if (s.vector) {
+            use_vectors(s, OH, OW, L);
+          } else {
+            find_live_taps(s, OH, OW, L);
+            if (s.panel > 1) use_panel(s, s.panel, nv, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+            else choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+          }
+          continue;
+        }
+        if (s.vector) {
+          use_vectors(s, OH, OW, L, /*all_live=*/true);
+        } else {
+          make_all_live(s, OW, L);
+          choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
+        }
+      }
+      if (ran == Ran::done) return;
+      vector = false;  // Ran::not_vectors
     }
   };
   bool forced = false;
@@ -1222,7 +1453,7 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
     key << "threads=" << at::get_num_threads() << "|" << x.scalar_type() << "|x=" << x.sizes() << "|w=" << weight_shape
         << "|stride=" << stride << "|padding=" << padding << "|dilation=" << dilation << "|nnz=" << col_idx.numel();
     tuning = Autotuner::instance().tuning_for(key.str(), KH * KW > 1, tile_rows(0, nv, OH) != tile_rows(2, nv, OH),
-                                              [&](const Tuning& t) {
+                                              vectors_fit, [&](const Tuning& t) {
       const auto start = std::chrono::steady_clock::now();
       run(t);
       return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
@@ -1269,18 +1500,33 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.C = in_features, s.taps = 1, s.plane = Wrow, s.row_step = Wrow, s.tap = {0}, s.full_taps = 1, s.tap_of = {0};
   s.rows = 1, s.cols = std::min<int64_t>(kMaxVectors, Wrow / L) * L;
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
-  find_live_taps(s, 1, B, L);  // no padding: nothing is skipped, so run_conv never asks for a rerun
-  choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);  // one tap: channel-major
-  use_panel(s, s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC, B), s.cols / L,
-            col_idx.numel(), OC, 1, B, x.element_size(), L);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
-    run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, checked_mul(op, "the packed input", in_features, Wrow),
-                       [&](scalar_t* P, int64_t, int64_t) {
-                         auto p = at::from_blob(P, {in_features, Wrow}, x.options());
-                         p.narrow(1, B, Wrow - B).zero_();
-                         p.narrow(1, 0, B).copy_(xt);
-                       });
-  });
+  const int64_t cols = s.cols;
+  // No padding: nothing is skipped, so run_conv never asks for a rerun; it may refuse channel vectors (run_conv).
+  for (bool vector = s.tuning.panel == kVectorPanel ||
+                     (s.tuning.panel == 0 && s.tuning.layout < 0 && channel_vectors_fit(row_ptr, col_idx, OC, L));;
+       vector = false) {
+    s.vector = false, s.panel = 1, s.rows = 1, s.cols = cols;
+    if (vector) {
+      use_vectors(s, 1, B, L);
+    } else {
+      if (s.tuning.panel == kVectorPanel) s.tuning.panel = 0;
+      find_live_taps(s, 1, B, L);
+      choose_layout(s, col_idx.numel(), OC, 1, B, x.element_size(), L);  // one tap: channel-major
+      use_panel(s, s.tuning.panel ? s.tuning.panel : choose_panel(s, row_ptr, col_idx, OC, B), s.cols / L,
+                col_idx.numel(), OC, 1, B, x.element_size(), L);
+    }
+    Ran ran = Ran::done;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear_cpu", [&] {
+      ran = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s,
+                               checked_mul(op, "the packed input", in_features, Wrow),
+                               [&](scalar_t* P, int64_t, int64_t) {
+                                 auto p = at::from_blob(P, {in_features, Wrow}, x.options());
+                                 p.narrow(1, B, Wrow - B).zero_();
+                                 p.narrow(1, 0, B).copy_(xt);
+                               });
+    });
+    if (ran == Ran::done) break;
+  }
   // contiguous, as the op's fake kernel (and F.linear) says: a transposed view fails a compiled graph's stride check
   return out.view({OC, B}).t().contiguous().view(out_shape);
 }

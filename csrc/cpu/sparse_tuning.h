@@ -2,7 +2,8 @@
 // autotuner that times them per convolution (cuDNN's benchmark mode, for the CPU kernel).
 //
 // Choices (Tuning): the block layout (the cost model's, channel-major or tap-major), output rows per
-// register tile, output channels per register tile (one, or a panel of 4 or 8), the non-zeros a row segment holds at least, the bytes of input a block keeps (a share of
+// register tile, output channels per register tile (one, a panel of 4 or 8, or one vector of them: channel-vector
+// tiles, sparse_conv_cpu.cpp), the non-zeros a row segment holds at least, the bytes of input a block keeps (a share of
 // L1d) and the output channels per work item (their parked tiles a share of L2). The defaults depend only on
 // the cache sizes, read at run time, so results are deterministic. ADAPMTL_CPU_SPARSE_CONFIG forces any of
 // them ("layout=tap,rows=1,min_segment=20,oc_chunk=256,l1_budget=20480,panel=1"; tests use it to run every
@@ -40,6 +41,9 @@
 
 namespace adapmtl {
 
+// Tuning::panel for channel-vector tiles: one vector of output channels (16 fp32, 8 fp64) x one vector of pixels.
+constexpr int64_t kVectorPanel = -1;
+
 struct Tuning {
   int layout = -1;            // -1: the cost model's choice; 0: channel-major; 1: tap-major
   int64_t rows = 0;           // output rows per register tile (1..8; at most 2 where a row is 2+ vectors); 0: 2,
@@ -47,8 +51,8 @@ struct Tuning {
   double min_segment = 40.0;  // non-zeros a row segment holds at least (on average)
   int64_t l1_budget = 0;      // bytes of input a block keeps for one work item
   int64_t oc_chunk = 128;     // output channels per work item
-  int64_t panel = 0;          // output channels per register tile: 1, 4 or 8; 0: chosen from the weight's
-                              // column patterns (sparse_conv_cpu.cpp, choose_panel)
+  int64_t panel = 0;          // output channels per register tile: 1, 4 or 8, or kVectorPanel ("vector"); 0: chosen
+                              // from the weight's column patterns (sparse_conv_cpu.cpp, choose_panel)
 
   std::string str() const {
     std::ostringstream o;
@@ -57,6 +61,7 @@ struct Tuning {
     else o << rows;
     o << ",min_segment=" << min_segment << ",l1_budget=" << l1_budget << ",oc_chunk=" << oc_chunk << ",panel=";
     if (panel == 0) o << "auto";
+    else if (panel == kVectorPanel) o << "vector";
     else o << panel;
     return o.str();
   }
@@ -79,7 +84,7 @@ inline bool parse_tuning(const std::string& text, Tuning& t, const char* source)
   const auto fail = [&](const std::string& why) {
     TORCH_CHECK_VALUE(source == nullptr, "adapmtl: ", source, " must be comma-separated key=value pairs of ",
                       "layout (auto|channel|tap), rows (auto|1..8), min_segment (1..1000), l1_budget (1024..16777216 "
-                      "bytes), oc_chunk (1..65536), panel (auto|1|4|8): ", why, " in '", text, "'");
+                      "bytes), oc_chunk (1..65536), panel (auto|1|4|8|vector): ", why, " in '", text, "'");
     return false;
   };
   while (std::getline(items, item, ',')) {
@@ -106,6 +111,8 @@ inline bool parse_tuning(const std::string& text, Tuning& t, const char* source)
       t.oc_chunk = int64_t(number);
     } else if (key == "panel" && value == "auto") {
       t.panel = 0;
+    } else if (key == "panel" && value == "vector") {
+      t.panel = kVectorPanel;
     } else if (key == "panel" && numeric && (number == 1 || number == 4 || number == 8)) {
       t.panel = int64_t(number);
     } else {
@@ -137,9 +144,11 @@ inline std::vector<int64_t> candidate_chunks() {
 }
 
 // The (layout, rows, panel) triples the search tries: one output channel per tile in either layout and
-// each tile height (2, 1, and the default's taller tiles where rows are one vector: `tall_rows`), and the
-// channel panels (channel-major, one row: their accumulators fill the registers).
-inline std::vector<std::tuple<int, int64_t, int64_t>> candidate_shapes(bool with_tap_major, bool tall_rows) {
+// each tile height (2, 1, and the default's taller tiles where rows are one vector: `tall_rows`), the
+// channel panels (channel-major, one row: their accumulators fill the registers), and channel-vector tiles
+// (either layout) where the weight's channels come in uniform vectors (`channel_vectors`).
+inline std::vector<std::tuple<int, int64_t, int64_t>> candidate_shapes(bool with_tap_major, bool tall_rows,
+                                                                       bool channel_vectors) {
   std::vector<std::tuple<int, int64_t, int64_t>> out;
   for (int layout : {0, 1}) {
     if (layout == 1 && !with_tap_major) continue;
@@ -147,6 +156,8 @@ inline std::vector<std::tuple<int, int64_t, int64_t>> candidate_shapes(bool with
     for (int64_t rows : {2, 1}) out.emplace_back(layout, rows, 1);
   }
   for (int64_t panel : {4, 8}) out.emplace_back(0, 1, panel);
+  for (int layout : {0, 1})
+    if (channel_vectors && (layout == 0 || with_tap_major)) out.emplace_back(layout, 1, kVectorPanel);
   return out;
 }
 
@@ -154,7 +165,7 @@ inline std::vector<std::tuple<int, int64_t, int64_t>> candidate_shapes(bool with
 // on the defaults.
 inline std::vector<Tuning> candidate_tunings(bool with_tap_major) {
   std::vector<Tuning> out;
-  for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major, true))
+  for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major, true, true))
     for (double seg : {10.0, 20.0, 40.0, 80.0})
       for (int64_t chunk : candidate_chunks()) {
         Tuning t = default_tuning();
@@ -164,14 +175,16 @@ inline std::vector<Tuning> candidate_tunings(bool with_tap_major) {
   return out;
 }
 
-// Sparse conv/linear calls of this process by output channels per register tile (1, 4, 8): the tests check
-// which kernel the weight's structure selects.
+// Sparse conv/linear calls of this process by output channels per register tile (1, 4, 8, vector): the tests
+// check which kernel the weight's structure selects.
 inline std::atomic<int64_t>* panel_calls() {
-  static std::atomic<int64_t> calls[3];
+  static std::atomic<int64_t> calls[4];
   return calls;
 }
 
-inline void count_panel_call(int64_t panel) { panel_calls()[panel == 8 ? 2 : panel == 4 ? 1 : 0].fetch_add(1); }
+inline void count_panel_call(int64_t panel) {
+  panel_calls()[panel == kVectorPanel ? 3 : panel == 8 ? 2 : panel == 4 ? 1 : 0].fetch_add(1);
+}
 
 class Autotuner {
  public:
@@ -193,7 +206,8 @@ class Autotuner {
 
   // The tuned configuration for `key`, timing the candidates with `time_ms(tuning)` the first time.
   template <typename TimeFn>
-  Tuning tuning_for(const std::string& key, bool with_tap_major, bool tall_rows, const TimeFn& time_ms) {
+  Tuning tuning_for(const std::string& key, bool with_tap_major, bool tall_rows, bool channel_vectors,
+                    const TimeFn& time_ms) {
     const std::string full = cpu_model() + "|" + key;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -204,7 +218,7 @@ class Autotuner {
         return it->second;
       }
     }
-    const Tuning best = search(with_tap_major, tall_rows, time_ms);  // outside the lock: it runs the kernel
+    const Tuning best = search(with_tap_major, tall_rows, channel_vectors, time_ms);  // outside the lock: it runs the kernel
     std::lock_guard<std::mutex> lock(mutex_);
     ++searches_;
     table_[full] = best;
@@ -239,7 +253,7 @@ class Autotuner {
   // A candidate's time is the fastest of three runs after a warm-up run (the least disturbed by a shared
   // machine's noise).
   template <typename TimeFn>
-  static Tuning search(bool with_tap_major, bool tall_rows, const TimeFn& time_ms) {
+  static Tuning search(bool with_tap_major, bool tall_rows, bool channel_vectors, const TimeFn& time_ms) {
     const auto measure = [&](const Tuning& t) {
       time_ms(t);
       return std::min({time_ms(t), time_ms(t), time_ms(t)});
@@ -247,7 +261,7 @@ class Autotuner {
     Tuning best = default_tuning();
     best.layout = 0, best.panel = 1;
     double best_ms = 1e300;
-    for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major, tall_rows)) {
+    for (const auto& [layout, rows, panel] : candidate_shapes(with_tap_major, tall_rows, channel_vectors)) {
       Tuning t = default_tuning();
       t.layout = layout, t.rows = rows, t.panel = panel;
       const double ms = measure(t);
