@@ -420,6 +420,14 @@ def block_pruned(oc, c, k, block, density, dtype=torch.float32, gen=None):
     return torch.randn(oc, c, k, k, generator=gen, dtype=dtype) * live.repeat_interleave(block, 0)[:oc]
 
 
+def block_case(c, oc, k, s, d, hw, block, dtype, gen):
+    """A conv with a `block` x 1 pruned weight at density 0.3, "same" padding: (w, x, bias, packed w, op args)."""
+    w = block_pruned(oc, c, k, block, 0.3, dtype, gen)
+    x = torch.randn(2, c, hw, hw, generator=gen, dtype=dtype)
+    b = torch.randn(oc, generator=gen, dtype=dtype)
+    return w, x, b, SparseWeight.from_dense(w), ([oc, c, k, k], [s, s], [d * (k // 2)] * 2, [d, d])
+
+
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
 @pytest.mark.parametrize("config", ["panel=4", "panel=8", "panel=4,oc_chunk=6", "panel=8,min_segment=1", ""])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -433,11 +441,7 @@ def test_cpp_kernel_channel_panels(config, dtype, monkeypatch):
     shapes = [(150, 37, 3, 1, 2, 13, 2), (301, 19, 1, 1, 1, 9, 4), (64, 40, 3, 1, 6, 11, 8), (33, 17, 5, 2, 1, 17, 1),
               (20, 9, 3, 1, 24, 41, 4), (16, 13, 3, 1, 12, 5, 8)]
     for c, oc, k, s, d, hw, block in shapes:
-        w = block_pruned(oc, c, k, block, 0.3, dtype, g)
-        x = torch.randn(2, c, hw, hw, generator=g, dtype=dtype)
-        b = torch.randn(oc, generator=g, dtype=dtype)
-        sw = SparseWeight.from_dense(w)
-        args = ([oc, c, k, k], [s, s], [d * (k // 2)] * 2, [d, d])
+        w, x, b, sw, args = block_case(c, oc, k, s, d, hw, block, dtype, g)
         perm = torch.cat([torch.randperm(int(sw.row_ptr[r + 1] - sw.row_ptr[r]), generator=g) + int(sw.row_ptr[r])
                           for r in range(oc)])
         for xin, cols, vals in [(x, sw.col_idx, sw.values), (x, sw.col_idx[perm], sw.values[perm]),
@@ -464,11 +468,12 @@ def test_cpp_kernel_channel_panels(config, dtype, monkeypatch):
                                     "panel=vector,layout=channel,oc_chunk=20"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
-    """Channel-vector tiles (one vector of output channels -- 16 fp32, 8 fp64 -- at each of up to one vector of
-    pixels) on weights whose channels come in uniform groups of that many (pruned in 16 x 1 / 8 x 1 blocks or
+    """Channel-vector tiles (one vector of output channels -- 16 fp32, 8 fp64 -- at each of up to 28 pixels of a
+    row) on weights whose channels come in uniform groups of that many (pruned in 16 x 1 / 8 x 1 blocks or
     larger), by default and forced: output channels that do not fill the last group, chunks that are not whole
-    groups, last tiles of a row shorter than a vector, dead taps (tap-major skips them), stride 2, channels-last
-    input, the epilogue (residual and clamp), linear at batch 1 and 17; and a weight with one group that is not
+    groups, tiles of 1 to 28 pixels, dead taps (tap-major skips them), stride 2, channels-last
+    input, the epilogue (residual and clamp), linear at batch 1, 17, 29 and 64 (by default
+    not on one-tap calls with rows of 64 pixels or more: the 1x1 conv above, linear at batch 64); and a weight with one group that is not
     uniform runs another tile, with the same result."""
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     C = _ext.cpu_extension()
@@ -476,18 +481,17 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
     g = torch.Generator().manual_seed(41)
     # (c, oc, k, stride, dilation, h = w, block)
     shapes = [(37, 150, 3, 1, 2, 13, L), (19, 2 * L, 1, 1, 1, 9, 2 * L), (40, 64, 3, 1, 6, 11, L),
-              (17, 33, 5, 2, 1, 17, L), (9, 20, 3, 1, 24, 41, L), (13, L, 3, 1, 12, 5, L), (6, 3 * L, 3, 1, 1, 40, L)]
+              (17, 33, 5, 2, 1, 17, L), (9, 20, 3, 1, 24, 41, L), (13, L, 3, 1, 12, 5, L), (6, 3 * L, 3, 1, 1, 40, L),
+              (5, L, 1, 1, 1, 14, L)]  # the last: a 1 x 196 row, 7 tiles of 28 pixels (the most a tile holds)
     for c, oc, k, s, d, hw, block in shapes:
-        w = block_pruned(oc, c, k, block, 0.3, dtype, g)
-        x = torch.randn(2, c, hw, hw, generator=g, dtype=dtype)
-        b = torch.randn(oc, generator=g, dtype=dtype)
-        sw = SparseWeight.from_dense(w)
-        args = ([oc, c, k, k], [s, s], [d * (k // 2)] * 2, [d, d])
+        w, x, b, sw, args = block_case(c, oc, k, s, d, hw, block, dtype, g)
         msg = f"{config} {dtype} {(c, oc, k, s, d, hw, block)}"
+        # by default not on a one-tap call whose (flattened) row holds >= 64 pixels: panels are as fast there
+        vector = config != "" or k > 1 or hw * hw < 64
         for xin in (x, x.contiguous(memory_format=torch.channels_last)):
             before = C.cpu_sparse_panel_calls()
             out = torch.ops.adapmtl.sparse_conv2d(xin, sw.row_ptr, sw.col_idx, sw.values, b, *args)
-            assert C.cpu_sparse_panel_calls()[3] == before[3] + 1, msg  # the channel-vector tiles ran
+            assert C.cpu_sparse_panel_calls()[3] == before[3] + vector, msg  # the channel-vector tiles ran
             assert_conv_close(out, x, w, b, s, d * (k // 2), d, msg=msg)
         r = torch.randn_like(out)
         for lo, hi in [(0.0, None), (-0.5, 0.5)]:
@@ -497,11 +501,11 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
             torch.testing.assert_close(fused, unfused, rtol=0, atol=0, msg=msg)  # the same operations, in order
         lin_w = w.flatten(1)
         lsw = SparseWeight.from_dense(lin_w)
-        for batch in (1, 17):
+        for batch in (1, 17, 29, 64):
             xl = torch.randn(batch, lin_w.shape[1], generator=g, dtype=dtype)
             before = C.cpu_sparse_panel_calls()[3]
             out = torch.ops.adapmtl.sparse_linear(xl, lsw.row_ptr, lsw.col_idx, lsw.values, b, lin_w.shape[1])
-            assert C.cpu_sparse_panel_calls()[3] == before + 1, msg
+            assert C.cpu_sparse_panel_calls()[3] == before + (config != "" or batch < 64), msg
             assert_linear_close(out, xl, lin_w, b, msg=f"linear {msg} batch {batch}")
     # one channel of one group loses a weight its group keeps: that group is not uniform, so (even where forced)
     # the call runs another tile; a sampled check may miss it, the encoding does not
@@ -528,9 +532,9 @@ def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 64, 32, 32, generator=g)
 
-    def ran(w, inp=x):
+    def ran(w, inp=x, padding=1):
         before = C.cpu_sparse_panel_calls()
-        sparse_conv2d(inp, SparseWeight.from_dense(w), None, 1, 1, backend="cpp")
+        sparse_conv2d(inp, SparseWeight.from_dense(w), None, 1, padding, backend="cpp")
         return tuple(a - b for a, b in zip(C.cpu_sparse_panel_calls(), before))
 
     assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g), x[..., :31, :32]) == (1, 0, 0, 0)  # 992 output pixels
@@ -542,6 +546,7 @@ def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch)
     # a vector of output channels (16 fp32) holding one column set: channel-vector tiles, on any map
     assert ran(block_pruned(64, 64, 3, 16, 0.1, gen=g)) == (0, 0, 0, 1)
     assert ran(block_pruned(64, 64, 3, 32, 0.1, gen=g), x[..., :11, :11]) == (0, 0, 0, 1)
+    assert ran(block_pruned(64, 64, 1, 16, 0.1, gen=g), padding=0) == (0, 1, 0, 0)  # one tap, a 1024-pixel row
     assert ran(block_pruned(64, 64, 3, 8, 0.1, dtype=torch.float64, gen=g), x.double()) == (0, 0, 0, 1)
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "panel=1")
     assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (1, 0, 0, 0)

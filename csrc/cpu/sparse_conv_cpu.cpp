@@ -376,19 +376,24 @@ inline __attribute__((always_inline)) void item_panel(const Plan<T>& g, int64_t 
 // ---- Channel-vector tiles ----------------------------------------------------------------------------------
 // Where every L consecutive output channels (one vector: 16 fp32, 8 fp64) hold the same columns -- a weight pruned
 // in L x 1 blocks or larger, by us or another library -- the tile turns around: one vector of L output channels at
-// each of P <= L consecutive output pixels of one row (P accumulators). Per column of the group: one load of its L
-// values, then P multiply-adds whose input element is broadcast from memory (AVX-512's embedded broadcast). So an
-// input element costs 4 bytes per L multiply-adds, where a pixel-vector tile loads 64 bytes per multiply-add (one
+// each of P <= kVectorPixels consecutive output pixels of one row (P accumulators). Per column of the group: one load
+// of its L values, then P multiply-adds whose input element is broadcast from memory (AVX-512's embedded broadcast),
+// so an input element costs 4 bytes per L multiply-adds, where a pixel-vector tile loads 64 bytes per multiply-add (one
 // channel) or per 4 (a panel of 4): what limits the other tiles is that input traffic (docs/cpu_sparse_kernel.md).
 // Every block of the group runs in registers (nothing parked); tap-major blocks whose tap reads only padding for the
 // tile are skipped. The tile is stored element by element, transposed, with the epilogue (transposing it in
 // registers first, 64 shuffles, measured no faster: docs/cpu_sparse_kernel.md).
+
+// The most pixels a channel-vector tile holds: 28 accumulators and the loaded values fill AVX-512's 32 vector
+// registers (use_vectors: 16 without AVX-512).
+constexpr int kVectorPixels = 28;
+
 template <typename T, int P>
 inline __attribute__((always_inline)) void item_vectors(const Plan<T>& g, int64_t n, int64_t row, int64_t tile,
                                                         int64_t oc0, int64_t oc1) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::kLanes;
-  const int64_t ox = tile * L, plane = g.OH * g.OW, stride = g.blocks + 1;
+  const int64_t ox = tile * g.cols, plane = g.OH * g.OW, stride = g.blocks + 1;
   const T* base = g.P + n * g.in_batch + row * g.row_step + ox;
   T* out = g.out + (n * g.OC * g.OH + row) * g.OW + ox;
   const uint8_t* row_live = g.row_live + row * g.taps;
@@ -400,7 +405,7 @@ inline __attribute__((always_inline)) void item_vectors(const Plan<T>& g, int64_
     if (g.bias)
       for (int64_t m = 0; m < valid; ++m) init[m] = g.bias[p0 + m];
     V acc[P];
-#pragma GCC unroll 16
+#pragma GCC unroll 28
     for (int i = 0; i < P; ++i) acc[i] = init;
     for (int64_t b = 0; b < g.blocks; ++b) {
       const int64_t t = b / g.channel_blocks;
@@ -409,7 +414,7 @@ inline __attribute__((always_inline)) void item_vectors(const Plan<T>& g, int64_
       for (int32_t e = sg[b]; e < sg[b + 1]; ++e, w += L) {
         const V v = load(w);
         const T* __restrict x = base + g.off[e];
-#pragma GCC unroll 16
+#pragma GCC unroll 28
         for (int i = 0; i < P; ++i) acc[i] += v * x[i];
       }
     }
@@ -418,7 +423,7 @@ inline __attribute__((always_inline)) void item_vectors(const Plan<T>& g, int64_
     for (int64_t m = 0; m < valid; ++m) {
       T* o = out + (p0 + m) * plane;
       const T* r = g.residual ? g.residual + (o - g.out) : nullptr;
-#pragma GCC unroll 16
+#pragma GCC unroll 28
       for (int i = 0; i < P; ++i) {  // as epilogue(): + the residual, then the clamp (a NaN stays NaN)
         T v = tile_out[i][m];
         if (r) v += r[i];
@@ -432,11 +437,12 @@ inline __attribute__((always_inline)) void item_vectors(const Plan<T>& g, int64_
   }
 }
 
-// item_vectors<T, count> for runtime 1 <= count <= L (the pixels of the tile: the last one of a row may be short).
+// item_vectors<T, count> for runtime 1 <= count <= kVectorPixels (the pixels of the tile: the last one of a row may
+// be short).
 template <typename T, int P = 1>
 inline __attribute__((always_inline)) void item_vectors_count(const Plan<T>& g, int64_t count, int64_t n, int64_t row,
                                                               int64_t tile, int64_t oc0, int64_t oc1) {
-  if constexpr (P <= Vec<T>::kLanes) {
+  if constexpr (P <= kVectorPixels) {
     if (count == P) {
       item_vectors<T, P>(g, n, row, tile, oc0, oc1);
     } else {
@@ -555,7 +561,7 @@ struct ConvShape {
   bool tap_major = false;
   int64_t cb = 1;
   int64_t panel = 1;  // output channels per register tile (channel panels: channel-major, rows == 1)
-  bool vector = false;  // channel-vector tiles (one row of L pixels, L channels; either layout, cb == C)
+  bool vector = false;  // channel-vector tiles (L channels at up to kVectorPixels pixels of a row; cb == C)
   Tuning tuning;      // the configuration this call runs with (sparse_tuning.h)
   // The weight's columns are c * full_taps + (its kernel's tap); tap_of maps such a tap to this kernel's tap, or
   // -1 for an outer tap trimmed away because it reads only padding (conv2d_cpu). Untrimmed: the identity.
@@ -1073,8 +1079,12 @@ void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t nnz, int64_t OC,
 
 // Whether the weight's output channels come in groups of L (one vector) that hold the same columns, sampled over up
 // to 16 groups spread over the weight (encode_vectors checks every group): a weight pruned in L x 1 blocks or larger,
-// whoever pruned it. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): channel-vector tiles then run 1.5x
-// faster than panels on a 3x3 conv, 1.03x on a 1x1.
+// whoever pruned it. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): channel-vector tiles then run 1.5-2x
+// faster than panels on a 3x3 conv and 1.4-1.8x on a linear layer at batch 1-8, but no faster on one-tap calls with
+// long rows (the 1x1 conv at 41x41, a 1681-pixel row; linear at batch 64), where the default keeps the panels
+// (kVectorsOneTapRow).
+constexpr int64_t kVectorsOneTapRow = 64;
+
 bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC, int64_t L) {
   const int64_t groups = OC / L;
   if (groups == 0 || col_idx.numel() == 0) return false;
@@ -1089,14 +1099,17 @@ bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, i
   return true;
 }
 
-// Switches a plan to channel-vector tiles: one output row of one vector of pixels per tile, one channel block (every
-// block of a group runs in registers), tap-major where some tap reads only padding for a tile (unless the layout is
-// configured), so that tiles skip it; `all_live`: nothing skipped (the rerun for non-finite weights).
+// Switches a plan to channel-vector tiles: up to kVectorPixels pixels of one output row per tile (the row's tiles
+// balanced: 41 columns -> 21 + 20), one channel block (every block of a group runs in registers), tap-major where
+// some tap reads only padding for a tile (unless the layout is configured), so that tiles skip it; `all_live`:
+// nothing skipped (the rerun for non-finite weights).
 void use_vectors(ConvShape& s, int64_t OH, int64_t OW, int64_t L, bool all_live = false) {
+  const int64_t most = __builtin_cpu_supports("avx512f") ? kVectorPixels : 16;
+  const int64_t tiles = (OW + most - 1) / most;
   s.vector = true;
   s.panel = 1;
   s.rows = 1;
-  s.cols = L;
+  s.cols = std::max<int64_t>(1, (OW + tiles - 1) / tiles);
   find_live_taps(s, OH, OW, L);
   if (all_live) make_all_live(s, OW, L);
   s.cb = s.C;
@@ -1393,8 +1406,9 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   // by default, where the weight's sampled groups fit them; a weight whose groups turn out not to (encode_vectors)
   // then runs as if they had not been asked for.
   const bool vectors_fit = channel_vectors_fit(row_ptr, col_idx, OC, L);
+  const bool vectors_default = vectors_fit && (KH * KW > 1 || OW < kVectorsOneTapRow);
   const auto run = [&](const Tuning& t) {
-    bool vector = t.panel == kVectorPanel || (t.panel == 0 && t.layout < 0 && vectors_fit);
+    bool vector = t.panel == kVectorPanel || (t.panel == 0 && t.layout < 0 && vectors_default);
     for (;;) {  // at most twice: with channel vectors, then without them
       set_geometry(mh, mw, !vector);
       s.tuning = t;
@@ -1503,7 +1517,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   const int64_t cols = s.cols;
   // No padding: nothing is skipped, so run_conv never asks for a rerun; it may refuse channel vectors (run_conv).
   for (bool vector = s.tuning.panel == kVectorPanel ||
-                     (s.tuning.panel == 0 && s.tuning.layout < 0 && channel_vectors_fit(row_ptr, col_idx, OC, L));;
+                     (s.tuning.panel == 0 && s.tuning.layout < 0 && B < kVectorsOneTapRow &&
+                      channel_vectors_fit(row_ptr, col_idx, OC, L));;
        vector = false) {
     s.vector = false, s.panel = 1, s.rows = 1, s.cols = cols;
     if (vector) {
