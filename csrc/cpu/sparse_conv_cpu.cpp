@@ -959,6 +959,14 @@ EncodedPanels<T> encode_panels(const char* op, const int32_t* rp, const int32_t*
 // counting sort) its offset into P, and in `val` its L values, one per channel of the group, 0 for the channels a
 // last group lacks (never stored). Dead taps are dropped, column indices checked and non-finite values found where
 // something is skipped, as in encode_rows.
+// Whether rows [r0, r1) of the CSR hold the same columns in the same order (a group of channel-vector tiles).
+inline bool same_columns(const int32_t* rp, const int32_t* ci, int64_t r0, int64_t r1) {
+  const int64_t len = rp[r0 + 1] - rp[r0];
+  for (int64_t r = r0 + 1; r < r1; ++r)
+    if (rp[r + 1] - rp[r] != len || std::memcmp(ci + rp[r], ci + rp[r0], len * sizeof(int32_t)) != 0) return false;
+  return true;
+}
+
 template <typename T>
 struct EncodedVectors {
   std::unique_ptr<int32_t[]> off;
@@ -980,8 +988,7 @@ EncodedVectors<T> encode_vectors(const char* op, const int32_t* rp, const int32_
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r0 = p * L, r1 = std::min(OC, r0 + L), k0 = rp[r0], len = rp[r0 + 1] - k0;
-      for (int64_t r = r0 + 1; r < r1 && !differs[p]; ++r)
-        differs[p] = rp[r + 1] - rp[r] != len || std::memcmp(ci + rp[r], ci + k0, len * sizeof(int32_t)) != 0;
+      differs[p] = !same_columns(rp, ci, r0, r1);
       if (differs[p]) continue;
       int64_t kept = 0;
       for (int64_t k = k0; k < k0 + len; ++k) {
@@ -1091,12 +1098,15 @@ bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, i
   const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous();
   const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
   const int64_t step = std::max<int64_t>(1, groups / 16);
-  for (int64_t p = 0; p < groups; p += step) {
-    const int64_t r0 = p * L, len = rp[r0 + 1] - rp[r0];
-    for (int64_t r = r0 + 1; r < r0 + L; ++r)
-      if (rp[r + 1] - rp[r] != len || std::memcmp(ci + rp[r], ci + rp[r0], len * sizeof(int32_t)) != 0) return false;
-  }
+  for (int64_t p = 0; p < groups; p += step)
+    if (!same_columns(rp, ci, p * L, (p + 1) * L)) return false;
   return true;
+}
+
+// Whether a call with configuration t runs channel-vector tiles: where configured (panel=vector), or by default where
+// the weight's groups fit them (`fit`) unless the call is one tap over a row of kVectorsOneTapRow pixels or more.
+inline bool runs_vectors(const Tuning& t, bool fit, int64_t taps, int64_t row) {
+  return t.panel == kVectorPanel || (t.panel == 0 && t.layout < 0 && fit && (taps > 1 || row < kVectorsOneTapRow));
 }
 
 // Switches a plan to channel-vector tiles: up to kVectorPixels pixels of one output row per tile (the row's tiles
@@ -1406,21 +1416,20 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   // by default, where the weight's sampled groups fit them; a weight whose groups turn out not to (encode_vectors)
   // then runs as if they had not been asked for.
   const bool vectors_fit = channel_vectors_fit(row_ptr, col_idx, OC, L);
-  const bool vectors_default = vectors_fit && (KH * KW > 1 || OW < kVectorsOneTapRow);
   const auto run = [&](const Tuning& t) {
-    bool vector = t.panel == kVectorPanel || (t.panel == 0 && t.layout < 0 && vectors_default);
+    bool vector = runs_vectors(t, vectors_fit, KH * KW, OW);
     for (;;) {  // at most twice: with channel vectors, then without them
       set_geometry(mh, mw, !vector);
       s.tuning = t;
       if (t.panel == kVectorPanel) s.tuning.panel = 0;
       s.panel = 1;
       s.vector = false;
-      s.rows = tile_rows(t.rows, nv, OH);
-      s.cols = nv * L;
-      find_live_taps(s, OH, OW, L);
       if (vector) {
         use_vectors(s, OH, OW, L);
       } else {
+        s.rows = tile_rows(t.rows, nv, OH);
+        s.cols = nv * L;
+        find_live_taps(s, OH, OW, L);
         if (s.tuning.panel > 1) s.tuning.layout = 0;  // panels run over channel-major blocks
         choose_layout(s, col_idx.numel(), OC, OH, OW, x.element_size(), L);
         if (!s.tap_major) {
@@ -1516,10 +1525,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
   const int64_t cols = s.cols;
   // No padding: nothing is skipped, so run_conv never asks for a rerun; it may refuse channel vectors (run_conv).
-  for (bool vector = s.tuning.panel == kVectorPanel ||
-                     (s.tuning.panel == 0 && s.tuning.layout < 0 && B < kVectorsOneTapRow &&
-                      channel_vectors_fit(row_ptr, col_idx, OC, L));;
-       vector = false) {
+  for (bool vector = runs_vectors(s.tuning, channel_vectors_fit(row_ptr, col_idx, OC, L), 1, B);; vector = false) {
     s.vector = false, s.panel = 1, s.rows = 1, s.cols = cols;
     if (vector) {
       use_vectors(s, 1, B, L);
