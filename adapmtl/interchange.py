@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from adapmtl.checkpoint_io import output_mode
+from adapmtl.nn.sparse_layers import traced_at_static_sizes
 from adapmtl.nn.str_layers import STR_LAYER_TYPES, SoftThreshold
 
 FORMATS = ("safetensors", "pt2", "onnx")
@@ -65,7 +66,8 @@ def export_pt2(model: nn.Module, example_input: Any, path, dynamic_batch: bool =
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # height and width are static in the program: dilated sparse convs trace without their dead taps
+        with torch.no_grad(), traced_at_static_sizes(model, args):
             program = torch.export.export(model, args, dynamic_shapes=dynamic)
     finally:
         model.train(was)

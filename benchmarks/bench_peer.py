@@ -1,7 +1,8 @@
 """Benchmark a pruned model against the runtimes a user could run instead (issue: "faster than the runtime a user
-already has"): the same pruned weights run dense in torch eager, torch.compile (Inductor) and onnxruntime (and
-DeepSparse when it is importable), and ours: `export_sparse(policy="time")` in eager and as an AOTInductor
-package of its torch.export program. Every variant of a row is timed in alternation in one process.
+already has"): the same pruned weights run dense in torch eager, torch.compile (Inductor), an AOTInductor package
+with freezing (`aoti_frozen`) and onnxruntime (and DeepSparse when it is importable), and ours:
+`export_sparse(policy="time")` in eager and as an AOTInductor package of its torch.export program (frozen too).
+Every variant of a row is timed in alternation in one process.
 
     python benchmarks/bench_peer.py                        # the six rows at batch 1 (~15 min on 2 cores)
     python benchmarks/bench_peer.py --rows aspp_d6_90 --batches 1 16
@@ -10,6 +11,7 @@ package of its torch.export program. Every variant of a row is timed in alternat
     python benchmarks/bench_peer.py --tile-rows-ab          # 2-row register tiles vs the default (tall on narrow maps)
     python benchmarks/bench_peer.py --quick                # a smoke run (small inputs, runs/bench)
     python benchmarks/bench_peer.py --block 4              # weights pruned in 4x1 blocks (prune.block=4)
+    python benchmarks/bench_peer.py --components           # each model's backbone and heads on their own
 
 DeepSparse (`deepsparse==1.8.0`, the last release with its engine) needs numpy 1.x and reads ONNX IR <= 9, so it
 runs from a venv of its own that still sees this environment's torch and adapmtl; there the ONNX file both
@@ -23,9 +25,9 @@ timed (DeepSparse under numpy 2 computed garbage without an error).
 
 Rows: the ASPP 3x3 dilation-6 conv 512->1024 and the 1x1 conv 1024->1024 at 41x41 (90% and 95%, random
 unstructured masks), and DeepLab-ResNet-34 / MobileNetV2 with three ASPP heads at 321x321 at the paper's
-component sparsities. "vs best dense" divides the fastest dense runtime's median by ours (the better of
-eager and AOTInductor). GFLOP/s counts the dense model's multiply-adds (2 FLOPs each) in every column, so it
-reads as effective throughput. Results: a table, JSON and a PNG named by the CPU in benchmarks/results/.
+component sparsities. "vs best dense" divides the fastest dense runtime's median (of torch eager, torch.compile,
+the frozen AOTInductor package and onnxruntime) by ours (the better of eager and AOTInductor). GFLOP/s counts
+the dense model's multiply-adds (2 FLOPs each) in every column, so it reads as effective throughput. Results: a table, JSON and a PNG named by the CPU in benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -59,8 +61,14 @@ ROWS = {
     "resnet34": ("model", dict(backbone="resnet34", size=321), None),
     "mobilenetv2": ("model", dict(backbone="mobilenetv2", size=321), None),
 }
-DENSE = ("torch_eager", "torch_compile", "onnxruntime", "deepsparse")
+DENSE = ("torch_eager", "torch_compile", "aoti_frozen", "onnxruntime", "deepsparse")
 OURS = ("ours_eager", "ours_aoti")
+# The dense runtimes "vs best dense" takes the fastest of; DeepSparse, itself a sparse engine, is compared apart.
+BEST_DENSE = DENSE[:4]
+# AOTInductor's inference setting on the CPU: weights are constants, so convolutions take oneDNN's prepacked
+# weights and their pointwise neighbours fused (dense MobileNetV2's backbone: 9.9 against 15.6 ms under
+# torch.compile without it, 12.4 for onnxruntime).
+AOTI_CONFIGS = {"freezing": True}
 
 
 def pruning_mask(shape, sparsity: float, block: int, gen) -> torch.Tensor:
@@ -174,11 +182,13 @@ def result_error(out, reference: list) -> float:
                for g, r in zip(got, reference))
 
 
-def _aoti(model, x, tmp):
+def _aoti(model, x, tmp, name: str):
+    """`model` (ours or the dense one) as an AOTInductor package of its torch.export program, frozen."""
     from adapmtl.interchange import export_pt2
 
-    program = export_pt2(model, x, os.path.join(tmp, "m.pt2"), dynamic_batch=False)
-    package = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(tmp, "m_aoti.pt2"))
+    program = export_pt2(model, x, os.path.join(tmp, f"{name}.pt2"), dynamic_batch=False)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(tmp, f"{name}_aoti.pt2"),
+                                                       inductor_configs=AOTI_CONFIGS)
     runner = torch._inductor.aoti_load_package(package)
     return lambda: runner(x)
 
@@ -186,6 +196,11 @@ def _aoti(model, x, tmp):
 def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set, block: int = 1) -> dict:
     kind, spec, sparsity = ROWS[name]
     model, x, label = build_row(kind, spec, sparsity, batch, quick, block)
+    return bench_case(name, model, x, label, batch, reps, skip)
+
+
+def bench_case(name: str, model: nn.Module, x: torch.Tensor, label: str, batch: int, reps: int, skip: set) -> dict:
+    """Every variant of one model on one input, checked against torch eager, then timed in alternation."""
     flops = conv_flops(model, x)
     exporter = _onnx_exporter()
     fns, setup, errors, result_errors = {"torch_eager": lambda: model(x)}, {}, {}, {}
@@ -219,6 +234,9 @@ def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set, block: i
         compiled = attempt("torch_compile", lambda: torch.compile(copy.deepcopy(model)))
         if compiled is not None and attempt("torch_compile", lambda: compiled(x)) is not None:  # compile now
             add("torch_compile", lambda: compiled(x))
+        frozen = attempt("aoti_frozen", lambda: _aoti(model, x, tmp, "dense"))
+        if frozen is not None:
+            add("aoti_frozen", frozen)
         onnx_path = None
         if not {"onnxruntime", "deepsparse"} <= skip:
             onnx_path = attempt("onnx_export", lambda: _onnx_file(model, x, tmp, exporter))
@@ -230,20 +248,66 @@ def bench_row(name: str, batch: int, reps: int, quick: bool, skip: set, block: i
         exported = attempt("ours_eager", lambda: adapmtl.export_sparse(model, policy="time", example_input=x))
         if exported is not None:
             add("ours_eager", lambda: exported(x))
-            aoti = attempt("ours_aoti", lambda: _aoti(exported, x, tmp))
+            aoti = attempt("ours_aoti", lambda: _aoti(exported, x, tmp, "ours"))
             if aoti is not None:
                 add("ours_aoti", aoti)
         names = list(fns)
         times = interleaved_median_ms([fns[n] for n in names], torch.device("cpu"), reps=reps)
     ms = dict(zip(names, times))
-    best_dense = min((ms[n], n) for n in DENSE[:3] if n in ms)
+    best_dense = min((ms[n], n) for n in BEST_DENSE if n in ms)
     best_ours = min(((ms[n], n) for n in OURS if n in ms), default=(None, None))
     row = {"row": name, "case": label, "batch": batch, "gflop": flops / 1e9, "ms": ms, "setup_s": setup,
            "errors": errors, "result_errors": result_errors, "onnx_exporter": exporter, "best_dense": best_dense[1],
            "best_ours": best_ours[1], "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
     if "deepsparse" in ms and best_ours[0] is not None:
         row["vs_deepsparse"] = ms["deepsparse"] / best_ours[0]
+    if exported is not None:
+        row["layers"] = export_layers(exported)
     return row
+
+
+def export_layers(exported) -> list:
+    """The time policy's own per-layer record: each conv / linear alone, dense (torch eager) and sparse (ours), ms."""
+    return [{"layer": e["layer"], "kind": e["kind"], "sparsity": e["sparsity"], "sparse": e["sparse"],
+             "dense_ms": 1e3 * e["dense_s"] if "dense_s" in e else None,
+             "sparse_ms": 1e3 * e["sparse_s"] if "sparse_s" in e else None} for e in exported.sparse_export_report]
+
+
+def layer_split(row: dict) -> dict:
+    """Where our export's time goes: its sparse layers and its timed dense layers at their own (isolated) times, and
+    the rest of its measured median (convs below min_sparsity or not candidates, e.g. depthwise; pooling,
+    upsampling, elementwise ops; the layers' interplay in cache)."""
+    layers = row.get("layers") or []
+    sparse = sum(e["sparse_ms"] for e in layers if e["sparse"] and e["sparse_ms"] is not None)
+    dense = sum(e["dense_ms"] for e in layers if not e["sparse"] and e["dense_ms"] is not None)
+    dense_of_sparse = sum(e["dense_ms"] for e in layers if e["sparse"] and e["dense_ms"] is not None)
+    ours = row["ms"].get("ours_eager")
+    return {"sparse_layers_ms": sparse, "their_dense_ms": dense_of_sparse, "dense_layers_ms": dense,
+            "rest_ms": None if ours is None else ours - sparse - dense,
+            "sparse_of_layers": f"{sum(e['sparse'] for e in layers)}/{len(layers)}"}
+
+
+def bench_components(names, batch: int, reps: int, quick: bool, skip: set, block: int = 1) -> list:
+    """Each component of a model row (the backbone on the image; each head on the backbone's features) as a model of
+    its own, every variant in alternation as in a row: which part of the model keeps ours from the goal."""
+    rows = []
+    for name in names:
+        kind, spec, sparsity = ROWS[name]
+        if kind != "model":
+            continue
+        model, x, label = build_row(kind, spec, sparsity, batch, quick, block)
+        with torch.no_grad():
+            features = model.backbone(x)
+        for part, module in model.components().items():
+            row = bench_case(f"{name}/{part}", module, x if part == "backbone" else features,
+                             f"{label}: {part}", batch, reps, skip)
+            row["component"], row["model_row"] = part, name
+            row["split"] = layer_split(row)
+            rows.append(row)
+            print(f"{row['case']} b{batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
+                  + (f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x"
+                     if row["vs_best_dense"] else "") + f"; split {row['split']}", flush=True)
+    return rows
 
 
 def fold_bn_ab(names, reps: int, quick: bool) -> dict:
@@ -367,6 +431,84 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
+def components_report(args, reps: int, info: dict) -> list:
+    rows = []
+    for batch in args.batches:
+        rows += bench_components(args.rows, batch, reps, args.quick, set(args.skip), args.block)
+    table = []
+    for r in rows:
+        best = r["ms"][r["best_dense"]]
+        ours = r["ms"].get(r["best_ours"]) if r["best_ours"] else None
+        table.append({"case": f"{r['model_row']}/{r['component']}", "b": r["batch"], "best": best,
+                      "by": r["best_dense"], "ours": ours, "ratio": r["vs_best_dense"], **r["split"]})
+    summary = {}
+    for model_row in dict.fromkeys(r["model_row"] for r in rows):
+        for batch in args.batches:
+            parts = [t for t, r in zip(table, rows) if r["model_row"] == model_row and r["batch"] == batch]
+            if not parts or any(t["ours"] is None for t in parts):
+                continue
+            best, ours = sum(t["best"] for t in parts), sum(t["ours"] for t in parts)
+            backbone = next(t for t in parts if t["case"].endswith("/backbone"))
+            # Amdahl: the ratio with free heads, and the heads' ratio the goal needs given today's backbone
+            summary[f"{model_row}_b{batch}"] = {
+                "best_dense_sum_ms": best, "ours_sum_ms": ours, "ratio_of_sums": best / ours,
+                "ratio_if_heads_free": best / backbone["ours"],
+                "backbone_share_of_ours": backbone["ours"] / ours}
+            table.append({"case": f"{model_row} (sum of parts)", "b": batch, "best": best, "by": "per part",
+                          "ours": ours, "ratio": best / ours})
+    print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, medians in ms; "
+          "sparse/dense layers: the export's isolated per-layer times, rest: the remainder of ours\n")
+    print(format_table(table, [("case", "component", "<32"), ("b", "b", "d"), ("best", "best dense", ".2f"),
+                               ("by", "by", "<13"), ("ours", "ours", ".2f"), ("ratio", "ours vs best", ".2f"),
+                               ("sparse_layers_ms", "sparse layers", ".2f"),
+                               ("their_dense_ms", "same layers dense", ".2f"),
+                               ("dense_layers_ms", "dense layers", ".2f"), ("rest_ms", "rest", ".2f"),
+                               ("sparse_of_layers", "sparse of layers", ">16")]))
+    for key, v in summary.items():
+        print(f"{key}: best dense {v['best_dense_sum_ms']:.1f} ms, ours {v['ours_sum_ms']:.1f} ms "
+              f"({v['ratio_of_sums']:.2f}x); backbone {100 * v['backbone_share_of_ours']:.0f}% of ours; "
+              f"with heads at zero cost: {v['ratio_if_heads_free']:.2f}x")
+    name = "peer_components" if args.block == 1 else f"peer_components_block{args.block}"
+    path = write_results(name, info, {"reps": reps, "quick": args.quick, "block": args.block, "rows": rows,
+                                      "summary": summary}, out_dir=args.out_dir, smoke=args.quick)
+    plot_components(rows, path.parent / f"{name}_{device_tag(info)}.png", f"where the time goes, {info['device']}")
+    print(f"\nwrote {path}")
+    return rows
+
+
+def plot_components(rows, path, title):
+    """Per model: the best dense runtime's time per component beside ours, ours split into its parts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model_row']}\n{r['component']}\nb{r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    xs = range(len(rows))
+    ax.bar([i - 0.2 for i in xs], [r["ms"][r["best_dense"]] for r in rows], 0.4, label="best dense", color="0.6")
+    bottom = [0.0] * len(rows)
+    for key, label in (("sparse_layers_ms", "ours: sparse layers"), ("dense_layers_ms", "ours: dense layers"),
+                       ("rest_ms", "ours: rest")):
+        vals = [max(r["split"].get(key) or 0.0, 0.0) for r in rows]
+        ax.bar([i + 0.2 for i in xs], vals, 0.4, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("ms (batch as labelled)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# Ours runs twice in a row's alternation (eager and the AOTInductor package, each with its own copy of the weights),
+# and the C++ kernel keeps each copy's plans. Both sets must fit its plan cache, as one model's do for a user who
+# runs one: ResNet-34 in 16 x 1 blocks keeps 268 MB per copy, over the default 256 MB budget for the pair, and the
+# two copies evicted each other's plans on every call. Set when run as a script, unless the caller set it.
+PLAN_CACHE_MB = "1024"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -387,10 +529,16 @@ def main(argv=None):
     p.add_argument("--tile-rows-ab", action="store_true",
                    help="instead: our export with 2-row register tiles and with the default (tall tiles on narrow "
                         "maps) (peer_tile_rows_*.json)")
+    p.add_argument("--components", action="store_true",
+                   help="instead: each component of the model rows (backbone, each head) on its own, every variant "
+                        "(peer_components[_block<N>]_*.json/png): where the model's time goes")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     reps = 2 if args.quick else args.reps
     info = device_description("cpu")
+    info["plan_cache_mb"] = os.environ.get("ADAPMTL_CPU_PLAN_CACHE_MB", "default")
+    if args.components:
+        return components_report(args, reps, info)
     if args.fuse_ab:
         ab = fuse_ab(args.rows, reps, args.quick, args.batches)
         print(f"wrote {write_results('peer_fuse', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
@@ -434,4 +582,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("ADAPMTL_CPU_PLAN_CACHE_MB", PLAN_CACHE_MB)
     main()

@@ -271,7 +271,7 @@ def test_the_peer_benchmark_runs_and_names_the_best_dense_runtime(tmp_path):
     """A smoke run of benchmarks/bench_peer.py (the compiled variants skipped: their compilation takes minutes):
     every variant in one alternation, the ratio to the fastest dense runtime, a missing peer reported."""
     peer = _bench_module("bench_peer")
-    rows = peer.main(["--quick", "--rows", "conv1x1_90", "--skip", "torch_compile", "ours_aoti",
+    rows = peer.main(["--quick", "--rows", "conv1x1_90", "--skip", "torch_compile", "aoti_frozen", "ours_aoti",
                       "--out-dir", str(tmp_path)])
     (row,) = rows
     assert {"torch_eager", "ours_eager"} <= set(row["ms"]) and "torch_compile" not in row["ms"]
@@ -292,7 +292,7 @@ def test_the_peer_benchmark_times_no_runtime_that_computes_something_else(tmp_pa
     peer = _bench_module("bench_peer")
     monkeypatch.setattr(peer, "_deepsparse", lambda path, x: (lambda: [x.new_ones(1, 128, 10, 10).numpy()]))
     monkeypatch.setattr(peer, "_onnx_exporter", lambda: "torchscript")
-    (row,) = peer.main(["--quick", "--rows", "conv1x1_90", "--skip", "torch_compile", "ours_aoti",
+    (row,) = peer.main(["--quick", "--rows", "conv1x1_90", "--skip", "torch_compile", "aoti_frozen", "ours_aoti",
                         "--out-dir", str(tmp_path)])
     assert "deepsparse" not in row["ms"] and row["errors"]["deepsparse"].startswith("wrong result")
     assert row["result_errors"]["deepsparse"] > peer.WRONG_RESULT and row["onnx_exporter"] == "torchscript"
@@ -300,6 +300,30 @@ def test_the_peer_benchmark_times_no_runtime_that_computes_something_else(tmp_pa
     assert {"ours_eager"} <= set(timed) and max(timed.values()) <= peer.WRONG_RESULT
     if importlib.util.find_spec("onnxruntime") is not None:
         assert "onnxruntime" in timed
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_peer_benchmark_splits_a_model_into_its_components(tmp_path):
+    """bench_peer.py --components (smoke): the backbone on the image and each head on the backbone's features, every
+    variant checked and timed; ours split into its sparse layers, its dense layers and the rest."""
+    peer = _bench_module("bench_peer")
+    rows = peer.main(["--quick", "--components", "--rows", "mobilenetv2", "conv1x1_90", "--skip", "torch_compile",
+                      "aoti_frozen", "ours_aoti", "--out-dir", str(tmp_path)])
+    assert [r["component"] for r in rows] == ["backbone", *peer.TASKS]  # the conv row has no components
+    for r in rows:
+        assert {"torch_eager", "ours_eager"} <= set(r["ms"]) and max(r["result_errors"].values()) <= peer.WRONG_RESULT
+        split, layers = r["split"], r["layers"]
+        assert split["sparse_of_layers"] == f"{sum(e['sparse'] for e in layers)}/{len(layers)}"
+        assert split["sparse_layers_ms"] == pytest.approx(sum(e["sparse_ms"] for e in layers if e["sparse"]))
+        assert split["rest_ms"] == pytest.approx(r["ms"]["ours_eager"] - split["sparse_layers_ms"]
+                                                 - split["dense_layers_ms"])
+    assert any(r["split"]["sparse_layers_ms"] > 0 for r in rows)
+    saved = json.loads(next(tmp_path.glob("peer_components_*.json")).read_text())
+    (summary,) = saved["summary"].values()
+    parts = {r["component"]: r["ms"]["ours_eager"] for r in rows}
+    assert summary["ours_sum_ms"] == pytest.approx(sum(parts.values()))
+    assert summary["ratio_if_heads_free"] == pytest.approx(summary["best_dense_sum_ms"] / parts["backbone"])
+    assert next(tmp_path.glob("peer_components_*.png")).stat().st_size > 0
 
 
 @pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")

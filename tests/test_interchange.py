@@ -1,5 +1,6 @@
 """Standard formats: torch.export .pt2 of the sparse export (custom ops, loadable in a fresh process after
 `import adapmtl`), ONNX of the finalized dense model checked with onnxruntime, and the CLI's --format."""
+import copy
 import importlib.util
 import json
 import os
@@ -49,6 +50,65 @@ def test_pt2_keeps_sparse_layers_as_custom_ops_and_runs_after_reload(tmp_path):
     assert set(got) == set(want)
     for task in want:
         torch.testing.assert_close(got[task], want[task])
+
+
+class _Dilated(nn.Module):
+    """A dilated conv whose outer taps read only padding on a 5x5 map (a 1x1 in disguise), then a plain one;
+    `sparse()`: both as SparseConv2d, as export_sparse leaves them."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.far = nn.Conv2d(3, 8, 3, padding=6, dilation=6)
+        self.near = nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            self.far.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.near(torch.relu(self.far(x)))
+
+    def sparse(self):
+        from adapmtl.nn import SparseConv2d
+
+        self.far, self.near = SparseConv2d.from_dense(self.far), SparseConv2d.from_dense(self.near)
+        return self.eval()
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_pt2_traces_dilated_convs_without_their_dead_taps(tmp_path, dynamic_batch):
+    from adapmtl.nn import SparseConv2d
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 3, 3, 3, generator=g) * (torch.rand(8, 3, 3, 3, generator=g) > 0.5)
+    dense = _Dilated(w).eval()
+    fast = copy.deepcopy(dense).sparse()
+    x = torch.randn(1, 3, 5, 5, generator=g)
+    program = export_pt2(fast, x, tmp_path / "m.pt2", dynamic_batch=dynamic_batch)
+    shapes = [n.args[5] for n in program.graph.nodes if "sparse_conv2d" in str(n.target)]
+    assert shapes == [[8, 3, 1, 1], [4, 8, 3, 3]]  # the far conv as the 1x1 it is at 5x5, the near one whole
+    assert all("_static_taps" not in m.__dict__ for m in fast.modules() if isinstance(m, SparseConv2d))
+    with torch.no_grad():
+        want = fast(x)
+        assert torch.equal(program.module()(x), want)  # the same kernel on the same trimmed weight as eager
+        assert torch.equal(torch.export.load(tmp_path / "m.pt2").module()(x), want)
+        with pytest.raises(Exception, match="(?i)shape|size|guard|expected"):  # its only size is the example's
+            program.module()(torch.randn(1, 3, 7, 7))
+        # eager keeps every size: at 13x13 the far conv's whole kernel reads the input
+        wide = torch.randn(1, 3, 13, 13, generator=g)
+        torch.testing.assert_close(fast(wide), dense(wide), rtol=1e-5, atol=1e-5)
+
+
+def test_pt2_keeps_dead_taps_that_hold_a_non_finite_weight(tmp_path):
+    w = torch.zeros(8, 3, 3, 3)
+    w[:, :, 1, 1] = 1.0
+    w[0, 0, 0, 0] = float("inf")  # on a dead tap: its NaN on the padding must reach the output
+    fast = _Dilated(w).sparse()
+    x = torch.randn(1, 3, 5, 5)
+    program = export_pt2(fast, x, tmp_path / "m.pt2", dynamic_batch=False)
+    shapes = [n.args[5] for n in program.graph.nodes if "sparse_conv2d" in str(n.target)]
+    assert shapes[0] == [8, 3, 3, 3]
+    with torch.no_grad():
+        out, want = program.module()(x), fast(x)
+    assert torch.isnan(out).all() and torch.equal(torch.isnan(out), torch.isnan(want))
 
 
 def test_pt2_refuses_training_layers(tmp_path):
