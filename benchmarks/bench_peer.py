@@ -471,32 +471,37 @@ def components_report(args, reps: int, info: dict) -> list:
     name = "peer_components" if args.block == 1 else f"peer_components_block{args.block}"
     path = write_results(name, info, {"reps": reps, "quick": args.quick, "block": args.block, "rows": rows,
                                       "summary": summary}, out_dir=args.out_dir, smoke=args.quick)
-    plot_components(rows, path.parent / f"{name}_{device_tag(info)}.png", f"where the time goes, {info['device']}")
+    blocks = "" if args.block == 1 else f", {args.block}x1 blocks"
+    plot_components(rows, path.parent / f"{name}_{device_tag(info)}.png", f"where the time goes, {info['device']}{blocks}")
     print(f"\nwrote {path}")
     return rows
 
 
 def plot_components(rows, path, title):
-    """Per model: the best dense runtime's time per component beside ours, ours split into its parts."""
+    """Per model (a panel each, its own scale): the best dense runtime's time per component beside our eager
+    export's, split into its sparse layers, its dense layers and the rest."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model_row']}\n{r['component']}\nb{r['batch']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    xs = range(len(rows))
-    ax.bar([i - 0.2 for i in xs], [r["ms"][r["best_dense"]] for r in rows], 0.4, label="best dense", color="0.6")
-    bottom = [0.0] * len(rows)
-    for key, label in (("sparse_layers_ms", "ours: sparse layers"), ("dense_layers_ms", "ours: dense layers"),
-                       ("rest_ms", "ours: rest")):
-        vals = [max(r["split"].get(key) or 0.0, 0.0) for r in rows]
-        ax.bar([i + 0.2 for i in xs], vals, 0.4, bottom=bottom, label=label)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("ms (batch as labelled)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    models = list(dict.fromkeys((r["model_row"], r["batch"]) for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6, 3.2 * len(models)), 4), squeeze=False)
+    for ax, (model_row, batch) in zip(axes[0], models):
+        part = [r for r in rows if r["model_row"] == model_row and r["batch"] == batch]
+        xs = range(len(part))
+        ax.bar([i - 0.2 for i in xs], [r["ms"][r["best_dense"]] for r in part], 0.4, label="best dense", color="0.6")
+        bottom = [0.0] * len(part)
+        for key, label in (("sparse_layers_ms", "ours eager: sparse layers"),
+                           ("dense_layers_ms", "ours eager: dense layers"), ("rest_ms", "ours eager: rest")):
+            vals = [max(r["split"].get(key) or 0.0, 0.0) for r in part]
+            ax.bar([i + 0.2 for i in xs], vals, 0.4, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([r["component"] for r in part], fontsize=7, rotation=20)
+        ax.set_title(f"{model_row}, batch {batch}", fontsize=9)
+        ax.set_ylabel("ms")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -523,10 +523,10 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
 
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")
 def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch):
-    """By default: panels of 4 for a weight pruned in blocks of >= 4 output channels (each loaded input feeds 4
-    multiply-adds) on a map of >= 1024 output pixels, one channel per tile for an unstructured one (a panel
-    finds ~1.2 at 90%) or on a smaller map (the panel's plan costs more than it saves there), and one channel
-    under a forced panel=1."""
+    """By default: panels of 4 where a panel's loaded inputs feed >= 1.3 multiply-adds on average (weights pruned
+    in blocks of >= 2 output channels, unstructured ones from ~17% density) on a map of >= 1024 output pixels,
+    one channel per tile for an unstructured weight at 90% (a panel finds ~1.2) or on a smaller map (the panel's
+    plan costs more than it saves there), and one channel under a forced panel=1."""
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", "")
     C = _ext.cpu_extension()
     g = torch.Generator().manual_seed(3)
@@ -542,7 +542,9 @@ def test_the_kernel_runs_panels_where_the_weight_shares_its_columns(monkeypatch)
     assert ran(block_pruned(64, 64, 3, 4, 0.1, gen=g)) == (0, 1, 0, 0)
     assert ran(block_pruned(64, 64, 3, 8, 0.1, gen=g)) == (0, 1, 0, 0)  # 16 channels: two 8-blocks, not uniform
     assert ran(block_pruned(64, 64, 3, 1, 0.1, gen=g)) == (1, 0, 0, 0)
-    assert ran(block_pruned(64, 64, 3, 2, 0.1, gen=g)) == (1, 0, 0, 0)
+    assert ran(block_pruned(64, 64, 3, 2, 0.1, gen=g)) == (0, 1, 0, 0)  # ~2.1 per loaded input
+    assert ran(block_pruned(64, 64, 3, 1, 0.35, gen=g)) == (0, 1, 0, 0)  # unstructured at 65%: ~1.7
+    assert ran(block_pruned(64, 64, 3, 1, 0.35, gen=g), x[..., :31, :32]) == (1, 0, 0, 0)
     # a vector of output channels (16 fp32) holding one column set: channel-vector tiles, on any map
     assert ran(block_pruned(64, 64, 3, 16, 0.1, gen=g)) == (0, 0, 0, 1)
     assert ran(block_pruned(64, 64, 3, 32, 0.1, gen=g), x[..., :11, :11]) == (0, 0, 0, 1)

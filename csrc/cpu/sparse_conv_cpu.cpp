@@ -1037,14 +1037,15 @@ EncodedVectors<T> encode_vectors(const char* op, const int32_t* rp, const int32_
 
 // Output channels per register tile for a channel-major plan, from the weight's own column patterns: the reuse
 // of 4-channel panels, values / entries (multiply-adds per input load), over up to 16 panels spread over the
-// weight. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): on unstructured weights a panel finds little
-// reuse (1.2 at 90%) and its encoding costs more than it saves, so one channel; on weights pruned in blocks
-// of >= 4 output channels (reuse 4) a 4-panel is 5-15% faster, but only where each non-zero meets enough
-// output pixels to pay for the panel's costlier plan (~3 ns more per non-zero): at 41x41 it wins, on
-// MobileNetV2's 11x11 head maps and smaller backbone maps it lost (whole model 62 -> 74 ms), so panels need
-// kPanelMinPixels output pixels (batch x height x width). Panels of 8 measured no better than 4: the autotuner
-// and ADAPMTL_CPU_SPARSE_CONFIG reach them.
+// weight. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md), plans kept across calls: a 4-panel is as fast
+// as one channel at reuse 1.1-1.2 (unstructured at 90-95%), 2-4% faster at 1.26 (85%), 2-17% at 1.4-2.0
+// (80-53%, one conv 3.5% slower) and 1.15-1.28x on 2 x 1 blocks (~2.1), so panels from kPanelMinReuse; but
+// only where each non-zero meets enough output pixels to pay for the panel's costlier plan (~3 ns more per
+// non-zero): at 41x41 it wins, on MobileNetV2's 11x11 head maps and smaller backbone maps it lost (whole model
+// 62 -> 74 ms), so panels need kPanelMinPixels output pixels (batch x height x width). Panels of 8 measured no
+// better than 4: the autotuner and ADAPMTL_CPU_SPARSE_CONFIG reach them.
 constexpr int64_t kPanelMinPixels = 1024;
+constexpr double kPanelMinReuse = 1.3;
 
 int64_t choose_panel(const ConvShape& s, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC,
                      int64_t pixels) {
@@ -1067,7 +1068,7 @@ int64_t choose_panel(const ConvShape& s, const at::Tensor& row_ptr, const at::Te
       ++values;
     }
   }
-  return entries && values >= 3 * entries ? 4 : 1;
+  return entries && double(values) >= kPanelMinReuse * double(entries) ? 4 : 1;
 }
 
 // Switches a channel-major plan to panels of `panel` channels: one output row per tile, and at most 3 vectors
