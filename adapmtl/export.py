@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from adapmtl.export_format import default_concrete_args
 from adapmtl.export_passes import fold_batchnorm, fuse_epilogues
-from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear
+from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear, forward_with_pre_hooks
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
 from adapmtl.timing import interleaved_median_ms
 
@@ -176,14 +176,8 @@ def export_sparse(
     inputs: dict[str, Tensor] = {}
     if policy == "time":
         args = example_input if isinstance(example_input, tuple) else (example_input,)
-        hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: inputs.setdefault(name, inp[0].detach()))
-                 for name, m in candidates.items()]
-        try:
-            with torch.no_grad():
-                model(*args)
-        finally:
-            for h in hooks:
-                h.remove()
+        forward_with_pre_hooks(model, args, {m: lambda mod, inp, name=name: inputs.setdefault(name, inp[0].detach())
+                                             for name, m in candidates.items()})
 
     report = []
     near: dict[str, tuple[nn.Module, nn.Module]] = {}  # name -> (dense, sparse): too close to call alone

@@ -155,6 +155,18 @@ class SparseConv2d(_SparseBase):
                 f"bias={self.bias is not None}, sparsity={self.sparsity:.4f}, backend={self.backend!r}")
 
 
+def forward_with_pre_hooks(model: nn.Module, args: tuple, hooks: dict) -> None:
+    """One forward of `model` on `args` without grad, calling hooks[m](m, inputs) before each listed module m runs
+    (the hooks are removed afterwards, whatever happens)."""
+    handles = [m.register_forward_pre_hook(hook) for m, hook in hooks.items()]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def traced_at_static_sizes(model: nn.Module, args: tuple):
     """For a trace whose inputs' spatial sizes are fixed (torch.export with static height and width, as
@@ -171,13 +183,7 @@ def traced_at_static_sizes(model: nn.Module, args: tuple):
             if sw is not module.sparse_weight:
                 module.__dict__["_static_taps"] = (tuple(x.shape[2:]), sw, padding)
 
-    hooks = [m.register_forward_pre_hook(keep) for m in convs]
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_pre_hooks(model, args, {m: keep for m in convs})
     try:
         yield
     finally:
