@@ -27,7 +27,8 @@ Rows: the ASPP 3x3 dilation-6 conv 512->1024 and the 1x1 conv 1024->1024 at 41x4
 unstructured masks), and DeepLab-ResNet-34 / MobileNetV2 with three ASPP heads at 321x321 at the paper's
 component sparsities. "vs best dense" divides the fastest dense runtime's median (of torch eager, torch.compile,
 the frozen AOTInductor package and onnxruntime) by ours (the better of eager and AOTInductor). GFLOP/s counts
-the dense model's multiply-adds (2 FLOPs each) in every column, so it reads as effective throughput. Results: a table, JSON and a PNG named by the CPU in benchmarks/results/.
+the dense model's multiply-adds (2 FLOPs each) in every column, so it reads as effective throughput. Results: a
+table, JSON and a PNG named by the CPU in benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -449,7 +450,7 @@ def components_report(args, reps: int, info: dict) -> list:
                 continue
             best, ours = sum(t["best"] for t in parts), sum(t["ours"] for t in parts)
             backbone = next(t for t in parts if t["case"].endswith("/backbone"))
-            # Amdahl: the ratio with free heads, and the heads' ratio the goal needs given today's backbone
+            # Amdahl: the ratio ours would reach if its heads cost nothing, with today's backbone
             summary[f"{model_row}_b{batch}"] = {
                 "best_dense_sum_ms": best, "ours_sum_ms": ours, "ratio_of_sums": best / ours,
                 "ratio_if_heads_free": best / backbone["ours"],
@@ -472,7 +473,8 @@ def components_report(args, reps: int, info: dict) -> list:
     path = write_results(name, info, {"reps": reps, "quick": args.quick, "block": args.block, "rows": rows,
                                       "summary": summary}, out_dir=args.out_dir, smoke=args.quick)
     blocks = "" if args.block == 1 else f", {args.block}x1 blocks"
-    plot_components(rows, path.parent / f"{name}_{device_tag(info)}.png", f"where the time goes, {info['device']}{blocks}")
+    plot_components(rows, path.parent / f"{name}_{device_tag(info)}.png",
+                    f"where the time goes, {info['device']}{blocks}")
     print(f"\nwrote {path}")
     return rows
 
