@@ -579,6 +579,8 @@ def main(argv=None):
                        + [("ours/best", "ours vs best dense", ".2f"), ("ours/DS", "ours vs DeepSparse", ".2f"),
                           ("GF/s ours", "GF/s ours", ".1f")]))
     name = "peer" if args.block == 1 else f"peer_block{args.block}"
+    if args.batches != [1]:  # batch 1 keeps the plain name
+        name += "_b" + "_".join(map(str, args.batches))
     path = write_results(name, info, {"reps": reps, "quick": args.quick, "block": args.block, "rows": rows},
                          out_dir=args.out_dir, smoke=args.quick)
     out_dir = path.parent
