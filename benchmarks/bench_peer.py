@@ -267,6 +267,12 @@ def bench_case(name: str, model: nn.Module, x: torch.Tensor, label: str, batch: 
     return row
 
 
+def row_line(row: dict) -> str:
+    """One timed row as a line of progress: every variant's median and ours against the best dense runtime."""
+    ratio = f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x" if row["vs_best_dense"] else ""
+    return f"{row['case']} b{row['batch']}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items()) + ratio
+
+
 def export_layers(exported) -> list:
     """The time policy's own per-layer record: each conv / linear alone, dense (torch eager) and sparse (ours), ms."""
     return [{"layer": e["layer"], "kind": e["kind"], "sparsity": e["sparsity"], "sparse": e["sparse"],
@@ -305,9 +311,7 @@ def bench_components(names, batch: int, reps: int, quick: bool, skip: set, block
             row["component"], row["model_row"] = part, name
             row["split"] = layer_split(row)
             rows.append(row)
-            print(f"{row['case']} b{batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
-                  + (f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x"
-                     if row["vs_best_dense"] else "") + f"; split {row['split']}", flush=True)
+            print(f"{row_line(row)}; split {row['split']}", flush=True)
     return rows
 
 
@@ -567,10 +571,7 @@ def main(argv=None):
         for name in args.rows:
             row = bench_row(name, batch, reps, args.quick, set(args.skip), args.block)
             rows.append(row)
-            print(f"{row['case']} b{batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
-                  + (f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x"
-                     if row["vs_best_dense"] else "") + (f"; errors {row['errors']}" if row["errors"] else ""),
-                  flush=True)
+            print(row_line(row) + (f"; errors {row['errors']}" if row["errors"] else ""), flush=True)
     table = [{"case": r["case"], "b": r["batch"], **{k: r["ms"].get(k) for k in DENSE + OURS},
               "ours/best": r["vs_best_dense"], "ours/DS": r.get("vs_deepsparse"), "GF/s ours": r["gflop"] / (min(r["ms"].get(k, 1e30) for k in OURS) / 1e3)
               if any(k in r["ms"] for k in OURS) else None} for r in rows]

@@ -471,10 +471,10 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
     """Channel-vector tiles (one vector of output channels -- 16 fp32, 8 fp64 -- at each of up to 28 pixels of a
     row) on weights whose channels come in uniform groups of that many (pruned in 16 x 1 / 8 x 1 blocks or
     larger), by default and forced: output channels that do not fill the last group, chunks that are not whole
-    groups, tiles of 1 to 28 pixels, dead taps (tap-major skips them), stride 2, channels-last
-    input, the epilogue (residual and clamp), linear at batch 1, 17, 29 and 64 (by default
-    not on one-tap calls with rows of 64 pixels or more: the 1x1 conv above, linear at batch 64); and a weight with one group that is not
-    uniform runs another tile, with the same result."""
+    groups, tiles of 1 to 28 pixels, dead taps (tap-major skips them), stride 2, channels-last input, the epilogue
+    (residual and clamp), linear at batch 1, 17, 29 and 64 (by default not on one-tap calls with rows of 64 pixels
+    or more: the 1x1 conv above, linear at batch 64); and a weight with one group that is not uniform runs another
+    tile, with the same result."""
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     C = _ext.cpu_extension()
     L = 16 if dtype == torch.float32 else 8
