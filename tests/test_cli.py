@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -264,6 +265,38 @@ def test_the_memory_latency_benchmark_runs(tmp_path):
     assert all(0 < r["min"] <= r["p10"] <= r["median"] <= r["p90"] <= r["max"] and r["samples"] >= 1 for r in rows)
     saved = json.loads(next(tmp_path.glob("memory_latency_*.json")).read_text())
     assert saved["quick"] and saved["rows"] == rows
+
+
+def test_the_build_ab_benchmark_pairs_two_builds_process_by_process(tmp_path, monkeypatch):
+    """bench_build_ab.py --quick with the installed build as both builds: one process per build and round, each
+    importing adapmtl from its own folder, every row's paired ratio and verdict, the JSON; a folder without adapmtl
+    is refused, and a process that imported adapmtl from elsewhere is an error, not a result."""
+    ab = _bench_module("bench_build_ab")
+    root = str(pathlib.Path(adapmtl.__file__).resolve().parents[1])
+    out = ab.main(["--quick", "--before", root, "--after", root, "--out-dir", str(tmp_path)])
+    assert len(out["rows"]) == 2 and sum(out["counts"].values()) == 2
+    for row in out["rows"]:
+        assert len(row["paired_ratios"]) == 1 and row["ratio"] == row["paired_ratios"][0] > 0
+        assert row["verdict"] in ("slower", "same", "faster") and row["max_rel_err"] < 1e-4
+        assert row["before_sparse"] > 0 and row["after_dense"] > 0
+    saved = json.loads(next(tmp_path.glob("build_ab_*.json")).read_text())
+    assert saved["rows"][0]["paired_ratios"] == out["rows"][0]["paired_ratios"] and saved["device"]["kind"] == "cpu"
+    assert next(tmp_path.glob("build_ab_*.png")).stat().st_size > 0
+    with pytest.raises(SystemExit):
+        ab.main(["--quick", "--before", str(tmp_path), "--after", root, "--out-dir", str(tmp_path)])
+    elsewhere = 'BUILD_AB_RESULT {"module": "/elsewhere/adapmtl/__init__.py", "cases": []}'
+    monkeypatch.setattr(ab.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, elsewhere, ""))
+    with pytest.raises(RuntimeError, match="imported adapmtl from /elsewhere"):
+        ab.run_build(pathlib.Path(root), {})
+    assert ab.sign_test_p([1.1] * 6) == pytest.approx(2 / 64)
+    assert ab.sign_test_p([1.1] * 7 + [0.9]) == pytest.approx(18 / 256)
+    assert ab.sign_test_p([1.1, 0.9] * 4) == 1.0
+    slow, fast = [1.2, 1.1, 1.3, 1.15, 1.2, 1.25], [0.8, 0.85, 0.9, 0.7, 0.8, 0.75]
+    assert ab.verdict(slow, slow, 0.05) == "slower" and ab.verdict(fast, fast, 0.05) == "faster"
+    assert ab.verdict(slow, [1.0, 1.02, 0.98, 1.0, 1.0, 1.01], 0.05) == "same"  # the dense conv slowed down as much
+    assert ab.verdict(slow[:4], slow[:4], 0.05) == "same"  # 4 pairs one way: p = 0.125, not enough
+    assert ab.verdict([1.2, 0.9, 1.3, 1.4, 1.2, 1.3], [1.2, 0.9, 1.3, 1.4, 1.2, 1.3], 0.05) == "same"  # 5 of 6
+    assert ab.verdict([1.04, 1.03, 1.04, 1.02, 1.03, 1.04], [1.04, 1.03, 1.04, 1.02, 1.03, 1.04], 0.05) == "same"
 
 
 @pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
