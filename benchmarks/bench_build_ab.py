@@ -13,11 +13,12 @@ between the two processes of a round:
 Cases: every distinct head conv of both paper models (bench_sparse_conv.py --heads-only's shapes) at each sparsity,
 random unstructured masks from a fixed seed (the same weights in both builds), batch 1. Each process times dense
 F.conv2d and our sparse_conv2d in alternation (medians); each build's process imports adapmtl from its own folder
-(checked: a process that imported another copy is an error, not a result). Per row and round: the paired ratio
-(after / before) and the same over the two processes' dense ratio (the same oneDNN conv in both, so it takes out
-part of a process's cache phase). A row is "slower" when the medians of both exceed 1 + --tolerance and the paired
-ratios' sign test gives p <= 0.05 (at least 6 rounds: small convs of 0.5 ms swing 0.6-2x between processes);
-"faster" likewise; else "same" (within this machine's noise). Output: a table, JSON and a PNG under
+(checked: a process that imported another copy is an error, not a result, and so are two builds whose sparse convs
+ran on different backends: a folder without its C++ extension falls back to the torch one). Per row and round: the
+paired ratio (after / before) and the same over the two processes' dense ratio (the same oneDNN conv in both, so it
+takes out part of a process's cache phase). A row is "slower" when the medians of both exceed 1 + --tolerance and
+the paired ratios' sign test gives p <= 0.05 (at least 6 rounds: small convs of 0.5 ms swing 0.6-2x between
+processes); "faster" likewise; else "same" (within this machine's noise). Output: a table, JSON and a PNG under
 benchmarks/results/ (build_ab_<cpu>.*; --quick: two small convs, one round, runs/bench).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def worker(spec: dict) -> dict:
     import torch.nn.functional as F
 
     import adapmtl
-    from adapmtl.ops.sparse_conv import sparse_conv2d
+    from adapmtl.ops.sparse_conv import resolve_sparse_backend, sparse_conv2d
     from adapmtl.ops.sparse_weight import SparseWeight
 
     def alternated_medians(fns, reps):
@@ -66,7 +67,8 @@ def worker(spec: dict) -> dict:
         return [statistics.median(t) for t in times]
 
     torch.set_num_threads(spec["threads"])
-    out = {"module": os.path.realpath(adapmtl.__file__), "cases": []}
+    out = {"module": os.path.realpath(adapmtl.__file__), "backend": resolve_sparse_backend("auto", torch.empty(0)),
+           "cases": []}
     for case in spec["cases"]:
         gen = torch.Generator().manual_seed(1234)
         x = torch.randn(1, case["c_in"], case["h"], case["w"], generator=gen)
@@ -97,6 +99,16 @@ def run_build(root: Path, spec: dict) -> dict:
         raise RuntimeError(f"bench_build_ab: the process for build {root} imported adapmtl from {result['module']}; "
                            "build the extension in that folder (setup.py build_ext --inplace)")
     return result
+
+
+def check_same_backend(runs: dict) -> str:
+    """The sparse backend every process of both builds ran ({label: [worker results]}); two differ: an error (a build
+    without its C++ extension falls back to the torch backend, and the table would compare backends, not builds)."""
+    used = {label: {r["backend"] for r in results} for label, results in runs.items()}
+    if len(set().union(*used.values())) != 1:
+        raise RuntimeError(f"bench_build_ab: the builds ran different sparse backends ({used}); build the C++ "
+                           "extension in place in each folder (setup.py build_ext --inplace)")
+    return next(iter(used["after"]))
 
 
 def git_commit(root: Path) -> str | None:
@@ -189,6 +201,7 @@ def main(argv=None):
         for label in (("before", "after") if i % 2 == 0 else ("after", "before")):  # ABBA: neither always first
             runs[label].append(run_build(builds[label], spec))
             print(f"round {i + 1}/{rounds}: {label} done", flush=True)
+    backend = check_same_backend(runs)
     rows = []
     for c, case in enumerate(cases):
         ms = {label: [r["cases"][c] for r in runs[label]] for label in runs}
@@ -205,7 +218,8 @@ def main(argv=None):
         r["conv"] = (f"{r['model']} {r['c_in']}->{r['c_out']} {r['k']}x{r['k']} s{r['stride']} d{r['dilation']} "
                      f"{r['h']}x{r['w']} {r['sparsity']:.0%}")
     info = device_description("cpu")
-    print(f"\n{info['device']}, {spec['threads']} threads, batch 1, fp32, medians in ms over {rounds} process pairs\n")
+    print(f"\n{info['device']}, {spec['threads']} threads, batch 1, fp32, backend {backend}, medians in ms over "
+          f"{rounds} process pairs\n")
     print(format_table(rows, [("conv", "conv", "<46"), ("before_dense", "dense before", ".2f"),
                               ("after_dense", "dense after", ".2f"), ("before_sparse", "ours before", ".2f"),
                               ("after_sparse", "ours after", ".2f"), ("ratio", "after/before (paired)", ".3f"),
@@ -214,6 +228,7 @@ def main(argv=None):
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("slower", "same", "faster")}
     print(f"\n{counts}")
     payload = {"builds": {label: {"path": str(root), "commit": git_commit(root)} for label, root in builds.items()},
+               "backend": backend,
                "rounds": rounds, "reps": reps, "tolerance": args.tolerance, "quick": args.quick, "counts": counts,
                "rows": rows}
     path = write_results(args.name, info, payload, out_dir=args.out_dir, smoke=args.quick)

@@ -270,7 +270,8 @@ def test_the_memory_latency_benchmark_runs(tmp_path):
 def test_the_build_ab_benchmark_pairs_two_builds_process_by_process(tmp_path, monkeypatch):
     """bench_build_ab.py --quick with the installed build as both builds: one process per build and round, each
     importing adapmtl from its own folder, every row's paired ratio and verdict, the JSON; a folder without adapmtl
-    is refused, and a process that imported adapmtl from elsewhere is an error, not a result."""
+    is refused, and a process that imported adapmtl from elsewhere, or two builds on different sparse backends, are
+    errors, not results."""
     ab = _bench_module("bench_build_ab")
     root = str(pathlib.Path(adapmtl.__file__).resolve().parents[1])
     out = ab.main(["--quick", "--before", root, "--after", root, "--out-dir", str(tmp_path)])
@@ -288,6 +289,9 @@ def test_the_build_ab_benchmark_pairs_two_builds_process_by_process(tmp_path, mo
     monkeypatch.setattr(ab.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, elsewhere, ""))
     with pytest.raises(RuntimeError, match="imported adapmtl from /elsewhere"):
         ab.run_build(pathlib.Path(root), {})
+    assert out["backend"] == adapmtl.ops.resolve_sparse_backend("auto", torch.empty(0))
+    with pytest.raises(RuntimeError, match="different sparse backends"):
+        ab.check_same_backend({"before": [{"backend": "torch"}], "after": [{"backend": "cpp"}]})
     assert ab.sign_test_p([1.1] * 6) == pytest.approx(2 / 64)
     assert ab.sign_test_p([1.1] * 7 + [0.9]) == pytest.approx(18 / 256)
     assert ab.sign_test_p([1.1, 0.9] * 4) == 1.0
