@@ -183,8 +183,8 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default="build_ab", help="result file stem (default: build_ab)")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.reps < 1 or any(not 0 <= s < 1 for s in args.sparsities):
-        p.error("--rounds and --reps must be >= 1 and every sparsity in [0, 1)")
+    if args.rounds < 1 or args.reps < 1 or not args.tolerance >= 0 or any(not 0 <= s < 1 for s in args.sparsities):
+        p.error("--rounds and --reps must be >= 1, --tolerance >= 0 and every sparsity in [0, 1)")
     import torch
 
     from common import device_description, format_table, write_results
@@ -228,9 +228,8 @@ def main(argv=None):
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("slower", "same", "faster")}
     print(f"\n{counts}")
     payload = {"builds": {label: {"path": str(root), "commit": git_commit(root)} for label, root in builds.items()},
-               "backend": backend,
-               "rounds": rounds, "reps": reps, "tolerance": args.tolerance, "quick": args.quick, "counts": counts,
-               "rows": rows}
+               "backend": backend, "rounds": rounds, "reps": reps, "tolerance": args.tolerance, "quick": args.quick,
+               "counts": counts, "rows": rows}
     path = write_results(args.name, info, payload, out_dir=args.out_dir, smoke=args.quick)
     commits = {label: (b["commit"] or label)[:7] for label, b in payload["builds"].items()}
     plot(rows, args.tolerance, path.with_suffix(".png"),

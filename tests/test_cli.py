@@ -270,8 +270,8 @@ def test_the_memory_latency_benchmark_runs(tmp_path):
 def test_the_build_ab_benchmark_pairs_two_builds_process_by_process(tmp_path, monkeypatch):
     """bench_build_ab.py --quick with the installed build as both builds: one process per build and round, each
     importing adapmtl from its own folder, every row's paired ratio and verdict, the JSON; a folder without adapmtl
-    is refused, and a process that imported adapmtl from elsewhere, or two builds on different sparse backends, are
-    errors, not results."""
+    and bad numbers are refused, and a process that imported adapmtl from elsewhere, or two builds on different
+    sparse backends, are errors, not results."""
     ab = _bench_module("bench_build_ab")
     root = str(pathlib.Path(adapmtl.__file__).resolve().parents[1])
     out = ab.main(["--quick", "--before", root, "--after", root, "--out-dir", str(tmp_path)])
@@ -283,8 +283,10 @@ def test_the_build_ab_benchmark_pairs_two_builds_process_by_process(tmp_path, mo
     saved = json.loads(next(tmp_path.glob("build_ab_*.json")).read_text())
     assert saved["rows"][0]["paired_ratios"] == out["rows"][0]["paired_ratios"] and saved["device"]["kind"] == "cpu"
     assert next(tmp_path.glob("build_ab_*.png")).stat().st_size > 0
-    with pytest.raises(SystemExit):
-        ab.main(["--quick", "--before", str(tmp_path), "--after", root, "--out-dir", str(tmp_path)])
+    for bad in (["--before", str(tmp_path)], ["--before", root, "--tolerance", "-0.1"],
+                ["--before", root, "--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            ab.main(["--quick", "--after", root, "--out-dir", str(tmp_path), *bad])
     elsewhere = 'BUILD_AB_RESULT {"module": "/elsewhere/adapmtl/__init__.py", "cases": []}'
     monkeypatch.setattr(ab.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, elsewhere, ""))
     with pytest.raises(RuntimeError, match="imported adapmtl from /elsewhere"):
