@@ -264,8 +264,8 @@ def bench_case(name: str, model: nn.Module, x: torch.Tensor, label: str, batch: 
     best_ours = min(((ms[n], n) for n in OURS if n in ms), default=(None, None))
     row = {"row": name, "case": label, "batch": batch, "gflop": flops / 1e9, "ms": ms, "round_ms": round_ms,
            "setup_s": setup, "errors": errors, "result_errors": result_errors, "onnx_exporter": exporter,
-           "best_dense": best_dense[1],
-           "best_ours": best_ours[1], "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
+           "best_dense": best_dense[1], "best_ours": best_ours[1],
+           "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
     if "deepsparse" in ms and best_ours[0] is not None:
         row["vs_deepsparse"] = ms["deepsparse"] / best_ours[0]
     if exported is not None:
