@@ -12,12 +12,17 @@ Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in doc
       kernel's own choice runs) and the kernel's own choice (ADAPMTL_CPU_SPARSE_CONFIG), timed in alternation,
       2 threads;
   tile rows (--tile-rows-only, its own JSON kernel_tile_rows_<cpu>.json): the real kernel at each register tile
-      height on narrow maps (MobileNetV2's 11x11 head conv), 2 threads.
+      height on narrow maps (MobileNetV2's 11x11 head conv), 2 threads;
+  blocks with holes (--block-holes-only, its own JSON kernel_block_holes_<cpu>.json): weights pruned in 16 x 1
+      blocks with a fraction of the live blocks' weights zeroed too, so channel-vector tiles store zeros (padding:
+      stored / non-zeros); channel vectors forced against panels of 4 and one channel: where padding stops paying
+      (the kernel's kVectorsMaxFill), 2 threads.
 
     python benchmarks/bench_kernel_roofline.py            # ~2 minutes on 2 cores
     python benchmarks/bench_kernel_roofline.py --quick    # a smoke run (small convs, runs/bench)
     python benchmarks/bench_kernel_roofline.py --inner-loop-only   # ~75 s, one thread
     python benchmarks/bench_kernel_roofline.py --tile-rows-only    # ~1 minute: tile heights on narrow maps
+    python benchmarks/bench_kernel_roofline.py --block-holes-only  # ~4 minutes: padded channel vectors
 """
 from __future__ import annotations
 
@@ -164,6 +169,42 @@ def tile_rows(quick: bool, reps: int) -> list[dict]:
     return rows
 
 
+# Blocks with holes: 16 x 1 block-pruned convs (ResNet-34's dilated layer3 / layer4 convs at its backbone's sparsity,
+# the ASPP and MobileNetV2 head convs at 90%) with a fraction `hole` of the live blocks' weights zeroed as well.
+HOLE_CONVS = {"ResNet-34 layer3 3x3 d2 256->256 at 41x41": (256, 256, 3, 2, 41, 0.527),
+              "ResNet-34 layer4 3x3 d4 512->512 at 41x41": (512, 512, 3, 4, 41, 0.527),
+              "ASPP 3x3 d6 512->1024 at 41x41": (512, 1024, 3, 6, 41, 0.9),
+              "MobileNetV2 head 3x3 d6 1280->1024 at 11x11": (1280, 1024, 3, 6, 11, 0.9)}
+HOLES = (0.0, 0.001, 0.1, 0.2, 0.33, 0.5)
+HOLE_CONFIGS = {"channel vectors": "panel=vector", "panel 4": "panel=4", "one channel": "panel=1", "auto": ""}
+
+
+def block_holes(quick: bool, reps: int) -> list[dict]:
+    """The real kernel on 16 x 1 blocks with holes under each of HOLE_CONFIGS, timed in alternation, 2 threads."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, (cin, cout, k, dil, size, sparsity) in HOLE_CONVS.items():
+        if quick:
+            cin, cout, size = cin // 16, cout // 16, min(size, 11)
+        x = torch.randn(1, cin, size, size, generator=gen)
+        blocks = block_pruned(cout, cin, k, 16, 1 - sparsity, gen)
+        for hole in HOLES[:2] if quick else HOLES:
+            w = blocks * (torch.rand(blocks.shape, generator=gen) >= hole)
+            sw = SparseWeight.from_dense(w)
+            pad = dil * (k // 2)
+            ms = time_configs(x, sw, pad, dil, HOLE_CONFIGS, reps,
+                              reference=torch.nn.functional.conv2d(x, w, None, 1, pad, dil))
+            padding = torch.count_nonzero(blocks).item() / max(1, sw.values.numel())
+            best_other = min(ms[1], ms[2])
+            row = {"conv": name, "hole": hole, "nnz": sw.values.numel(), "padding": padding,
+                   "ms": dict(zip(HOLE_CONFIGS, ms)), "vectors_vs_best_other": best_other / ms[0]}
+            rows.append(row)
+            print(f"{name} holes {hole:.3f} (padding {padding:.3f}): "
+                  + ", ".join(f"{c} {t:.2f} ms" for c, t in zip(HOLE_CONFIGS, ms))
+                  + f"; channel vectors {row['vectors_vs_best_other']:.2f}x the better other", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: small convs, 2 reps, runs/bench")
@@ -173,9 +214,22 @@ def main(argv=None):
                    help="only the single-threaded microbenchmark, into kernel_roofline_inner_<cpu>.json")
     p.add_argument("--tile-rows-only", action="store_true",
                    help="only the real kernel at each register tile height, into kernel_tile_rows_<cpu>.json")
+    p.add_argument("--block-holes-only", action="store_true",
+                   help="only padded channel vectors on 16x1 blocks with holes, into kernel_block_holes_<cpu>.json")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     info = device_description("cpu")
+    if args.block_holes_only:
+        rows = block_holes(args.quick, 2 if args.quick else args.reps)
+        table = [{"case": f"{r['conv']} holes {r['hole']:.3f}", "padding": r["padding"], **r["ms"],
+                  "gain": r["vectors_vs_best_other"]} for r in rows]
+        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
+        print(format_table(table, [("case", "case", "<58"), ("padding", "padding", ".3f")]
+                           + [(c, c, ".2f") for c in HOLE_CONFIGS] + [("gain", "vectors vs better other", ".2f")]))
+        path = write_results("kernel_block_holes", info, {"quick": args.quick, "reps": args.reps, "rows": rows},
+                             out_dir=args.out_dir, smoke=args.quick)
+        print(f"\nwrote {path}")
+        return rows
     if args.tile_rows_only:
         rows = tile_rows(args.quick, 2 if args.quick else args.reps)
         table = [{"case": f"{r['conv']} {r['sparsity']:.1%}", **r["ms"]} for r in rows]

@@ -254,6 +254,18 @@ def test_the_tile_rows_benchmark_runs(tmp_path):
     assert json.loads(next(tmp_path.glob("kernel_tile_rows_*.json")).read_text())["rows"] == rows
 
 
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_block_holes_benchmark_runs(tmp_path):
+    """A smoke run of bench_kernel_roofline.py --block-holes-only: 16 x 1 block weights with holes under each
+    configuration, checked against F.conv2d before they are timed, their padding counted, into their own JSON."""
+    roof = _bench_module("bench_kernel_roofline")
+    rows = roof.main(["--quick", "--block-holes-only", "--out-dir", str(tmp_path)])
+    assert len(rows) == 2 * len(roof.HOLE_CONVS) and all(set(r["ms"]) == set(roof.HOLE_CONFIGS) for r in rows)
+    assert all(t > 0 for r in rows for t in r["ms"].values()) and all(r["padding"] >= 1 for r in rows)
+    assert rows[0]["hole"] == 0 and rows[0]["padding"] == 1  # no holes: nothing padded
+    assert json.loads(next(tmp_path.glob("kernel_block_holes_*.json")).read_text())["rows"] == rows
+
 def test_the_memory_latency_benchmark_runs(tmp_path):
     """A smoke run of benchmarks/bench_memory_latency.py: pointer-chase latency per buffer size, into --out-dir."""
     import shutil

@@ -473,8 +473,9 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
     larger), by default and forced: output channels that do not fill the last group, chunks that are not whole
     groups, tiles of 1 to 28 pixels, dead taps (tap-major skips them), stride 2, channels-last input, the epilogue
     (residual and clamp), linear at batch 1, 17, 29 and 64 (by default not on one-tap calls with rows of 64 pixels
-    or more: the 1x1 conv above, linear at batch 64); and a weight with one group that is not uniform runs another
-    tile, with the same result."""
+    or more: the 1x1 conv above, linear at batch 64); a weight with a zero inside one block runs them too (padded),
+    except on an input with an inf that the padded zero would read; one padded past kVectorsMaxFill only where forced;
+    always with the same result."""
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     C = _ext.cpu_extension()
     L = 16 if dtype == torch.float32 else 8
@@ -507,18 +508,53 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
             out = torch.ops.adapmtl.sparse_linear(xl, lsw.row_ptr, lsw.col_idx, lsw.values, b, lin_w.shape[1])
             assert C.cpu_sparse_panel_calls()[3] == before + (config != "" or batch < 64), msg
             assert_linear_close(out, xl, lin_w, b, msg=f"linear {msg} batch {batch}")
-    # one channel of one group loses a weight its group keeps: that group is not uniform, so (even where forced)
-    # the call runs another tile; a sampled check may miss it, the encoding does not
+    # one channel of one group loses a weight its group keeps (a zero inside a block, as training or BatchNorm folding
+    # can leave): the group stores that column with a zero for the channel, and channel vectors still run, by default
+    # and forced; a sampled check may miss the group, the encoding does not
     w = block_pruned(96, 11, 3, L, 0.3, dtype, g)
     row, col = 5 * L + 3, int(w[5 * L + 3].flatten().nonzero()[0])
     w.view(96, -1)[row, col] = 0
     x = torch.randn(1, 11, 14, 14, generator=g, dtype=dtype)
     sw = SparseWeight.from_dense(w)
-    before = C.cpu_sparse_panel_calls()[3]
-    out = torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None, [96, 11, 3, 3], [1, 1],
-                                          [1, 1], [1, 1])
-    assert C.cpu_sparse_panel_calls()[3] == before
-    assert_conv_close(out, x, w, None, 1, 1, 1, msg=f"not uniform {config}")
+
+    def vectors_ran(inp):
+        before = C.cpu_sparse_panel_calls()[3]
+        out = torch.ops.adapmtl.sparse_conv2d(inp, sw.row_ptr, sw.col_idx, sw.values, None, [96, 11, 3, 3], [1, 1],
+                                              [1, 1], [1, 1])
+        return C.cpu_sparse_panel_calls()[3] - before, out
+
+    ran, out = vectors_ran(x)
+    assert ran == 1
+    assert_conv_close(out, x, w, None, 1, 1, 1, msg=f"a zero inside a block {config}")
+    # an inf in x that the padded zero would read: that stored zero is not the weight's (pruned weights are
+    # structural: 0 * inf must not reach the channel), so the call runs another tile, as the torch backend computes
+    c_in, tap = divmod(col, 9)
+    x[0, c_in, 7, 7] = float("inf")
+    ran, out = vectors_ran(x)
+    assert ran == 0
+    ky, kx = divmod(tap, 3)
+    assert torch.isfinite(out[0, row, 8 - ky, 8 - kx])  # reads the inf only through the weight the channel lacks
+    torch.testing.assert_close(out, sparse_conv2d(x, sw, None, 1, 1, backend="torch"), equal_nan=True,
+                               msg=f"inf beside a padded zero {config}")
+    # the same weight as a linear layer (batch 5): padded channel vectors, and another tile for an inf input
+    lsw = SparseWeight.from_dense(w.flatten(1))
+    for vectors in (1, 0):
+        xl = torch.randn(5, 99, generator=g, dtype=dtype)
+        if not vectors:
+            xl[2, col] = float("inf")
+        before = C.cpu_sparse_panel_calls()[3]
+        out = torch.ops.adapmtl.sparse_linear(xl, lsw.row_ptr, lsw.col_idx, lsw.values, None, 99)
+        assert C.cpu_sparse_panel_calls()[3] - before == vectors
+        torch.testing.assert_close(out, sparse_linear(xl, lsw, backend="torch"), equal_nan=True, msg=f"linear {config}")
+        assert torch.isfinite(out[2, row])  # only the weight the channel lacks reads the inf
+    # 8 x 1 blocks at density 0.1: a group of 16 channels is two blocks, ~1.9 columns stored per non-zero, more than
+    # channel vectors pay for (kVectorsMaxFill): by default another tile runs; forced, channel vectors, padded
+    w = block_pruned(96, 11, 3, L // 2, 0.1, dtype, g)
+    x = torch.randn(1, 11, 14, 14, generator=g, dtype=dtype)
+    sw = SparseWeight.from_dense(w)
+    ran, out = vectors_ran(x)
+    assert ran == (config != "")
+    assert_conv_close(out, x, w, None, 1, 1, 1, msg=f"half blocks {config}")
 
 
 @pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="C++ sparse kernel not built")

@@ -55,6 +55,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -562,6 +563,7 @@ struct ConvShape {
   int64_t cb = 1;
   int64_t panel = 1;  // output channels per register tile (channel panels: channel-major, rows == 1)
   bool vector = false;  // channel-vector tiles (L channels at up to kVectorPixels pixels of a row; cb == C)
+  bool vector_forced = false;  // configured (panel=vector): padded to any fill, not only up to kVectorsMaxFill
   Tuning tuning;      // the configuration this call runs with (sparse_tuning.h)
   // The weight's columns are c * full_taps + (its kernel's tap); tap_of maps such a tap to this kernel's tap, or
   // -1 for an outer tap trimmed away because it reads only padding (conv2d_cpu). Untrimmed: the identity.
@@ -953,18 +955,37 @@ EncodedPanels<T> encode_panels(const char* op, const int32_t* rp, const int32_t*
   return enc;
 }
 
-// The non-zeros of each group of L output channels for channel-vector tiles. Every row of a group must hold the same
-// columns in the same order as its first (checked here; where one does not, `uniform` is false and nothing else is
-// filled: the caller runs another tile). Per entry (a position of the first row, grouped by block with a stable
-// counting sort) its offset into P, and in `val` its L values, one per channel of the group, 0 for the channels a
-// last group lacks (never stored). Dead taps are dropped, column indices checked and non-finite values found where
-// something is skipped, as in encode_rows.
-// Whether rows [r0, r1) of the CSR hold the same columns in the same order (a group of channel-vector tiles).
+// Channel-vector tiles store, per group of L output channels, every column any channel of the group holds, with a
+// zero for each channel that lacks it: a weight pruned in L x 1 blocks stores nothing extra, and one whose blocks lost
+// a few weights (an exact zero left by training or folding, another library's finer pruning on top) stores a little.
+// By default they run where that pads the weight's non-zeros by at most kVectorsMaxFill (stored / non-zeros). Measured
+// on the 2-core EPYC (docs/cpu_sparse_kernel.md, "Blocks with holes"), 16 x 1 blocks with holes: channel vectors beat
+// the better of panels and one channel by 1.20-1.42x at 1.49 on four convs, by 1.00-1.74x at 2.0.
+constexpr double kVectorsMaxFill = 1.5;
+
+// Whether rows [r0, r1) of the CSR hold the same columns in the same order (a group that needs no padding).
 inline bool same_columns(const int32_t* rp, const int32_t* ci, int64_t r0, int64_t r1) {
   const int64_t len = rp[r0 + 1] - rp[r0];
   for (int64_t r = r0 + 1; r < r1; ++r)
     if (rp[r + 1] - rp[r] != len || std::memcmp(ci + rp[r], ci + rp[r0], len * sizeof(int32_t)) != 0) return false;
   return true;
+}
+
+// The columns rows [r0, r1) hold between them, ascending, each once, into `out`. `mark` has ncols entries, none equal
+// to `tag`. Column indices come from user code: each is checked before use.
+inline void group_columns(const char* op, const int32_t* rp, const int32_t* ci, int64_t r0, int64_t r1, int64_t ncols,
+                          std::vector<int64_t>& mark, int64_t tag, std::vector<int32_t>& out) {
+  out.clear();
+  for (int64_t k = rp[r0]; k < rp[r1]; ++k) {
+    const int32_t col = ci[k];
+    TORCH_CHECK_VALUE(col >= 0 && col < ncols, op, ": argument 'col_idx' entries must lie in [0, ", ncols, "), got ",
+                      col, " at position ", k);
+    if (mark[col] != tag) {
+      mark[col] = tag;
+      out.push_back(col);
+    }
+  }
+  std::sort(out.begin(), out.end());
 }
 
 template <typename T>
@@ -973,9 +994,15 @@ struct EncodedVectors {
   std::vector<T> val;
   std::vector<int32_t> seg;  // [groups][blocks + 1], see Plan::vector
   bool nonfinite_skipped = false;
-  bool uniform = true;
+  bool fits = true;     // false: padding would pass kVectorsMaxFill (not forced): nothing else is filled
+  bool padded = false;  // some stored value is a zero the weight does not hold (0 * inf: run_conv)
 };
 
+// The non-zeros of each group of L output channels for channel-vector tiles: per entry (a column some channel of the
+// group holds, ascending, grouped by block with a stable counting sort) its offset into P, and in `val` its L values,
+// one per channel of the group, 0 for a channel that lacks the column and for the channels a last group lacks (never
+// stored). Dead taps are dropped, column indices checked and non-finite values found where something is skipped, as
+// in encode_rows.
 template <typename T>
 EncodedVectors<T> encode_vectors(const char* op, const int32_t* rp, const int32_t* ci, const T* vals, int64_t OC,
                                  const ConvShape& s, int64_t blocks, int64_t channel_blocks, int64_t L) {
@@ -984,51 +1011,58 @@ EncodedVectors<T> encode_vectors(const char* op, const int32_t* rp, const int32_
   const bool check_finite = (s.tap_major ? s.skips : !cols.all_used) || s.full_taps != s.taps;
   EncodedVectors<T> enc;
   std::vector<int64_t> start(groups + 1, 0);  // entries per group, then where each group's entries start
-  std::vector<uint8_t> differs(groups, 0), nonfinite(groups, 0);
+  std::vector<int64_t> stored(groups, 0), held(groups, 0);  // values stored (padding included) and the weight's own
+  std::vector<uint8_t> nonfinite(groups, 0);
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> mark(cols.ncols, -1);
+    std::vector<int32_t> columns;
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t r0 = p * L, r1 = std::min(OC, r0 + L), k0 = rp[r0], len = rp[r0 + 1] - k0;
-      differs[p] = !same_columns(rp, ci, r0, r1);
-      if (differs[p]) continue;
-      int64_t kept = 0;
-      for (int64_t k = k0; k < k0 + len; ++k) {
-        const int32_t col = ci[k];
-        TORCH_CHECK_VALUE(col >= 0 && col < cols.ncols, op, ": argument 'col_idx' entries must lie in [0, ",
-                          cols.ncols, "), got ", col, " at position ", k);
-        kept += cols.used[col];
-      }
+      const int64_t r0 = p * L, r1 = std::min(OC, r0 + L);
+      group_columns(op, rp, ci, r0, r1, cols.ncols, mark, p, columns);
+      int64_t kept = 0, own = 0;
+      for (const int32_t col : columns) kept += cols.used[col];
+      for (int64_t k = rp[r0]; k < rp[r1]; ++k) own += cols.used[ci[k]];
       bool bad = false;
       if (check_finite)
-        for (int64_t k = k0; k < rp[r1]; ++k) bad |= !std::isfinite(vals[k]);
+        for (int64_t k = rp[r0]; k < rp[r1]; ++k) bad |= !std::isfinite(vals[k]);
       start[p + 1] = kept;
+      stored[p] = kept * (r1 - r0);
+      held[p] = own;
       nonfinite[p] = bad;
     }
   });
-  if (std::find(differs.begin(), differs.end(), 1) != differs.end()) {
-    enc.uniform = false;
+  const int64_t all_stored = std::accumulate(stored.begin(), stored.end(), int64_t(0));
+  const int64_t all_held = std::accumulate(held.begin(), held.end(), int64_t(0));
+  if (!s.vector_forced && double(all_stored) > kVectorsMaxFill * double(all_held)) {
+    enc.fits = false;
     return enc;
   }
+  enc.padded = all_stored > all_held;
   for (int64_t p = 0; p < groups; ++p) start[p + 1] += start[p];
   enc.off.reset(new int32_t[std::max<int64_t>(start[groups], 1)]);
   enc.val.assign(start[groups] * L, T(0));
   enc.seg.resize(groups * (blocks + 1));
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> cursor(blocks + 1);
+    std::vector<int64_t> mark(cols.ncols, -1), entry(cols.ncols, -1);
+    std::vector<int32_t> columns, cursor(blocks + 1);
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t r0 = p * L, r1 = std::min(OC, r0 + L), k0 = rp[r0], len = rp[r0 + 1] - k0;
+      const int64_t r0 = p * L, r1 = std::min(OC, r0 + L);
+      group_columns(op, rp, ci, r0, r1, cols.ncols, mark, p, columns);
       std::fill(cursor.begin(), cursor.end(), 0);
-      for (int64_t k = k0; k < k0 + len; ++k)
-        if (cols.used[ci[k]]) ++cursor[cols.block[ci[k]] + 1];
+      for (const int32_t col : columns)
+        if (cols.used[col]) ++cursor[cols.block[col] + 1];
       cursor[0] = int32_t(start[p]);
       for (int64_t b = 0; b < blocks; ++b) cursor[b + 1] += cursor[b];
       std::copy(cursor.begin(), cursor.end(), enc.seg.begin() + p * (blocks + 1));
-      for (int64_t j = 0; j < len; ++j) {
-        const int32_t col = ci[k0 + j];
+      for (const int32_t col : columns) {
         if (!cols.used[col]) continue;
         const int64_t e = cursor[cols.block[col]]++;
+        entry[col] = e;
         enc.off[e] = cols.off[col];
-        for (int64_t m = 0; m < r1 - r0; ++m) enc.val[e * L + m] = vals[rp[r0 + m] + j];
       }
+      for (int64_t m = 0; m < r1 - r0; ++m)
+        for (int64_t k = rp[r0 + m]; k < rp[r0 + m + 1]; ++k)
+          if (cols.used[ci[k]]) enc.val[entry[ci[k]] * L + m] += vals[k];  // += : a column twice in a row sums
     }
   });
   enc.nonfinite_skipped = check_finite && std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end();
@@ -1085,23 +1119,38 @@ void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t nnz, int64_t OC,
   choose_layout(s, nnz, OC, OH, OW, element_size, L);
 }
 
-// Whether the weight's output channels come in groups of L (one vector) that hold the same columns, sampled over up
-// to 16 groups spread over the weight (encode_vectors checks every group): a weight pruned in L x 1 blocks or larger,
-// whoever pruned it. Measured on the 2-core EPYC (docs/cpu_sparse_kernel.md): channel-vector tiles then run 1.5-2x
-// faster than panels on a 3x3 conv and 1.4-1.8x on a linear layer at batch 1-8, but no faster on one-tap calls with
-// long rows (the 1x1 conv at 41x41, a 1681-pixel row; linear at batch 64), where the default keeps the panels
-// (kVectorsOneTapRow).
+// Whether the weight's output channels come in groups of L (one vector) that hold nearly the same columns, sampled over
+// up to 16 groups spread over the weight (encode_vectors checks every group): their columns, each stored for every
+// channel of its group, pad the non-zeros by at most kVectorsMaxFill -- a weight pruned in L x 1 blocks or larger,
+// whoever pruned it, even with a few more zeros inside its blocks. Measured on the 2-core EPYC
+// (docs/cpu_sparse_kernel.md): channel-vector tiles then run 1.5-2x faster than panels on a 3x3 conv and 1.4-1.8x on a
+// linear layer at batch 1-8, but no faster on one-tap calls with long rows (the 1x1 conv at 41x41, a 1681-pixel row;
+// linear at batch 64), where the default keeps the panels (kVectorsOneTapRow).
 constexpr int64_t kVectorsOneTapRow = 64;
 
-bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC, int64_t L) {
+bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC, int64_t ncols, int64_t L) {
   const int64_t groups = OC / L;
   if (groups == 0 || col_idx.numel() == 0) return false;
   const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous();
   const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
   const int64_t step = std::max<int64_t>(1, groups / 16);
-  for (int64_t p = 0; p < groups; p += step)
-    if (!same_columns(rp, ci, p * L, (p + 1) * L)) return false;
-  return true;
+  std::vector<int64_t> seen(ncols, -1);  // the last sampled group holding the column
+  int64_t stored = 0, held = 0;
+  for (int64_t p = 0; p < groups; p += step) {
+    const int64_t r0 = p * L, r1 = r0 + L;
+    held += rp[r1] - rp[r0];
+    if (same_columns(rp, ci, r0, r1)) {  // the common case, without the marks
+      stored += (rp[r0 + 1] - rp[r0]) * L;
+      continue;
+    }
+    for (int64_t k = rp[r0]; k < rp[r1]; ++k) {
+      const int32_t col = ci[k];
+      if (col < 0 || col >= ncols || seen[col] == p) continue;  // bad indices raise when encoded
+      seen[col] = p;
+      stored += L;
+    }
+  }
+  return double(stored) <= kVectorsMaxFill * double(held);
 }
 
 // Whether a call with configuration t runs channel-vector tiles: where configured (panel=vector), or by default where
@@ -1166,17 +1215,20 @@ void run_passes(Plan<T>& g, at::Tensor& out, int64_t nnz, const Pack& pack) {
 }
 
 // What run_conv did: ran the plan, or computed nothing and asks for a rerun with nothing skipped (rerun_all_live),
-// or with another tile than channel vectors (not_vectors: some group's rows hold different columns).
+// or with another tile than channel vectors (not_vectors: the groups would pad the weight past kVectorsMaxFill, or
+// a padded plan meets a non-finite input).
 enum class Ran { done, rerun_all_live, not_vectors };
 
-// pack(P, n0, count) writes images [n0, n0 + count) of the input into P (in_batch elements each).
+// pack(P, n0, count) writes images [n0, n0 + count) of the input into P (in_batch elements each); input_finite()
+// says whether every input element is finite (asked only of a padded channel-vector plan, whose stored zeros would
+// turn an inf into NaN where the op's semantics keep pruned weights structural: it then returns not_vectors).
 // Computes nothing and returns rerun_all_live when the plan would skip zero padding that a non-finite weight reads:
 // the op's semantics (adapmtl/ops/sparse_conv.py) treat padding as real zeros, so 0 * inf = NaN must reach
 // the output; the caller then reruns with nothing skipped (make_all_live). Finite weights never rerun.
-template <typename T, typename Pack>
+template <typename T, typename Pack, typename InputFinite>
 Ran run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
               const c10::optional<at::Tensor>& bias, at::Tensor& out, const ConvShape& s, int64_t in_batch,
-              const Pack& pack, const Epilogue& epi = Epilogue{}) {
+              const Pack& pack, const InputFinite& input_finite, const Epilogue& epi = Epilogue{}) {
   constexpr int64_t L = Vec<T>::kLanes;
   const int64_t OC = out.size(1), OH = out.size(2), OW = out.size(3);
   TORCH_CHECK_VALUE(in_batch <= std::numeric_limits<int32_t>::max(), op, ": one image of the padded input holds ",
@@ -1188,7 +1240,8 @@ Ran run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_id
   const int64_t blocks = (s.tap_major ? s.taps : 1) * channel_blocks;
   const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
   // The encoded weight, kept across calls (plan_cache.h) under everything the encoders read besides the arrays.
-  std::vector<int64_t> key{s.vector ? 2 : int64_t(s.panel > 1), int64_t(c10::CppTypeToScalarType<T>::value),
+  std::vector<int64_t> key{s.vector ? 2 + s.vector_forced : int64_t(s.panel > 1),
+                           int64_t(c10::CppTypeToScalarType<T>::value),
                            OC, s.C, s.taps, s.plane, s.tap_major, s.skips, s.cb, s.panel, blocks, channel_blocks};
   key.insert(key.end(), s.tap.begin(), s.tap.end());
   key.insert(key.end(), s.tap_used.begin(), s.tap_used.end());
@@ -1208,7 +1261,7 @@ Ran run_conv(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_id
         key, rp, OC, ci, nnz, vals, sizeof(T),
         [&] { return encode_vectors<T>(op, rp, ci, vals, OC, s, blocks, channel_blocks, L); }, plan_bytes,
         holds_values);
-    if (!vecs->uniform) return Ran::not_vectors;
+    if (!vecs->fits || (vecs->padded && !input_finite())) return Ran::not_vectors;
     if (vecs->nonfinite_skipped) return Ran::rerun_all_live;
   } else if (s.panel > 1) {
     panels = PlanCache::instance().get<EncodedPanels<T>>(
@@ -1321,6 +1374,27 @@ void pack_conv_input(const at::Tensor& x, T* P, int64_t n0, int64_t count, const
   });
 }
 
+// Whether every element of x is finite: inf - inf and NaN - NaN are NaN, anything else - itself is 0, so a NaN lane of
+// the sum marks a non-finite element. Vector partial sums: a plain loop would not vectorise (the adds' order).
+template <typename T>
+bool all_finite(const at::Tensor& x) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::kLanes;
+  const at::Tensor c = x.is_non_overlapping_and_dense() ? x : x.contiguous();  // any order: only the set matters
+  const T* p = c.data_ptr<T>();
+  const int64_t n = c.numel();
+  V acc{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V v = load(p + i);
+    acc += v - v;
+  }
+  T tail = 0;
+  for (; i < n; ++i) tail += p[i] - p[i];
+  for (int64_t m = 0; m < L; ++m) tail += acc[m];
+  return tail == tail;
+}
+
 // Output rows per register tile for rows of nv vectors (Tuning::rows; 0: the default, see kTileVectors): one-vector
 // rows get as many as fit, balanced over the row groups (11 rows: 6 + 5, not 8 + 3); wider rows 2.
 int64_t tile_rows(int64_t rows, int64_t nv, int64_t OH) {
@@ -1416,7 +1490,7 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
   // The whole convolution with configuration t, into `out`. Channel-vector tiles where configured (panel=vector) or,
   // by default, where the weight's sampled groups fit them; a weight whose groups turn out not to (encode_vectors)
   // then runs as if they had not been asked for.
-  const bool vectors_fit = channel_vectors_fit(row_ptr, col_idx, OC, L);
+  const bool vectors_fit = channel_vectors_fit(row_ptr, col_idx, OC, C * KH * KW, L);
   const auto run = [&](const Tuning& t) {
     bool vector = runs_vectors(t, vectors_fit, KH * KW, OW);
     for (;;) {  // at most twice: with channel vectors, then without them
@@ -1425,6 +1499,7 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
       if (t.panel == kVectorPanel) s.tuning.panel = 0;
       s.panel = 1;
       s.vector = false;
+      s.vector_forced = t.panel == kVectorPanel;
       if (vector) {
         use_vectors(s, OH, OW, L);
       } else {
@@ -1445,7 +1520,7 @@ at::Tensor conv2d_cpu(const char* op, const at::Tensor& x, const at::Tensor& row
           ran = run_conv<scalar_t>(op, row_ptr, col_idx, values, bias, out, s, in_batch,
                                    [&](scalar_t* P, int64_t n0, int64_t count) {
                                      pack_conv_input<scalar_t>(x, P, n0, count, s, pht, pwt, sw, Wrow, copies, needed);
-                                   }, epi);
+                                   }, [&] { return all_finite<scalar_t>(x); }, epi);
         });
         if (ran != Ran::rerun_all_live) break;
         if (s.full_taps != s.taps) {  // a non-finite weight on a trimmed tap: the whole kernel, as tuned
@@ -1521,12 +1596,14 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   auto out = at::empty({1, OC, 1, B}, x.options());
   ConvShape s;
   s.tuning = configured_tuning();
+  s.vector_forced = s.tuning.panel == kVectorPanel;
   s.C = in_features, s.taps = 1, s.plane = Wrow, s.row_step = Wrow, s.tap = {0}, s.full_taps = 1, s.tap_of = {0};
   s.rows = 1, s.cols = std::min<int64_t>(kMaxVectors, Wrow / L) * L;
   s.H = 1, s.W = B, s.KH = s.KW = 1, s.sh = s.sw = 1, s.ph = s.pw = 0, s.dh = s.dw = 1;
   const int64_t cols = s.cols;
   // No padding: nothing is skipped, so run_conv never asks for a rerun; it may refuse channel vectors (run_conv).
-  for (bool vector = runs_vectors(s.tuning, channel_vectors_fit(row_ptr, col_idx, OC, L), 1, B);; vector = false) {
+  const bool vectors_fit = channel_vectors_fit(row_ptr, col_idx, OC, in_features, L);
+  for (bool vector = runs_vectors(s.tuning, vectors_fit, 1, B);; vector = false) {
     s.vector = false, s.panel = 1, s.rows = 1, s.cols = cols;
     if (vector) {
       use_vectors(s, 1, B, L);
@@ -1545,7 +1622,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                                  auto p = at::from_blob(P, {in_features, Wrow}, x.options());
                                  p.narrow(1, B, Wrow - B).zero_();
                                  p.narrow(1, 0, B).copy_(xt);
-                               });
+                               }, [&] { return all_finite<scalar_t>(x); });
     });
     if (ran == Ran::done) break;
   }
