@@ -16,13 +16,17 @@ Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in doc
   blocks with holes (--block-holes-only, its own JSON kernel_block_holes_<cpu>.json): weights pruned in 16 x 1
       blocks with a fraction of the live blocks' weights zeroed too, so channel-vector tiles store zeros (padding:
       stored / non-zeros); channel vectors forced against panels of 4 and one channel: where padding stops paying
-      (the kernel's kVectorsMaxFill), 2 threads.
+      (the kernel's kVectorsMaxFill), 2 threads;
+  one-tap rows (--one-tap-only, its own JSON kernel_one_tap_<cpu>.json): 1x1 convs and linear layers in 16 x 1
+      blocks, channel vectors forced against panels of 4 and one channel, by the length of the row (pixels, or the
+      batch): where the default stops running channel vectors on one-tap calls (kVectorsOneTapMaxRow), 2 threads.
 
     python benchmarks/bench_kernel_roofline.py            # ~2 minutes on 2 cores
     python benchmarks/bench_kernel_roofline.py --quick    # a smoke run (small convs, runs/bench)
     python benchmarks/bench_kernel_roofline.py --inner-loop-only   # ~75 s, one thread
     python benchmarks/bench_kernel_roofline.py --tile-rows-only    # ~1 minute: tile heights on narrow maps
     python benchmarks/bench_kernel_roofline.py --block-holes-only  # ~4 minutes: padded channel vectors
+    python benchmarks/bench_kernel_roofline.py --one-tap-only      # ~1 minute: channel vectors on one-tap rows
 """
 from __future__ import annotations
 
@@ -205,6 +209,63 @@ def block_holes(quick: bool, reps: int) -> list[dict]:
     return rows
 
 
+# One-tap rows: (c_in, c_out, map side or None for a linear layer, batch, sparsity), 16 x 1 blocks. MobileNetV2's
+# backbone 1x1 convs at its backbone's sparsity and its heads' 1x1 conv at two heads' sparsities; rows of 256 to 1681
+# pixels at 52.7% and 90%; a linear layer at batch 64 to 1024.
+ONE_TAP_CASES = [(96, 24, 81, 1, 0.527), (144, 32, 41, 1, 0.527), (192, 64, 21, 1, 0.527), (576, 96, 21, 1, 0.527),
+                 (960, 320, 11, 1, 0.527), (320, 1280, 11, 1, 0.527), (1024, 1024, 11, 1, 0.862),
+                 (1024, 1024, 11, 1, 0.947)]
+ONE_TAP_CASES += [(cin, cin, side, 1, sparsity) for cin, sparsity in ((256, 0.527), (512, 0.9))
+                  for side in (16, 21, 23, 29, 41)]
+ONE_TAP_CASES += [(1024, 1024, None, batch, 0.9) for batch in (64, 256, 512, 768, 1024)]
+ONE_TAP_CONFIGS = {"channel vectors": "panel=vector", "panel 4": "panel=4", "one channel": "panel=1", "auto": ""}
+
+
+def one_tap(quick: bool, reps: int) -> list[dict]:
+    """The real kernel on one-tap calls (1x1 convs, linear) in 16 x 1 blocks under each of ONE_TAP_CONFIGS, timed
+    in alternation and checked against F.conv2d / F.linear first, 2 threads."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for cin, cout, side, batch, sparsity in ONE_TAP_CASES[::6] if quick else ONE_TAP_CASES:
+        if quick:
+            cin, cout = max(16, cin // 16), max(16, cout // 16)
+        w = block_pruned(cout, cin, 1, 16, 1 - sparsity, gen)
+        sw = SparseWeight.from_dense(w)
+        if side is None:
+            x = torch.randn(batch, cin, generator=gen)
+            reference, row = torch.nn.functional.linear(x, w.flatten(1)), batch
+            args = (sw.row_ptr, sw.col_idx, sw.values, None, cin)
+            op = torch.ops.adapmtl.sparse_linear
+            name = f"linear {cin}->{cout} batch {batch}"
+        else:
+            x = torch.randn(batch, cin, side, side, generator=gen)
+            reference, row = torch.nn.functional.conv2d(x, w), side * side
+            args = (sw.row_ptr, sw.col_idx, sw.values, None, list(sw.shape), [1, 1], [0, 0], [1, 1])
+            op = torch.ops.adapmtl.sparse_conv2d
+            name = f"1x1 {cin}->{cout} at {side}x{side}"
+
+        def call(config):
+            def fn():
+                os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
+                return op(x, *args)
+            return fn
+
+        try:
+            for config in ONE_TAP_CONFIGS.values():
+                torch.testing.assert_close(call(config)(), reference, rtol=1e-4, atol=1e-3, msg=config)
+            ms = interleaved_median_ms([call(c) for c in ONE_TAP_CONFIGS.values()], "cpu", reps=reps)
+        finally:
+            os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+        best_other = min(ms[1], ms[2])
+        r = {"case": name, "row": row, "sparsity": sparsity, "ms": dict(zip(ONE_TAP_CONFIGS, ms)),
+             "vectors_vs_best_other": best_other / ms[0]}
+        rows.append(r)
+        print(f"{name} ({row}-pixel row) {sparsity:.1%}: "
+              + ", ".join(f"{c} {t:.3f} ms" for c, t in zip(ONE_TAP_CONFIGS, ms))
+              + f"; channel vectors {r['vectors_vs_best_other']:.2f}x the better other", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: small convs, 2 reps, runs/bench")
@@ -216,9 +277,22 @@ def main(argv=None):
                    help="only the real kernel at each register tile height, into kernel_tile_rows_<cpu>.json")
     p.add_argument("--block-holes-only", action="store_true",
                    help="only padded channel vectors on 16x1 blocks with holes, into kernel_block_holes_<cpu>.json")
+    p.add_argument("--one-tap-only", action="store_true",
+                   help="only channel vectors against panels on one-tap rows, into kernel_one_tap_<cpu>.json")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     info = device_description("cpu")
+    if args.one_tap_only:
+        rows = one_tap(args.quick, 2 if args.quick else args.reps)
+        table = [{"case": r["case"], "row": r["row"], "sparsity": r["sparsity"], **r["ms"],
+                  "gain": r["vectors_vs_best_other"]} for r in rows]
+        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, medians in ms\n")
+        print(format_table(table, [("case", "case", "<28"), ("row", "row", "d"), ("sparsity", "sparsity", ".3f")]
+                           + [(c, c, ".3f") for c in ONE_TAP_CONFIGS] + [("gain", "vectors vs better other", ".2f")]))
+        path = write_results("kernel_one_tap", info, {"quick": args.quick, "reps": args.reps, "rows": rows},
+                             out_dir=args.out_dir, smoke=args.quick)
+        print(f"\nwrote {path}")
+        return rows
     if args.block_holes_only:
         rows = block_holes(args.quick, 2 if args.quick else args.reps)
         table = [{"case": f"{r['conv']} holes {r['hole']:.3f}", "padding": r["padding"], **r["ms"],

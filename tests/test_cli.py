@@ -266,6 +266,17 @@ def test_the_block_holes_benchmark_runs(tmp_path):
     assert rows[0]["hole"] == 0 and rows[0]["padding"] == 1  # no holes: nothing padded
     assert json.loads(next(tmp_path.glob("kernel_block_holes_*.json")).read_text())["rows"] == rows
 
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_one_tap_benchmark_runs(tmp_path):
+    """A smoke run of bench_kernel_roofline.py --one-tap-only: 1x1 convs and a linear layer in 16 x 1 blocks under
+    each configuration, checked against F.conv2d / F.linear before they are timed, into their own JSON."""
+    roof = _bench_module("bench_kernel_roofline")
+    rows = roof.main(["--quick", "--one-tap-only", "--out-dir", str(tmp_path)])
+    assert len(rows) == len(roof.ONE_TAP_CASES[::6]) and all(set(r["ms"]) == set(roof.ONE_TAP_CONFIGS) for r in rows)
+    assert all(t > 0 for r in rows for t in r["ms"].values()) and any(r["case"].startswith("linear") for r in rows)
+    assert json.loads(next(tmp_path.glob("kernel_one_tap_*.json")).read_text())["rows"] == rows
+
 def test_the_memory_latency_benchmark_runs(tmp_path):
     """A smoke run of benchmarks/bench_memory_latency.py: pointer-chase latency per buffer size, into --out-dir."""
     import shutil

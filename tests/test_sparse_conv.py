@@ -472,10 +472,10 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
     row) on weights whose channels come in uniform groups of that many (pruned in 16 x 1 / 8 x 1 blocks or
     larger), by default and forced: output channels that do not fill the last group, chunks that are not whole
     groups, tiles of 1 to 28 pixels, dead taps (tap-major skips them), stride 2, channels-last input, the epilogue
-    (residual and clamp), linear at batch 1, 17, 29 and 64 (by default not on one-tap calls with rows of 64 pixels
-    or more: the 1x1 conv above, linear at batch 64); a weight with a zero inside one block runs them too (padded),
-    except on an input with an inf that the padded zero would read; one padded past kVectorsMaxFill only where forced;
-    always with the same result."""
+    (residual and clamp), linear at batch 1, 17, 29, 64 and 1024 (by default not on one-tap calls with rows of 1024
+    pixels or more, where panels run: linear at batch 1024); a weight with a zero inside one block runs them too
+    (padded), except on an input with an inf that the padded zero would read; one padded past kVectorsMaxFill only
+    where forced; always with the same result."""
     monkeypatch.setenv("ADAPMTL_CPU_SPARSE_CONFIG", config)
     C = _ext.cpu_extension()
     L = 16 if dtype == torch.float32 else 8
@@ -487,8 +487,8 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
     for c, oc, k, s, d, hw, block in shapes:
         w, x, b, sw, args = block_case(c, oc, k, s, d, hw, block, dtype, g)
         msg = f"{config} {dtype} {(c, oc, k, s, d, hw, block)}"
-        # by default not on a one-tap call whose (flattened) row holds >= 64 pixels: panels are as fast there
-        vector = config != "" or k > 1 or hw * hw < 64
+        # by default not on a one-tap call whose (flattened) row holds >= 1024 pixels: panels are as fast there
+        vector = config != "" or k > 1 or hw * hw < 1024
         for xin in (x, x.contiguous(memory_format=torch.channels_last)):
             before = C.cpu_sparse_panel_calls()
             out = torch.ops.adapmtl.sparse_conv2d(xin, sw.row_ptr, sw.col_idx, sw.values, b, *args)
@@ -502,11 +502,11 @@ def test_cpp_kernel_channel_vectors(config, dtype, monkeypatch):
             torch.testing.assert_close(fused, unfused, rtol=0, atol=0, msg=msg)  # the same operations, in order
         lin_w = w.flatten(1)
         lsw = SparseWeight.from_dense(lin_w)
-        for batch in (1, 17, 29, 64):
+        for batch in (1, 17, 29, 64, 1024):
             xl = torch.randn(batch, lin_w.shape[1], generator=g, dtype=dtype)
             before = C.cpu_sparse_panel_calls()[3]
             out = torch.ops.adapmtl.sparse_linear(xl, lsw.row_ptr, lsw.col_idx, lsw.values, b, lin_w.shape[1])
-            assert C.cpu_sparse_panel_calls()[3] == before + (config != "" or batch < 64), msg
+            assert C.cpu_sparse_panel_calls()[3] == before + (config != "" or batch < 1024), msg
             assert_linear_close(out, xl, lin_w, b, msg=f"linear {msg} batch {batch}")
     # one channel of one group loses a weight its group keeps (a zero inside a block, as training or BatchNorm folding
     # can leave): the group stores that column with a zero for the channel, and channel vectors still run, by default

@@ -1123,10 +1123,11 @@ void use_panel(ConvShape& s, int64_t panel, int64_t nv, int64_t nnz, int64_t OC,
 // up to 16 groups spread over the weight (encode_vectors checks every group): their columns, each stored for every
 // channel of its group, pad the non-zeros by at most kVectorsMaxFill -- a weight pruned in L x 1 blocks or larger,
 // whoever pruned it, even with a few more zeros inside its blocks. Measured on the 2-core EPYC
-// (docs/cpu_sparse_kernel.md): channel-vector tiles then run 1.5-2x faster than panels on a 3x3 conv and 1.4-1.8x on a
-// linear layer at batch 1-8, but no faster on one-tap calls with long rows (the 1x1 conv at 41x41, a 1681-pixel row;
-// linear at batch 64), where the default keeps the panels (kVectorsOneTapRow).
-constexpr int64_t kVectorsOneTapRow = 64;
+// (docs/cpu_sparse_kernel.md): channel-vector tiles then run 1.5-2x faster than panels on a 3x3 conv. On one-tap
+// calls (1x1 convs, linear) they run where the row is shorter than kVectorsOneTapRow pixels (the batch, for linear):
+// there panels do not run (kPanelMinPixels) and vectors measured 1.04-1.49x faster than the one-channel tile (16 x 1
+// blocks, rows of 64-841 pixels, 52.7-94.7%); on longer rows they are no faster than panels (0.85-1.08x at 1024-6561).
+constexpr int64_t kVectorsOneTapRow = kPanelMinPixels;
 
 bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t OC, int64_t ncols, int64_t L) {
   const int64_t groups = OC / L;
