@@ -282,44 +282,42 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     info = device_description("cpu")
+    reps = 2 if args.quick else args.reps
+
+    def report(stem: str, rows: list, table: list, columns: list, what: str = "fp32, batch 1"):
+        """A part run on its own: its table, and its rows into <stem>_<cpu>.json."""
+        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, {what}, medians in ms\n")
+        print(format_table(table, columns))
+        path = write_results(stem, info, {"quick": args.quick, "reps": args.reps, "rows": rows},
+                             out_dir=args.out_dir, smoke=args.quick)
+        print(f"\nwrote {path}")
+        return rows
+
     if args.one_tap_only:
-        rows = one_tap(args.quick, 2 if args.quick else args.reps)
+        rows = one_tap(args.quick, reps)
         table = [{"case": r["case"], "row": r["row"], "sparsity": r["sparsity"], **r["ms"],
                   "gain": r["vectors_vs_best_other"]} for r in rows]
-        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, medians in ms\n")
-        print(format_table(table, [("case", "case", "<28"), ("row", "row", "d"), ("sparsity", "sparsity", ".3f")]
-                           + [(c, c, ".3f") for c in ONE_TAP_CONFIGS] + [("gain", "vectors vs better other", ".2f")]))
-        path = write_results("kernel_one_tap", info, {"quick": args.quick, "reps": args.reps, "rows": rows},
-                             out_dir=args.out_dir, smoke=args.quick)
-        print(f"\nwrote {path}")
-        return rows
+        return report("kernel_one_tap", rows, table,
+                      [("case", "case", "<28"), ("row", "row", "d"), ("sparsity", "sparsity", ".3f")]
+                      + [(c, c, ".3f") for c in ONE_TAP_CONFIGS] + [("gain", "vectors vs better other", ".2f")], "fp32")
     if args.block_holes_only:
-        rows = block_holes(args.quick, 2 if args.quick else args.reps)
+        rows = block_holes(args.quick, reps)
         table = [{"case": f"{r['conv']} holes {r['hole']:.3f}", "padding": r["padding"], **r["ms"],
                   "gain": r["vectors_vs_best_other"]} for r in rows]
-        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
-        print(format_table(table, [("case", "case", "<58"), ("padding", "padding", ".3f")]
-                           + [(c, c, ".2f") for c in HOLE_CONFIGS] + [("gain", "vectors vs better other", ".2f")]))
-        path = write_results("kernel_block_holes", info, {"quick": args.quick, "reps": args.reps, "rows": rows},
-                             out_dir=args.out_dir, smoke=args.quick)
-        print(f"\nwrote {path}")
-        return rows
+        return report("kernel_block_holes", rows, table,
+                      [("case", "case", "<58"), ("padding", "padding", ".3f")] + [(c, c, ".2f") for c in HOLE_CONFIGS]
+                      + [("gain", "vectors vs better other", ".2f")])
     if args.tile_rows_only:
-        rows = tile_rows(args.quick, 2 if args.quick else args.reps)
-        table = [{"case": f"{r['conv']} {r['sparsity']:.1%}", **r["ms"]} for r in rows]
-        print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
-        print(format_table(table, [("case", "case", "<50")] + [(c, c, ".2f") for c in TALL_CONFIGS]))
-        path = write_results("kernel_tile_rows", info, {"quick": args.quick, "reps": args.reps, "rows": rows},
-                             out_dir=args.out_dir, smoke=args.quick)
-        print(f"\nwrote {path}")
-        return rows
+        rows = tile_rows(args.quick, reps)
+        return report("kernel_tile_rows", rows, [{"case": f"{r['conv']} {r['sparsity']:.1%}", **r["ms"]} for r in rows],
+                      [("case", "case", "<50")] + [(c, c, ".2f") for c in TALL_CONFIGS])
     # the quick run's block is L1-sized (48 columns): its generated code compiles in seconds, not a minute
     loop = inner_loop((0.1,), reps=2, columns=48) if args.quick else inner_loop()
     for line in loop:
         print(f"inner loop at density {line['density']}: peak {line['peak_vfma_per_s'] / 1e9:.2f} G vector FMA/s; "
               + ", ".join(f"{k} {v['vfma_per_peak']:.2f}/peak ({v['loads_per_fma']:.2f} loads/FMA)"
                           for k, v in line.items() if isinstance(v, dict)))
-    rows = [] if args.inner_loop_only else real_kernel(args.quick, 2 if args.quick else args.reps)
+    rows = [] if args.inner_loop_only else real_kernel(args.quick, reps)
     if rows:
         table = [{"case": f"{r['conv']} {r['sparsity']:.0%} {r['block']}", **r["ms"]} for r in rows]
         print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, batch 1, medians in ms\n")
