@@ -19,7 +19,7 @@ Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in doc
       (the kernel's kVectorsMaxFill), 2 threads;
   one-tap rows (--one-tap-only, its own JSON kernel_one_tap_<cpu>.json): 1x1 convs and linear layers in 16 x 1
       blocks, channel vectors forced against panels of 4 and one channel, by the length of the row (pixels, or the
-      batch): where the default stops running channel vectors on one-tap calls (kVectorsOneTapMaxRow), 2 threads.
+      batch): where the default stops running channel vectors on one-tap calls (kVectorsOneTapRow), 2 threads.
 
     python benchmarks/bench_kernel_roofline.py            # ~2 minutes on 2 cores
     python benchmarks/bench_kernel_roofline.py --quick    # a smoke run (small convs, runs/bench)
