@@ -1135,15 +1135,18 @@ bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, i
   const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous();
   const int32_t *rp = rp_t.data_ptr<int32_t>(), *ci = ci_t.data_ptr<int32_t>();
   const int64_t step = std::max<int64_t>(1, groups / 16);
-  std::vector<int64_t> seen(ncols, -1);  // the last sampled group holding the column
-  int64_t stored = 0, held = 0;
-  for (int64_t p = 0; p < groups; p += step) {
+  int64_t held = 0;
+  for (int64_t p = 0; p < groups; p += step) held += rp[(p + 1) * L] - rp[p * L];
+  const double most = kVectorsMaxFill * double(held);  // stored values past this: no (an unstructured weight, early)
+  std::vector<int64_t> seen;  // the last sampled group holding the column; only for groups that are not uniform
+  int64_t stored = 0;
+  for (int64_t p = 0; p < groups && double(stored) <= most; p += step) {
     const int64_t r0 = p * L, r1 = r0 + L;
-    held += rp[r1] - rp[r0];
     if (same_columns(rp, ci, r0, r1)) {  // the common case, without the marks
       stored += (rp[r0 + 1] - rp[r0]) * L;
       continue;
     }
+    if (seen.empty()) seen.assign(ncols, -1);
     for (int64_t k = rp[r0]; k < rp[r1]; ++k) {
       const int32_t col = ci[k];
       if (col < 0 || col >= ncols || seen[col] == p) continue;  // bad indices raise when encoded
@@ -1151,7 +1154,7 @@ bool channel_vectors_fit(const at::Tensor& row_ptr, const at::Tensor& col_idx, i
       stored += L;
     }
   }
-  return double(stored) <= kVectorsMaxFill * double(held);
+  return double(stored) <= most;
 }
 
 // Whether a call with configuration t runs channel-vector tiles: where configured (panel=vector), or by default where
