@@ -95,14 +95,13 @@ def block_pruned(oc: int, c: int, k: int, block: int, density: float, gen) -> to
     return torch.randn(oc, c, k, k, generator=gen) * live.repeat_interleave(block, 0)[:oc]
 
 
-def time_configs(x, sw, pad: int, dil: int, configs: dict, reps: int, reference=None) -> list[float]:
-    """Medians (ms) of the C++ sparse conv under each of `configs` (ADAPMTL_CPU_SPARSE_CONFIG values), timed in
-    alternation; each first checked against `reference` where given. The variable is unset afterwards."""
+def time_under_configs(run, configs: dict, reps: int, reference=None) -> list[float]:
+    """Medians (ms) of `run()` (a C++ sparse op call) under each of `configs` (ADAPMTL_CPU_SPARSE_CONFIG values),
+    timed in alternation; each first checked against `reference` where given. The variable is unset afterwards."""
     def call(config):
         def fn():
             os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
-            return torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None, list(sw.shape),
-                                                   [1, 1], [pad, pad], [dil, dil])
+            return run()
         return fn
 
     try:
@@ -112,6 +111,13 @@ def time_configs(x, sw, pad: int, dil: int, configs: dict, reps: int, reference=
         return interleaved_median_ms([call(c) for c in configs.values()], "cpu", reps=reps)
     finally:
         os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+
+
+def time_configs(x, sw, pad: int, dil: int, configs: dict, reps: int, reference=None) -> list[float]:
+    """time_under_configs for the C++ sparse conv of `x` with `sw` (stride 1, `pad`, dilation `dil`)."""
+    return time_under_configs(lambda: torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None,
+                                                                      list(sw.shape), [1, 1], [pad, pad], [dil, dil]),
+                              configs, reps, reference)
 
 
 def real_kernel(quick: bool, reps: int) -> list[dict]:
@@ -243,19 +249,7 @@ def one_tap(quick: bool, reps: int) -> list[dict]:
             args = (sw.row_ptr, sw.col_idx, sw.values, None, list(sw.shape), [1, 1], [0, 0], [1, 1])
             op = torch.ops.adapmtl.sparse_conv2d
             name = f"1x1 {cin}->{cout} at {side}x{side}"
-
-        def call(config):
-            def fn():
-                os.environ["ADAPMTL_CPU_SPARSE_CONFIG"] = config
-                return op(x, *args)
-            return fn
-
-        try:
-            for config in ONE_TAP_CONFIGS.values():
-                torch.testing.assert_close(call(config)(), reference, rtol=1e-4, atol=1e-3, msg=config)
-            ms = interleaved_median_ms([call(c) for c in ONE_TAP_CONFIGS.values()], "cpu", reps=reps)
-        finally:
-            os.environ.pop("ADAPMTL_CPU_SPARSE_CONFIG", None)
+        ms = time_under_configs(lambda: op(x, *args), ONE_TAP_CONFIGS, reps, reference)
         best_other = min(ms[1], ms[2])
         r = {"case": name, "row": row, "sparsity": sparsity, "ms": dict(zip(ONE_TAP_CONFIGS, ms)),
              "vectors_vs_best_other": best_other / ms[0]}
