@@ -19,7 +19,12 @@ Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in doc
       (the kernel's kVectorsMaxFill), 2 threads;
   one-tap rows (--one-tap-only, its own JSON kernel_one_tap_<cpu>.json): 1x1 convs and linear layers in 16 x 1
       blocks, channel vectors forced against panels of 4 and one channel, by the length of the row (pixels, or the
-      batch): where the default stops running channel vectors on one-tap calls (kVectorsOneTapRow), 2 threads.
+      batch): where the default stops running channel vectors on one-tap calls (kVectorsOneTapRow), 2 threads;
+  CPU capabilities (--capabilities-only, its own JSON kernel_capabilities_<cpu>.json): the kernels are compiled for
+      AVX-512, AVX2 and the baseline (csrc/cpu/sparse_conv_tiles.h) and run torch's capability; each that this CPU
+      has, in a process of its own under ATEN_CPU_CAPABILITY (and oneDNN's dense conv under ONEDNN_MAX_CPU_ISA, the
+      same level), on the ASPP and 1x1 convs at 90%, unstructured and 16 x 1: every tile against the default's
+      choice and dense F.conv2d, in alternation, 2 threads. What a CPU without AVX-512 gets.
 
     python benchmarks/bench_kernel_roofline.py            # ~2 minutes on 2 cores
     python benchmarks/bench_kernel_roofline.py --quick    # a smoke run (small convs, runs/bench)
@@ -27,6 +32,7 @@ Two parts, one JSON (benchmarks/results/kernel_roofline_<cpu>.json), read in doc
     python benchmarks/bench_kernel_roofline.py --tile-rows-only    # ~1 minute: tile heights on narrow maps
     python benchmarks/bench_kernel_roofline.py --block-holes-only  # ~4 minutes: padded channel vectors
     python benchmarks/bench_kernel_roofline.py --one-tap-only      # ~1 minute: channel vectors on one-tap rows
+    python benchmarks/bench_kernel_roofline.py --capabilities-only # ~2 minutes: AVX-512, AVX2, baseline kernels
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_description, format_table, interleaved_median_ms, write_results  # noqa: E402
 
+import adapmtl  # noqa: E402
+from adapmtl import _ext  # noqa: E402
 from adapmtl.ops.sparse_weight import SparseWeight  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "kernel_roofline.cpp"
@@ -260,6 +268,66 @@ def one_tap(quick: bool, reps: int) -> list[dict]:
     return rows
 
 
+# The capability levels, highest first: ATEN_CPU_CAPABILITY's value, and oneDNN's for its dense conv at that level.
+CAPABILITIES = {"AVX512": ("avx512", "AVX512_CORE"), "AVX2": ("avx2", "AVX2"), "DEFAULT": ("default", "SSE41")}
+CAPABILITY_CONFIGS = {**CONFIGS, "dense": None}
+
+
+def capability_worker(quick: bool, reps: int) -> list[dict]:
+    """In a process under one capability: the real kernel's convs at 90% (unstructured and 16 x 1) under each tile,
+    the default's choice and dense F.conv2d, in alternation, each checked against F.conv2d first."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    ext = _ext.cpu_extension()
+    for name, (cin, cout, k, dil) in CONVS.items():
+        if quick:
+            cin, cout = cin // 8, cout // 8
+        size = 11 if quick else 41
+        x = torch.randn(1, cin, size, size, generator=gen)
+        for block in (1, 16):
+            w = block_pruned(cout, cin, k, block, 0.1, gen)
+            sw = SparseWeight.from_dense(w)
+            pad = dil * (k // 2)
+            reference = torch.nn.functional.conv2d(x, w, None, 1, pad, dil)
+            sparse = time_configs(x, sw, pad, dil, CONFIGS, reps, reference)
+            dense = interleaved_median_ms([lambda: torch.nn.functional.conv2d(x, w, None, 1, pad, dil)], "cpu",
+                                          reps=reps)[0]
+            before = ext.cpu_sparse_panel_calls()
+            torch.ops.adapmtl.sparse_conv2d(x, sw.row_ptr, sw.col_idx, sw.values, None, list(sw.shape), [1, 1],
+                                            [pad, pad], [dil, dil])
+            ran = [after - was for after, was in zip(ext.cpu_sparse_panel_calls(), before)]
+            rows.append({"capability": ext.cpu_capability(), "conv": name, "size": size, "sparsity": 0.9,
+                         "block": f"{block}x1", "ms": {**dict(zip(CONFIGS, sparse)), "dense": dense},
+                         "auto_runs": ["one channel", "panel 4", "panel 8", "channel vectors"][ran.index(1)],
+                         "auto_vs_dense": dense / sparse[-1]})
+    return rows
+
+
+def capabilities(quick: bool, reps: int) -> list[dict]:
+    """capability_worker under each capability this CPU has (torch's own, and each below it), one process each."""
+    own = torch.backends.cpu.get_cpu_capability()
+    names = list(CAPABILITIES)
+    if own not in names:
+        return []  # not x86-64: one capability, the real kernel part's
+    rows = []
+    for cap in names[names.index(own):]:
+        aten, onednn = CAPABILITIES[cap]
+        here = str(Path(adapmtl.__file__).parents[1])  # the worker imports this process's adapmtl
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn,
+               "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+        cmd = [sys.executable, os.path.abspath(__file__), "--capability-worker", "--reps", str(reps)]
+        run = subprocess.run(cmd + (["--quick"] if quick else []), env=env, capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"the {cap} process failed (rc {run.returncode}):\n{run.stderr[-3000:]}")
+        part = json.loads(run.stdout.strip().splitlines()[-1])
+        assert all(r["capability"] == cap for r in part), (cap, part)
+        for r in part:
+            print(f"{cap} {r['conv']} {r['block']}: " + ", ".join(f"{c} {t:.2f} ms" for c, t in r["ms"].items())
+                  + f"; auto ran {r['auto_runs']}, {r['auto_vs_dense']:.2f}x dense", flush=True)
+        rows += part
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: small convs, 2 reps, runs/bench")
@@ -273,10 +341,16 @@ def main(argv=None):
                    help="only padded channel vectors on 16x1 blocks with holes, into kernel_block_holes_<cpu>.json")
     p.add_argument("--one-tap-only", action="store_true",
                    help="only channel vectors against panels on one-tap rows, into kernel_one_tap_<cpu>.json")
+    p.add_argument("--capabilities-only", action="store_true",
+                   help="only the kernels at each CPU capability, into kernel_capabilities_<cpu>.json")
+    p.add_argument("--capability-worker", action="store_true", help=argparse.SUPPRESS)  # one capability's process
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    info = device_description("cpu")
     reps = 2 if args.quick else args.reps
+    if args.capability_worker:
+        print(json.dumps(capability_worker(args.quick, reps)))
+        return None
+    info = device_description("cpu")
 
     def report(stem: str, rows: list, table: list, columns: list, what: str = "fp32, batch 1"):
         """A part run on its own: its table, and its rows into <stem>_<cpu>.json."""
@@ -287,6 +361,13 @@ def main(argv=None):
         print(f"\nwrote {path}")
         return rows
 
+    if args.capabilities_only:
+        rows = capabilities(args.quick, reps)
+        table = [{"case": f"{r['capability']} {r['conv']} {r['block']}", **r["ms"], "runs": r["auto_runs"],
+                  "gain": r["auto_vs_dense"]} for r in rows]
+        return report("kernel_capabilities", rows, table,
+                      [("case", "case", "<36")] + [(c, c, ".2f") for c in CAPABILITY_CONFIGS]
+                      + [("runs", "auto runs", "<15"), ("gain", "auto vs dense", ".2f")])
     if args.one_tap_only:
         rows = one_tap(args.quick, reps)
         table = [{"case": r["case"], "row": r["row"], "sparsity": r["sparsity"], **r["ms"],

@@ -83,6 +83,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::make_tuple(c.l1d, c.l2, c.l3);
   }, "(L1d, L2, L3) in bytes, as the CPU kernels read them (csrc/cpu/cpu_info.h)");
   m.def("cpu_model", [] { return adapmtl::cpu_model(); });
+  m.def("cpu_capability", [] { return std::string(adapmtl::cpu_capability_name()); },
+        "the instruction set the CPU sparse kernels run: torch's CPU capability (csrc/cpu/cpu_info.h)");
   m.def("soft_threshold_streamed_calls", &adapmtl::soft_threshold_streamed_calls,
         "(forward, backward) CPU soft-threshold calls of this process that wrote with streaming stores");
   // The checks of csrc/common.h for the Triton custom ops, so that direct torch.ops calls of every backend

@@ -277,6 +277,22 @@ def test_the_one_tap_benchmark_runs(tmp_path):
     assert all(t > 0 for r in rows for t in r["ms"].values()) and any(r["case"].startswith("linear") for r in rows)
     assert json.loads(next(tmp_path.glob("kernel_one_tap_*.json")).read_text())["rows"] == rows
 
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_capabilities_benchmark_runs(tmp_path):
+    """A smoke run of bench_kernel_roofline.py --capabilities-only: the kernels at this CPU's capability and each one
+    below it, a process each, every tile checked against F.conv2d before it is timed, into their own JSON."""
+    roof = _bench_module("bench_kernel_roofline")
+    rows = roof.main(["--quick", "--capabilities-only", "--out-dir", str(tmp_path)])
+    own = torch.backends.cpu.get_cpu_capability()
+    if own not in roof.CAPABILITIES:
+        assert rows == []
+        return
+    levels = list(roof.CAPABILITIES)[list(roof.CAPABILITIES).index(own):]
+    assert [r["capability"] for r in rows] == [c for c in levels for _ in range(2 * len(roof.CONVS))]
+    assert all(set(r["ms"]) == set(roof.CAPABILITY_CONFIGS) and min(r["ms"].values()) > 0 for r in rows)
+    assert json.loads(next(tmp_path.glob("kernel_capabilities_*.json")).read_text())["rows"] == rows
+
 def test_the_memory_latency_benchmark_runs(tmp_path):
     """A smoke run of benchmarks/bench_memory_latency.py: pointer-chase latency per buffer size, into --out-dir."""
     import shutil

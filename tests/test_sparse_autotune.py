@@ -130,7 +130,8 @@ def test_the_cache_file_carries_choices_to_the_next_process(tmp_path):
     cache = tmp_path / "tune.txt"
     assert _probe(cache)[:3] == (0, 1, 0)  # a fresh file: one search, written down
     lines = cache.read_text().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(_ext.cpu_extension().cpu_model() + "|")
+    ext = _ext.cpu_extension()  # keyed by the CPU and the kernels' capability (tuned AVX-512 tiles need not suit AVX2)
+    assert len(lines) == 1 and lines[0].startswith(f"{ext.cpu_model()} {ext.cpu_capability()}|")
     assert _probe(cache)[:3] == (1, 0, 1)  # the next process finds it: no search
 
 

@@ -1,6 +1,10 @@
 """Sparse inference: SparseWeight packing, sparse_conv2d / sparse_linear on every backend, modules."""
 import math
+import os
+import platform
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -773,3 +777,32 @@ def test_a_non_finite_weight_on_a_dead_tap_keeps_its_nan():
     want = F.conv2d(x, w, None, 1, 6, 6)
     assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.isnan(out[0, 0]).all()
     torch.testing.assert_close(out[0, 1], want[0, 1])
+
+
+# ---- CPU capabilities ----------------------------------------------------------------------------------------
+# The C++ kernels are compiled once per capability (csrc/cpu/sparse_conv_tiles.h) and run torch's; a machine runs
+# only its highest, so the lower ones run below under ATEN_CPU_CAPABILITY, this whole file in a process of its own.
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 capabilities")
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="the C++ extension is not built")
+def test_the_cpp_kernels_run_at_torch_cpu_capability():
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert _ext.cpu_extension().cpu_capability() == capability
+    if "ATEN_CPU_CAPABILITY" in os.environ:  # the run below: lowered, as asked
+        assert capability == os.environ["ATEN_CPU_CAPABILITY"].upper()
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 capabilities")
+@pytest.mark.skipif("cpp" not in available_sparse_backends("cpu"), reason="the C++ extension is not built")
+@pytest.mark.skipif("ATEN_CPU_CAPABILITY" in os.environ, reason="already under a chosen capability")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_every_test_here_passes_at_a_lower_cpu_capability(capability):
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    run = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-v", "-x", "-p",
+                          "no:cacheprovider"], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "test_the_cpp_kernels_run_at_torch_cpu_capability PASSED" in run.stdout

@@ -68,7 +68,7 @@ def set_cpu_autotune(enabled: bool = True, cache_file: Union[str, os.PathLike, N
 
     With it on, the first call of each (threads, dtype, shapes, stride, padding, dilation, non-zeros) times
     the candidate configurations on that call's input (a staged search: 10-15 candidates, 4 runs each) and later calls use
-    the fastest. `cache_file` keeps the choices across processes (one line each, keyed by the CPU model);
+    the fastest. `cache_file` keeps the choices across processes (one line each, keyed by the CPU model and capability);
     default: ADAPMTL_CPU_AUTOTUNE_CACHE, or memory only. Off (the default), the configuration follows from
     the cache sizes alone and results are deterministic; on, results may differ in the last bits between
     processes (candidates sum in different orders), as with cudnn.benchmark.

@@ -1,5 +1,6 @@
-// What the CPU kernels ask of the machine: its cache sizes and model name, read once at run time.
+// What the CPU kernels ask of the machine: its cache sizes, model name and vector capability, read once at run time.
 #pragma once
+#include <ATen/Version.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -61,6 +62,28 @@ inline const std::string& cpu_model() {
     return name + " (family " + family + ", model " + number + ")";
   }();
   return model;
+}
+
+// The vector instructions the sparse convolution's kernels use: torch's CPU capability (ATen's own dispatch: AVX512
+// needs AVX-512 F/BW/DQ/VL and FMA, AVX2 needs AVX2 and FMA), so ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers
+// ours with torch's -- to test the lower kernels on any machine, or to match a fleet's oldest CPU.
+enum class CpuCapability { baseline, avx2, avx512 };
+
+inline CpuCapability cpu_capability() {
+  static const CpuCapability capability = [] {
+    const std::string name = at::get_cpu_capability();
+    return name == "AVX512" ? CpuCapability::avx512 : name == "AVX2" ? CpuCapability::avx2 : CpuCapability::baseline;
+  }();
+  return capability;
+}
+
+inline const char* cpu_capability_name() {
+  switch (cpu_capability()) {
+    case CpuCapability::avx512: return "AVX512";
+    case CpuCapability::avx2: return "AVX2";
+    case CpuCapability::baseline: break;
+  }
+  return "DEFAULT";
 }
 
 }  // namespace adapmtl

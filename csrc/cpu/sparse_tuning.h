@@ -13,7 +13,7 @@
 // each (CPU, threads, dtype, shapes, stride, padding, dilation, non-zeros), a short staged search times the
 // candidates on the call's own input and keeps the fastest, for the process and, with a cache file
 // (ADAPMTL_CPU_AUTOTUNE_CACHE or set_cpu_autotune(cache_file=)), across processes: one line per entry,
-// keyed by the CPU model, so a file copied to another machine is not used there. The file is untrusted
+// keyed by the CPU model and capability (tuning_machine), so a file copied to another machine is not used there. The file is untrusted
 // input: only a regular file is read, at most 4 MiB of it, opened without blocking; a line that does not parse
 // into a valid configuration (or is over 1 KiB) is skipped, with one warning. Every
 // candidate computes the same convolution; they differ in summation order (last-bit rounding), so with
@@ -40,6 +40,10 @@
 #include "cpu/env.h"
 
 namespace adapmtl {
+
+// What an autotuning cache entry was measured on: the CPU model and the kernels' capability (cpu_info.h), since a
+// configuration tuned for the AVX-512 kernels need not suit the same CPU under ATEN_CPU_CAPABILITY=avx2.
+inline std::string tuning_machine() { return cpu_model() + " " + cpu_capability_name(); }
 
 // Tuning::panel for channel-vector tiles: one vector of output channels (16 fp32, 8 fp64) x one vector of pixels.
 constexpr int64_t kVectorPanel = -1;
@@ -208,7 +212,7 @@ class Autotuner {
   template <typename TimeFn>
   Tuning tuning_for(const std::string& key, bool with_tap_major, bool tall_rows, bool channel_vectors,
                     const TimeFn& time_ms) {
-    const std::string full = cpu_model() + "|" + key;
+    const std::string full = tuning_machine() + "|" + key;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       load_locked();
