@@ -128,14 +128,20 @@ def time_configs(x, sw, pad: int, dil: int, configs: dict, reps: int, reference=
                               configs, reps, reference)
 
 
-def real_kernel(quick: bool, reps: int) -> list[dict]:
-    rows = []
-    gen = torch.Generator().manual_seed(0)
+def head_convs(quick: bool, gen):
+    """(name, c_in, c_out, kernel, dilation, map side, input) of each of CONVS (an eighth of the channels at 11x11 in
+    a smoke run)."""
     for name, (cin, cout, k, dil) in CONVS.items():
         if quick:
             cin, cout = cin // 8, cout // 8
         size = 11 if quick else 41
-        x = torch.randn(1, cin, size, size, generator=gen)
+        yield name, cin, cout, k, dil, size, torch.randn(1, cin, size, size, generator=gen)
+
+
+def real_kernel(quick: bool, reps: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, cin, cout, k, dil, size, x in head_convs(quick, gen):
         for sparsity in (0.9, 0.95):
             for block in (1, 2, 4, 8, 16):
                 w = block_pruned(cout, cin, k, block, 1 - sparsity, gen)
@@ -279,11 +285,7 @@ def capability_worker(quick: bool, reps: int) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     ext = _ext.cpu_extension()
-    for name, (cin, cout, k, dil) in CONVS.items():
-        if quick:
-            cin, cout = cin // 8, cout // 8
-        size = 11 if quick else 41
-        x = torch.randn(1, cin, size, size, generator=gen)
+    for name, cin, cout, k, dil, size, x in head_convs(quick, gen):
         for block in (1, 16):
             w = block_pruned(cout, cin, k, block, 0.1, gen)
             sw = SparseWeight.from_dense(w)

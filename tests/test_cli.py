@@ -293,6 +293,7 @@ def test_the_capabilities_benchmark_runs(tmp_path):
     assert all(set(r["ms"]) == set(roof.CAPABILITY_CONFIGS) and min(r["ms"].values()) > 0 for r in rows)
     assert json.loads(next(tmp_path.glob("kernel_capabilities_*.json")).read_text())["rows"] == rows
 
+
 def test_the_memory_latency_benchmark_runs(tmp_path):
     """A smoke run of benchmarks/bench_memory_latency.py: pointer-chase latency per buffer size, into --out-dir."""
     import shutil

@@ -485,4 +485,13 @@ ADAPMTL_TARGET_AVX2 void run_items_avx2(const Plan<double>& g, int64_t begin, in
 void run_items_baseline(const Plan<float>& g, int64_t begin, int64_t end, float* scratch);
 void run_items_baseline(const Plan<double>& g, int64_t begin, int64_t end, double* scratch);
 
+// The definitions, one line in each capability's unit: run_items for fp32 and fp64 under that unit's target.
+#define ADAPMTL_TILES_ENTRIES(NAME, TARGET)                                               \
+  TARGET void NAME(const Plan<float>& g, int64_t begin, int64_t end, float* scratch) {   \
+    run_items(g, begin, end, scratch);                                                  \
+  }                                                                                     \
+  TARGET void NAME(const Plan<double>& g, int64_t begin, int64_t end, double* scratch) { \
+    run_items(g, begin, end, scratch);                                                  \
+  }
+
 }  // namespace adapmtl::cpu_tiles

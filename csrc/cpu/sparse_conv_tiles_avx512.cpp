@@ -3,14 +3,6 @@
 
 #ifdef ADAPMTL_TILES_X86
 namespace adapmtl::cpu_tiles {
-
-ADAPMTL_TARGET_AVX512 void run_items_avx512(const Plan<float>& g, int64_t begin, int64_t end, float* scratch) {
-  run_items(g, begin, end, scratch);
-}
-
-ADAPMTL_TARGET_AVX512 void run_items_avx512(const Plan<double>& g, int64_t begin, int64_t end, double* scratch) {
-  run_items(g, begin, end, scratch);
-}
-
+ADAPMTL_TILES_ENTRIES(run_items_avx512, ADAPMTL_TARGET_AVX512)
 }  // namespace adapmtl::cpu_tiles
 #endif
