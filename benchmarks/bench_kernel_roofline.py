@@ -311,14 +311,15 @@ def capabilities(quick: bool, reps: int) -> list[dict]:
     names = list(CAPABILITIES)
     if own not in names:
         return []  # not x86-64: one capability, the real kernel part's
+    here = str(Path(adapmtl.__file__).parents[1])  # the workers import this process's adapmtl
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, os.path.abspath(__file__), "--capability-worker", "--reps", str(reps)]
+    cmd += ["--quick"] if quick else []
     rows = []
     for cap in names[names.index(own):]:
         aten, onednn = CAPABILITIES[cap]
-        here = str(Path(adapmtl.__file__).parents[1])  # the worker imports this process's adapmtl
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn,
-               "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-        cmd = [sys.executable, os.path.abspath(__file__), "--capability-worker", "--reps", str(reps)]
-        run = subprocess.run(cmd + (["--quick"] if quick else []), env=env, capture_output=True, text=True)
+        env = {**base, "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"the {cap} process failed (rc {run.returncode}):\n{run.stderr[-3000:]}")
         part = json.loads(run.stdout.strip().splitlines()[-1])

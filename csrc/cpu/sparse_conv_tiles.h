@@ -97,7 +97,7 @@ inline __attribute__((always_inline)) void accumulate(typename Vec<T>::type (&ac
                                                       int64_t k0, int64_t k1) {
   constexpr int kP = Vec<T>::kParts;
   constexpr int64_t PL = Vec<T>::kPartLanes;
-  // One base pointer per row keeps every load a single [base + off * sizeof(T) + i * 64] address.
+  // One base pointer per row keeps every load a single [base + off * sizeof(T) + i * native vector bytes] address.
   const T* rowp[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) rowp[r] = base + r * row_step;

@@ -13,11 +13,11 @@
 // each (CPU, threads, dtype, shapes, stride, padding, dilation, non-zeros), a short staged search times the
 // candidates on the call's own input and keeps the fastest, for the process and, with a cache file
 // (ADAPMTL_CPU_AUTOTUNE_CACHE or set_cpu_autotune(cache_file=)), across processes: one line per entry,
-// keyed by the CPU model and capability (tuning_machine), so a file copied to another machine is not used there. The file is untrusted
-// input: only a regular file is read, at most 4 MiB of it, opened without blocking; a line that does not parse
-// into a valid configuration (or is over 1 KiB) is skipped, with one warning. Every
-// candidate computes the same convolution; they differ in summation order (last-bit rounding), so with
-// autotuning on, results can differ between processes as they can with cudnn.benchmark.
+// keyed by the CPU model and capability (tuning_machine), so a file copied to another machine is not used there.
+// The file is untrusted input: only a regular file is read, at most 4 MiB of it, opened without blocking; a line that
+// does not parse into a valid configuration (or is over 1 KiB) is skipped, with one warning. Every candidate
+// computes the same convolution; they differ in summation order (last-bit rounding), so with autotuning on, results
+// can differ between processes as they can with cudnn.benchmark.
 #pragma once
 #include <torch/extension.h>
 
