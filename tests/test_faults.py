@@ -59,7 +59,12 @@ def test_two_processes_on_one_folder(scenes, tmp_path):
                                                        "train.ckpt_every": 40}))
     a = start_and_wait_for_step([sys.executable, "-m", "adapmtl", "train", "-c", path], run, 1,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    b = _cli(["train", "-c", path, "seed=1"])
+    # A paused (still holding its flock) while B tries: 40 small steps can end before B's interpreter starts
+    a.send_signal(signal.SIGSTOP)
+    try:
+        b = _cli(["train", "-c", path, "seed=1"])
+    finally:
+        a.send_signal(signal.SIGCONT)
     assert b.returncode == 2 and len(b.stderr.strip().splitlines()) == 1, b.stderr
     assert f"in use by another trainer (pid {a.pid} " in b.stderr
     assert a.wait(timeout=300) == 0, a.stderr.read()
