@@ -27,8 +27,10 @@ Rows: the ASPP 3x3 dilation-6 conv 512->1024 and the 1x1 conv 1024->1024 at 41x4
 unstructured masks), and DeepLab-ResNet-34 / MobileNetV2 with three ASPP heads at 321x321 at the paper's
 component sparsities. "vs best dense" divides the fastest dense runtime's median (of torch eager, torch.compile,
 the frozen AOTInductor package and onnxruntime) by ours (the better of eager and AOTInductor). GFLOP/s counts
-the dense model's multiply-adds (2 FLOPs each) in every column, so it reads as effective throughput. Results: a
-table, JSON (each row's medians and every round's times, `round_ms`) and a PNG named by the CPU in benchmarks/results/.
+the dense model's multiply-adds (2 FLOPs each) in every column, so it reads as effective throughput. "per round"
+is the range of that ratio taken round by round (`round_vs_best_dense`: the variants of one round run within
+seconds of each other, and this VM moves our kernels' speed between rounds). Results: a table, JSON (each row's
+medians and every round's times, `round_ms`) and a PNG named by the CPU in benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -265,17 +267,37 @@ def bench_case(name: str, model: nn.Module, x: torch.Tensor, label: str, batch: 
     row = {"row": name, "case": label, "batch": batch, "gflop": flops / 1e9, "ms": ms, "round_ms": round_ms,
            "setup_s": setup, "errors": errors, "result_errors": result_errors, "onnx_exporter": exporter,
            "best_dense": best_dense[1], "best_ours": best_ours[1],
-           "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0]}
+           "vs_best_dense": None if best_ours[0] is None else best_dense[0] / best_ours[0],
+           "round_vs_best_dense": round_ratios(round_ms, BEST_DENSE)}
     if "deepsparse" in ms and best_ours[0] is not None:
         row["vs_deepsparse"] = ms["deepsparse"] / best_ours[0]
+        row["round_vs_deepsparse"] = round_ratios(round_ms, ["deepsparse"])
     if exported is not None:
         row["layers"] = export_layers(exported)
     return row
 
 
+def round_ratios(round_ms: dict, against) -> list:
+    """Per round, the fastest of `against` over our faster variant: a paired sample of the ratio. The
+    machine's state moves within a run (docs/cpu_sparse_kernel.md: this VM runs our kernels at two speeds in
+    phases of seconds to minutes, dense far less), and a round's variants run within seconds of each other, so the
+    spread of these is the spread of the ratio over the states the run met; a ratio of medians hides it."""
+    dense = [round_ms[n] for n in against if n in round_ms]
+    ours = [round_ms[n] for n in OURS if n in round_ms]
+    if not dense or not ours:
+        return []
+    return [min(d) / min(o) for d, o in zip(zip(*dense), zip(*ours))]
+
+
+def ratio_spread(ratios: list) -> str | None:
+    """'min-max' of the per-round ratios, for the table."""
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else None
+
+
 def row_line(row: dict) -> str:
     """One timed row as a line of progress: every variant's median and ours against the best dense runtime."""
-    ratio = f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x" if row["vs_best_dense"] else ""
+    ratio = (f"; ours vs best dense ({row['best_dense']}) {row['vs_best_dense']:.2f}x (rounds "
+             f"{ratio_spread(row['round_vs_best_dense'])})" if row["vs_best_dense"] else "")
     return f"{row['case']} b{row['batch']}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items()) + ratio
 
 
@@ -579,11 +601,13 @@ def main(argv=None):
             rows.append(row)
             print(row_line(row) + (f"; errors {row['errors']}" if row["errors"] else ""), flush=True)
     table = [{"case": r["case"], "b": r["batch"], **{k: r["ms"].get(k) for k in DENSE + OURS},
-              "ours/best": r["vs_best_dense"], "ours/DS": r.get("vs_deepsparse"), "GF/s ours": r["gflop"] / (min(r["ms"].get(k, 1e30) for k in OURS) / 1e3)
+              "ours/best": r["vs_best_dense"], "rounds": ratio_spread(r["round_vs_best_dense"]), "ours/DS": r.get("vs_deepsparse"),
+              "DS rounds": ratio_spread(r.get("round_vs_deepsparse", [])), "GF/s ours": r["gflop"] / (min(r["ms"].get(k, 1e30) for k in OURS) / 1e3)
               if any(k in r["ms"] for k in OURS) else None} for r in rows]
     print(f"\n{info['device']}, torch {info['torch']}, {info['threads']} threads, fp32, medians in ms\n")
     print(format_table(table, [("case", "case", "<48"), ("b", "b", "d")] + [(k, k, ".2f") for k in DENSE + OURS]
-                       + [("ours/best", "ours vs best dense", ".2f"), ("ours/DS", "ours vs DeepSparse", ".2f"),
+                       + [("ours/best", "ours vs best dense", ".2f"), ("rounds", "per round", "s"),
+                          ("ours/DS", "ours vs DeepSparse", ".2f"), ("DS rounds", "per round", "s"),
                           ("GF/s ours", "GF/s ours", ".1f")]))
     name = "peer" if args.block == 1 else f"peer_block{args.block}"
     if args.batches != [1]:  # batch 1 keeps the plain name

@@ -359,6 +359,10 @@ def test_the_peer_benchmark_runs_and_names_the_best_dense_runtime(tmp_path):
     assert row["vs_best_dense"] == pytest.approx(dense[row["best_dense"]] / row["ms"]["ours_eager"])
     assert set(row["round_ms"]) == set(row["ms"]) and all(len(t) == 2 for t in row["round_ms"].values())
     assert all(row["ms"][k] == pytest.approx(sum(t) / 2) for k, t in row["round_ms"].items())  # 2 rounds: the mean
+    # per round: that round's fastest dense runtime over ours
+    for i, ratio in enumerate(row["round_vs_best_dense"]):
+        assert ratio == pytest.approx(min(row["round_ms"][k][i] for k in dense) / row["round_ms"]["ours_eager"][i])
+    assert len(row["round_vs_best_dense"]) == 2
     saved = json.loads(next(tmp_path.glob("peer_*.json")).read_text())
     assert saved["rows"][0]["ms"] == row["ms"] and saved["device"]["kind"] == "cpu"
     assert next(tmp_path.glob("peer_*.png")).stat().st_size > 0
