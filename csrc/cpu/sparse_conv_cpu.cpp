@@ -755,7 +755,7 @@ inline bool runs_vectors(const Tuning& t, bool fit, int64_t taps, int64_t row) {
 // some tap reads only padding for a tile (unless the layout is configured), so that tiles skip it; `all_live`:
 // nothing skipped (the rerun for non-finite weights).
 void use_vectors(ConvShape& s, int64_t OH, int64_t OW, int64_t L, bool all_live = false) {
-  const int64_t most = cpu_capability() == CpuCapability::avx512 ? kVectorPixels : 16;
+  const int64_t most = cpu_capability() == CpuCapability::avx512 ? kVectorPixels : kVectorPixelsBelowAvx512;
   const int64_t tiles = (OW + most - 1) / most;
   s.vector = true;
   s.panel = 1;

@@ -346,8 +346,10 @@ inline __attribute__((always_inline)) void item_panel(const Plan<T>& g, int64_t 
 // registers first, 64 shuffles, measured no faster: docs/cpu_sparse_kernel.md).
 
 // The most pixels a channel-vector tile holds: 28 accumulators and the loaded values fill AVX-512's 32 vector
-// registers (use_vectors: 16 below the AVX512 capability).
+// registers. Below the AVX512 capability (16 vector registers) tiles keep the 16 pixels they had before 28 was
+// measured on AVX-512; 28 was not tried there.
 constexpr int kVectorPixels = 28;
+constexpr int kVectorPixelsBelowAvx512 = 16;
 
 template <typename T, int P>
 inline __attribute__((always_inline)) void item_vectors(const Plan<T>& g, int64_t n, int64_t row, int64_t tile,
