@@ -453,10 +453,14 @@ def plot(rows, path, title):
     width = 0.8 / max(len(variants), 1)
     for i, v in enumerate(variants):
         vals = [r["ms"].get(v, float("nan")) / r["ms"]["torch_eager"] for r in rows]
-        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=v)
+        # whiskers: the variant's fastest and slowest round (this VM moves our kernels' speed between rounds)
+        rounds = [[t / r["ms"]["torch_eager"] for t in r["round_ms"].get(v, [])] for r in rows]
+        spread = [[m - min(t) if t else 0 for m, t in zip(vals, rounds)], [max(t) - m if t else 0 for m, t in zip(vals, rounds)]]
+        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=v, yerr=spread, capsize=2,
+               error_kw={"elinewidth": 0.6})
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
     ax.set_xticklabels([f"{r['row']}\nb{r['batch']}" for r in rows], fontsize=8)
-    ax.set_ylabel("time / torch eager dense (lower is faster)")
+    ax.set_ylabel("time / torch eager dense (lower is faster;\nwhiskers: fastest and slowest round)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
