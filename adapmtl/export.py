@@ -15,6 +15,9 @@ for which the sparse kernel is faster by `SparseConv2d`/`SparseLinear`; everythi
                crossover sparsity measured by benchmarks/bench_sparse_conv.py (results JSON under
                benchmarks/results/) for that kind of layer: "1x1", "kxk" (3x3 and larger), "linear".
 Layers below `min_sparsity`, grouped/depthwise convs and non-zero padding modes always stay dense.
+Around the decisions, graph passes: BatchNorm folded into the convs before them (adapmtl.export_passes), and after
+them the ReLU / residual add that follow a sparse conv fused into its epilogue (same module) and, with "time",
+sparse convs that read one tensor stacked into one conv where that measures faster (adapmtl.export_stacking).
 
 Saving and loading the result: `adapmtl.export_format` (`save_exported` / `load_exported`).
 """
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 
 from adapmtl.export_format import default_concrete_args
 from adapmtl.export_passes import fold_batchnorm, fuse_epilogues
+from adapmtl.export_stacking import stack_where_faster
 from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear, forward_with_pre_hooks
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
 from adapmtl.timing import interleaved_median_ms
@@ -116,6 +120,7 @@ def export_sparse(
     inplace: bool = False,
     fold_bn: bool = True,
     fuse: bool = True,
+    stack: bool = True,
 ) -> nn.Module:
     """Replace layers by sparse modules where that is faster (module docstring). Returns the model
     (a deep copy unless `inplace`) in eval mode with every parameter frozen (requires_grad False);
@@ -135,6 +140,10 @@ def export_sparse(
             (adapmtl.export_passes.fuse_epilogues; the same result, bit for bit); where anything was fused the
             model runs the traced, fused forward. `model.fused_epilogues` lists what was fused (residual adds only
             with `example_input`, which gives the shapes), None where the forward could not be traced.
+        stack: with policy "time", stack the sparse convs that read one tensor with one geometry into one conv
+            where that is faster on `example_input` (adapmtl.export_stacking: each group timed both ways; float32
+            outputs within rounding). `model.stacked_convs` lists every group found and what was measured, None
+            where nothing was looked for or the forward could not be traced.
     """
     from adapmtl.sparsify import finalize  # late: sparsify imports the training-side layers
 
@@ -158,7 +167,7 @@ def export_sparse(
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"export_sparse: argument 'repeats' must be a positive int, got {repeats!r}")
 
-    for name, flag in (("fold_bn", fold_bn), ("fuse", fuse)):
+    for name, flag in (("fold_bn", fold_bn), ("fuse", fuse), ("stack", stack)):
         if not isinstance(flag, bool):
             raise TypeError(f"export_sparse: argument '{name}' must be a bool, got {type(flag).__name__}")
 
@@ -214,7 +223,15 @@ def export_sparse(
         example = None if example_input is None else (
             example_input if isinstance(example_input, tuple) else (example_input,))
         fused = fuse_epilogues(model, default_concrete_args(model), example)
+    stacked = None
+    if stack and policy == "time" and any(e["sparse"] for e in report):
+        stacked = stack_where_faster(model, args, repeats)
+        into = {name: e["module"] for e in stacked or () if e["stacked"] for name in e["convs"]}
+        for entry in report:
+            if entry["layer"] in into:
+                entry["stacked_into"] = into[entry["layer"]]
     model.sparse_export_report = report
     model.folded_batchnorm = folded
     model.fused_epilogues = fused
+    model.stacked_convs = stacked
     return model

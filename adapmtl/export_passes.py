@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none
 
 from adapmtl.export_format import ExportTracer
 from adapmtl.nn.sparse_layers import SparseConv2d
@@ -148,17 +149,10 @@ def fuse_epilogues(model: nn.Module, concrete_args: Optional[dict] = None,
     fused forward), or None when the forward cannot be traced by torch.fx (nothing is changed). `example_args`:
     the forward's positional arguments, for the shapes that residual fusion needs."""
     try:
-        graph = ExportTracer().trace(model, concrete_args=concrete_args)
+        gm = traced_without_identities(model, concrete_args)
     except Exception:  # noqa: BLE001 - fx raises many kinds on untraceable code: then no fusion
         return None
-    gm = fx.GraphModule(model, graph)
-    modules = dict(model.named_modules())
-    for node in list(graph.nodes):  # folded BatchNorms: Identity modules between a conv and its add / activation
-        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1 \
-                and not node.kwargs and isinstance(node.args[0], fx.Node):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-    gm.recompile()
+    graph, modules = gm.graph, dict(model.named_modules())
     if example_args is not None:
         from torch.fx.passes.shape_prop import ShapeProp
         try:
@@ -202,8 +196,35 @@ def fuse_epilogues(model: nn.Module, concrete_args: Optional[dict] = None,
         fused_m.clamp = clamp
         parent, _, child = target.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, fused_m)
-    cls = type(model)
-    # a distinct qualified name: pickling by name fails loudly instead of reviving the unfused class
-    model.__class__ = type(cls.__name__, (cls,), {"forward": type(gm).forward, "__module__": cls.__module__,
-                                                  "__qualname__": f"{cls.__qualname__}.<fused epilogues>"})
+    adopt_forward(model, gm, "fused epilogues")
     return fused
+
+
+def traced_without_identities(model: nn.Module, concrete_args: Optional[dict]) -> fx.GraphModule:
+    """`model`'s forward traced (ExportTracer: sparse and torch.nn layers are leaves) as a GraphModule, without its
+    nn.Identity calls (folded BatchNorms, stacked convs' old places), so that what runs around them is seen as
+    adjacent. Raises whatever torch.fx raises on an untraceable forward.
+
+    A forward that is itself a rewritten graph (a model through one pass, then another) calls fx's
+    `_assert_is_none` for arguments an earlier trace fixed; tracing it again marks that call as an fx-wrapped
+    function, and the code fx generates from it would then register the function by its dotted name, on which
+    every later trace in the process fails (KeyError in torch.fx). It stays a plain call instead."""
+    graph = ExportTracer().trace(model, concrete_args=concrete_args)
+    modules = dict(model.named_modules())
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _assert_is_none:
+            node.meta.pop("is_wrapped", None)
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1 \
+                and not node.kwargs and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return fx.GraphModule(model, graph)
+
+
+def adopt_forward(model: nn.Module, gm: fx.GraphModule, what: str) -> None:
+    """Gives `model` the rewritten graph's code as its forward, through a subclass of its class made for it (it keeps
+    its modules and attributes and is still an instance of its class). The subclass has a distinct qualified name
+    (`what` in it), so pickling by name fails loudly instead of reviving the forward from before the rewrite."""
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": type(gm).forward, "__module__": cls.__module__,
+                                                  "__qualname__": f"{cls.__qualname__}.<{what}>"})

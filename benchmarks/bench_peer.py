@@ -55,6 +55,7 @@ from common import interleaved_median_ms, interleaved_times_ms  # noqa: E402
 import adapmtl  # noqa: E402
 from adapmtl.export_format import default_concrete_args  # noqa: E402
 from adapmtl.export_passes import fuse_epilogues  # noqa: E402
+from adapmtl.export_stacking import stack_where_faster  # noqa: E402
 from adapmtl.interchange import export_onnx  # noqa: E402
 from adapmtl.ops import clear_cpu_sparse_plan_cache, cpu_sparse_plan_cache_info  # noqa: E402
 
@@ -372,7 +373,7 @@ def fuse_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
             model, x, _ = build_row(kind, spec, sparsity, batch, quick)
             with torch.no_grad():
                 # one export's layer decisions (the time policy's can differ between two exports), fused or not
-                plain = adapmtl.export_sparse(model, policy="time", example_input=x, fuse=False)
+                plain = adapmtl.export_sparse(model, policy="time", example_input=x, fuse=False, stack=False)
                 fused = copy.deepcopy(plain)
                 fused.fused_epilogues = fuse_epilogues(fused, default_concrete_args(fused), (x,))
                 same = result_error(fused(x), outputs_of(plain(x))) == 0.0
@@ -382,6 +383,29 @@ def fuse_ab(names, reps: int, quick: bool, batches=(1,)) -> dict:
                         "identical_outputs": same, "batch": batch}
             print(f"{key}: epilogue fusion {a:.1f} -> {b:.1f} ms ({a / b:.3f}x, {len(fused.fused_epilogues)} fused, "
                   f"identical {same})", flush=True)
+    return out
+
+
+def stack_ab(names, reps: int, quick: bool, block: int = 1) -> dict:
+    """Our eager export with and without its sparse convs that read one tensor stacked into one conv
+    (adapmtl.export_stacking; the groups stacked where the export's timing found them faster), in alternation, on
+    one export's layer decisions; the outputs' largest difference (of their scale) beside the times."""
+    out = {}
+    for name in names:
+        kind, spec, sparsity = ROWS[name]
+        if kind != "model":
+            continue
+        model, x, _ = build_row(kind, spec, sparsity, 1, quick, block)
+        with torch.no_grad():
+            plain = adapmtl.export_sparse(model, policy="time", example_input=x, stack=False)
+            stacked = copy.deepcopy(plain)
+            groups = stack_where_faster(stacked, (x,), 5) or []
+            diff = result_error(stacked(x), outputs_of(plain(x)))
+            a, b = interleaved_median_ms([lambda: plain(x), lambda: stacked(x)], torch.device("cpu"), reps=reps)
+        out[name] = {"unstacked_ms": a, "stacked_ms": b, "gain": a / b, "groups": groups, "max_rel_diff": diff,
+                     "block": block}
+        print(f"{name}: stacking {a:.1f} -> {b:.1f} ms ({a / b:.3f}x; {sum(g['stacked'] for g in groups)} of "
+              f"{len(groups)} groups stacked, outputs differ by {diff:.1e} of their scale)", flush=True)
     return out
 
 
@@ -567,6 +591,8 @@ def main(argv=None):
                    help="instead: the model rows' export with and without BatchNorm folding (peer_fold_bn_*.json)")
     p.add_argument("--fuse-ab", action="store_true",
                    help="instead: the model rows' export with and without the fused epilogues (peer_fuse_*.json)")
+    p.add_argument("--stack-ab", action="store_true",
+                   help="instead: the model rows' export with and without stacked convs (peer_stack[_block<N>]_*.json)")
     p.add_argument("--plan-cache-ab", action="store_true",
                    help="instead: our export with the C++ kernel's plan cache off and on (peer_plan_cache_*.json)")
     p.add_argument("--tile-rows-ab", action="store_true",
@@ -585,6 +611,11 @@ def main(argv=None):
     if args.fuse_ab:
         ab = fuse_ab(args.rows, reps, args.quick, args.batches)
         print(f"wrote {write_results('peer_fuse', info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
+        return ab
+    if args.stack_ab:
+        ab = stack_ab(args.rows, reps, args.quick, args.block)
+        name = "peer_stack" if args.block == 1 else f"peer_stack_block{args.block}"
+        print(f"wrote {write_results(name, info, {'reps': reps, 'rows': ab}, args.out_dir, args.quick)}")
         return ab
     if args.plan_cache_ab:
         ab = plan_cache_ab(args.rows, reps, args.quick, args.batches)

@@ -446,3 +446,15 @@ def test_the_peer_benchmark_measures_the_fused_epilogues(tmp_path):
     (entry,) = ab.values()
     assert entry["identical_outputs"] and entry["fused"] and entry["fused_ms"] > 0
     assert json.loads(next(tmp_path.glob("peer_fuse_*.json")).read_text())["rows"] == json.loads(json.dumps(ab))
+
+
+@pytest.mark.skipif("cpp" not in adapmtl.ops.available_backends("cpu"), reason="C++ extension not built")
+def test_the_peer_benchmark_measures_the_stacked_convs(tmp_path):
+    """bench_peer.py --stack-ab (smoke): the export with and without its heads' convs stacked, the groups found
+    (three heads read one feature map) with what was timed, outputs within float32 rounding."""
+    peer = _bench_module("bench_peer")
+    ab = peer.main(["--quick", "--stack-ab", "--block", "4", "--rows", "mobilenetv2", "--out-dir", str(tmp_path)])
+    (entry,) = ab.values()
+    assert entry["groups"] and entry["max_rel_diff"] < 1e-5 and entry["stacked_ms"] > 0 and entry["block"] == 4
+    assert all(g["stacked"] == (g["stacked_s"] < g["separate_s"]) for g in entry["groups"])
+    assert json.loads(next(tmp_path.glob("peer_stack_block4_*.json")).read_text())["rows"] == json.loads(json.dumps(ab))

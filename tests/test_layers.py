@@ -9,7 +9,8 @@ PACKAGE = os.path.dirname(os.path.abspath(adapmtl.__file__))
 LAYERS = [
     ("adapmtl._ext", "adapmtl.ops", "adapmtl.triton_kernels"),
     ("adapmtl.nn",),
-    ("adapmtl.sparsify", "adapmtl.sparsity_control", "adapmtl.export", "adapmtl.export_passes", "adapmtl.export_format",
+    ("adapmtl.sparsify", "adapmtl.sparsity_control", "adapmtl.export", "adapmtl.export_passes", "adapmtl.export_stacking",
+     "adapmtl.export_format",
      "adapmtl.interchange", "adapmtl.checkpoint_io", "adapmtl.timing", "adapmtl.distributed"),
     ("adapmtl.tasks", "adapmtl.losses", "adapmtl.metrics", "adapmtl.models", "adapmtl.data"),
     ("adapmtl.baselines",),

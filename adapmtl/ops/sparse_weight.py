@@ -22,6 +22,7 @@ and a range of input channels, so that output tiles can skip taps that read only
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Sequence
@@ -104,6 +105,25 @@ class SparseWeight:
         col_idx = mask.nonzero()[:, 1].to(torch.int32)
         values = flat[mask].clone()
         return cls(row_ptr, col_idx, values, w.shape)
+
+    @classmethod
+    def cat_rows(cls, weights: Sequence["SparseWeight"]) -> "SparseWeight":
+        """The weights' output channels one after another (their rows stacked): the packed form of
+        torch.cat of their dense weights along dim 0. They must agree in every other dimension, dtype and device."""
+        weights = list(weights)
+        if not weights or not all(isinstance(w, SparseWeight) for w in weights):
+            raise TypeError("SparseWeight.cat_rows: argument 'weights' must be a non-empty sequence of SparseWeight")
+        first = weights[0]
+        for w in weights[1:]:
+            if w.shape[1:] != first.shape[1:] or w.dtype != first.dtype or w.device != first.device:
+                raise ValueError(f"SparseWeight.cat_rows: weights of shape {w.shape[1:]} {w.dtype} {w.device} and "
+                                 f"{first.shape[1:]} {first.dtype} {first.device} cannot be stacked")
+        offsets = [0, *itertools.accumulate(w.nnz for w in weights)]
+        if offsets[-1] >= 2**31:
+            raise ValueError(f"SparseWeight.cat_rows: {offsets[-1]} non-zeros are too many for int32 row pointers")
+        row_ptr = torch.cat([first.row_ptr[:1]] + [w.row_ptr[1:] + o for w, o in zip(weights, offsets)])
+        return cls(row_ptr, torch.cat([w.col_idx for w in weights]), torch.cat([w.values for w in weights]),
+                   (sum(w.shape[0] for w in weights), *first.shape[1:]))
 
     def to_dense(self) -> Tensor:
         """The dense weight (zeros where nothing is stored)."""
