@@ -126,4 +126,3 @@ def stack_where_faster(model: nn.Module, args: tuple, repeats: int) -> Optional[
         return stacked_ms < separate_ms, {"separate_s": separate_ms / 1e3, "stacked_s": stacked_ms / 1e3}
 
     return stack_parallel_convs(model, default_concrete_args(model), decide)
-
