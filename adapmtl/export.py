@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from adapmtl.export_format import default_concrete_args
 from adapmtl.export_passes import fold_batchnorm, fuse_epilogues
 from adapmtl.export_stacking import stack_where_faster
-from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear, forward_with_pre_hooks
+from adapmtl.nn.sparse_layers import SPARSE_LAYER_TYPES, SparseConv2d, SparseLinear, first_inputs
 from adapmtl.ops.sparse_conv import SPARSE_BACKENDS, available_sparse_backends
 from adapmtl.timing import interleaved_median_ms
 
@@ -185,8 +185,7 @@ def export_sparse(
     inputs: dict[str, Tensor] = {}
     if policy == "time":
         args = example_input if isinstance(example_input, tuple) else (example_input,)
-        forward_with_pre_hooks(model, args, {m: lambda mod, inp, name=name: inputs.setdefault(name, inp[0].detach())
-                                             for name, m in candidates.items()})
+        inputs = first_inputs(model, args, candidates)
 
     report = []
     near: dict[str, tuple[nn.Module, nn.Module]] = {}  # name -> (dense, sparse): too close to call alone
@@ -225,7 +224,7 @@ def export_sparse(
         fused = fuse_epilogues(model, default_concrete_args(model), example)
     stacked = None
     if stack and policy == "time" and any(e["sparse"] for e in report):
-        stacked = stack_where_faster(model, args, repeats)
+        stacked = stack_where_faster(model, args, repeats, inputs)
         into = {name: e["module"] for e in stacked or () if e["stacked"] for name in e["convs"]}
         for entry in report:
             if entry["layer"] in into:

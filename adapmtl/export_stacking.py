@@ -25,11 +25,11 @@ from collections import Counter, defaultdict
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
 from adapmtl.export_format import default_concrete_args
 from adapmtl.export_passes import adopt_forward, traced_without_identities
-from adapmtl.nn.sparse_layers import SparseConv2d, forward_with_pre_hooks
+from adapmtl.nn.sparse_layers import SparseConv2d, first_inputs
 from adapmtl.ops.sparse_weight import SparseWeight
 from adapmtl.timing import interleaved_median_ms
 
@@ -106,13 +106,14 @@ def stack_parallel_convs(model: nn.Module, concrete_args: Optional[dict] = None,
     return report
 
 
-def stack_where_faster(model: nn.Module, args: tuple, repeats: int) -> Optional[list]:
+def stack_where_faster(model: nn.Module, args: tuple, repeats: int, inputs: Optional[dict] = None) -> Optional[list]:
     """`stack_parallel_convs` on `model`, each group stacked iff the stacked conv beats its convs run one after
-    another on the input they see in a forward on `args` (timed in alternation, `repeats` rounds)."""
-    inputs: dict[str, Tensor] = {}
+    another on the input they see in a forward on `args` (timed in alternation, `repeats` rounds). `inputs`: those
+    inputs by layer name where the caller has them already (export_sparse's, taken before its layer choices: the
+    same values to rounding), else one forward takes them."""
     convs = {name: m for name, m in model.named_modules() if isinstance(m, SparseConv2d)}
-    forward_with_pre_hooks(model, args, {m: lambda mod, inp, name=name: inputs.setdefault(name, inp[0].detach())
-                                         for name, m in convs.items()})
+    if inputs is None:
+        inputs = first_inputs(model, args, convs)
 
     def decide(names, stacked):
         x = inputs.get(names[0])

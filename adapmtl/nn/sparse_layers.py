@@ -167,6 +167,15 @@ def forward_with_pre_hooks(model: nn.Module, args: tuple, hooks: dict) -> None:
             h.remove()
 
 
+def first_inputs(model: nn.Module, args: tuple, modules: dict) -> dict:
+    """{name: the first positional input module `modules[name]` receives} in one forward of `model` on `args`
+    (detached; modules the forward never reaches are absent)."""
+    inputs: dict = {}
+    forward_with_pre_hooks(model, args, {m: lambda mod, inp, name=name: inputs.setdefault(name, inp[0].detach())
+                                         for name, m in modules.items()})
+    return inputs
+
+
 @contextlib.contextmanager
 def traced_at_static_sizes(model: nn.Module, args: tuple):
     """For a trace whose inputs' spatial sizes are fixed (torch.export with static height and width, as
